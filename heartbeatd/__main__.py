@@ -1,0 +1,5 @@
+"""`python -m heartbeatd`."""
+
+from heartbeatd.cli import main
+
+raise SystemExit(main())
