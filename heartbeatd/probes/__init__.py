@@ -1,0 +1,73 @@
+"""One check per service; each returns a ProbeResult and never raises."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Optional
+
+BACKEND = "后端"
+REDIS = "redis"
+POSTGRES = "postgres"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one check found: the service, its address, whether it is up, how long it took."""
+
+    service: str
+    ip: str
+    ok: bool
+    latency: float
+    error: Optional[str] = None
+
+
+def normalize_ip(address: str) -> str:
+    """The canonical text of an IP, IPv4-mapped IPv6 shown as IPv4; other text unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def peer_ip(fd: int) -> Optional[str]:
+    """The remote IP of a connected socket, LOOPBACK for a Unix socket, None if unknown."""
+    try:
+        sock = socket.socket(fileno=socket.dup(fd))
+    except OSError:
+        return None
+    with sock:
+        if sock.family == socket.AF_UNIX:
+            return LOOPBACK
+        try:
+            return normalize_ip(sock.getpeername()[0])
+        except OSError:
+            return None
+
+
+def resolve(host: str) -> str:
+    """The configured host resolved to an IP when a down service is reported, else as written."""
+    if not host or host.startswith("/"):
+        return LOOPBACK
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return host
+    # Prefer IPv4, as libpq and redis-py try addresses in getaddrinfo's order anyway.
+    addresses = sorted((i[4][0] for i in infos), key=lambda a: ":" in a)
+    return normalize_ip(addresses[0]) if addresses else host
+
+
+@dataclass(frozen=True)
+class Row:
+    """One heartbeat for the table: a healthy service, its address, when the check ran (UTC)."""
+
+    service: str
+    ip: str
+    report_time: datetime  # timezone-aware, UTC

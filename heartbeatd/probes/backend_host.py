@@ -1,0 +1,72 @@
+"""后端: this host is up and running heartbeatd; its address is found without sending a packet."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Optional
+
+from heartbeatd.probes import BACKEND, LOOPBACK, ProbeResult, normalize_ip
+
+_SIOCGIFADDR = 0x8915
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True
+
+
+def source_address_toward(peer: str) -> Optional[str]:
+    """The source address the kernel picks toward `peer`; a UDP connect() sends nothing."""
+    try:
+        family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((peer, 9))
+            address = normalize_ip(sock.getsockname()[0])
+    except (OSError, ValueError):
+        return None
+    return None if _is_loopback(address) else address
+
+
+def default_route_address(route_table: Path = Path("/proc/net/route")) -> Optional[str]:
+    """The IPv4 address of the interface that holds the default route, read from the kernel."""
+    try:
+        lines = route_table.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    defaults = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            defaults.append((int(fields[6]), fields[0]))
+    for _metric, iface in sorted(defaults):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", iface.encode()[:15]))
+            return socket.inet_ntoa(packed[20:24])
+        except OSError:
+            continue
+    return None
+
+
+def host_address(override: Optional[str], postgres_ip: Optional[str]) -> str:
+    """SPEC's order: override, source toward PostgreSQL if not loopback, default route, loopback."""
+    if override:
+        return override
+    if postgres_ip and not _is_loopback(postgres_ip):
+        found = source_address_toward(postgres_ip)
+        if found:
+            return found
+    return default_route_address() or LOOPBACK
+
+
+def check(override: Optional[str], postgres_ip: Optional[str]) -> ProbeResult:
+    """The daemon runs, so the host is up: always ok."""
+    start = time.monotonic()
+    return ProbeResult(BACKEND, host_address(override, postgres_ip), True, time.monotonic() - start)

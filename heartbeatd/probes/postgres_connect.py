@@ -1,0 +1,54 @@
+"""PostgreSQL: a fresh connection accepted within the timeout is the proof of life."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import psycopg2
+
+from heartbeatd.pgdeadline import deadline
+from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, peer_ip, resolve
+
+
+def configured_host(dsn: str) -> str:
+    """The first host of a libpq URL (a Unix socket directory counts as loopback)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rpartition("@")[2].split(",")[0]
+    host = netloc[1:].partition("]")[0] if netloc.startswith("[") else netloc.partition(":")[0]
+    if not host:
+        for item in parts.query.split("&"):
+            key, _, value = item.partition("=")
+            if key == "host" and value:
+                host = value.split(",")[0]
+                break
+    return host or LOOPBACK
+
+
+def reason(exc: BaseException) -> str:
+    """One line from a driver error, without libpq's multi-line layout."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class PostgresProbe:
+    """Opens the cycle's connection; the writer writes on it, the daemon closes it."""
+
+    def __init__(self, dsn: str, timeout: float) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self.last_ip: Optional[str] = None
+
+    def check(self) -> tuple[ProbeResult, Optional[Any]]:
+        """Connect within the timeout; return the result and the open connection (or None)."""
+        start = time.monotonic()
+        try:
+            with deadline(self.timeout):
+                conn = psycopg2.connect(self.dsn, application_name="heartbeatd")
+        except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
+            ip = self.last_ip or resolve(configured_host(self.dsn))
+            return ProbeResult(POSTGRES, ip, False, time.monotonic() - start, reason(exc)), None
+        conn.autocommit = True
+        ip = peer_ip(conn.fileno()) or self.last_ip or resolve(configured_host(self.dsn))
+        self.last_ip = ip
+        return ProbeResult(POSTGRES, ip, True, time.monotonic() - start), conn

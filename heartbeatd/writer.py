@@ -1,0 +1,125 @@
+"""Raw-SQL writer: heartbeat rows into the table, UTC right for timestamp and timestamptz."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, Sequence
+
+import psycopg2
+import psycopg2.errors
+from psycopg2 import sql
+
+from heartbeatd.pgdeadline import deadline
+from heartbeatd.probes import Row
+
+CREATE_TABLE = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id           bigserial PRIMARY KEY,
+    service_name varchar(50) NOT NULL,
+    ip_address   varchar(64) NOT NULL,
+    report_time  timestamp   NOT NULL,
+    created_at   timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')
+);
+CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);
+"""
+COLUMN_TYPES = """\
+SELECT a.attname, t.typname
+  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
+INSERT = "INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {values}"
+# Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
+# the spool's delete, or a write timed out after the commit): insert only the missing ones.
+INSERT_MISSING = """\
+INSERT INTO {table} (service_name, ip_address, report_time, created_at)
+SELECT v.s, v.i, v.r, v.c FROM (VALUES {values}) AS v (s, i, r, c)
+ WHERE NOT EXISTS (SELECT 1 FROM {table} h
+                    WHERE h.service_name = v.s AND h.ip_address = v.i AND h.report_time = v.r)"""
+REQUIRED = ("service_name", "ip_address", "report_time", "created_at")
+
+
+class WriteError(Exception):
+    """Rows were not (known to be) written; `missing_table` asks for `heartbeatd init-db`."""
+
+    def __init__(self, message: str, missing_table: bool = False) -> None:
+        super().__init__(message)
+        self.missing_table = missing_table
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(timezone.utc)
+
+
+def index_name(table: Sequence[str]) -> str:
+    """The name init-db gives the (service_name, report_time) index."""
+    return f"{table[-1]}_service_name_report_time_idx"[:63]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Writer:
+    """Inserts rows on a connection it is handed; remembers the time columns' types."""
+
+    def __init__(self, table: Sequence[str], timeout: float, clock: Callable[[], datetime] = utcnow) -> None:
+        self.table = tuple(table)
+        self.timeout = timeout
+        self._ident = sql.Identifier(*self.table)
+        self._clock = clock
+        # column -> "timestamp" | "timestamptz"; looked up once, again only after an error.
+        self._types: Optional[dict[str, str]] = None
+
+    @property
+    def name(self) -> str:
+        """The table's name as configured."""
+        return ".".join(self.table)
+
+    def _adapt(self, column: str, value: datetime) -> datetime:
+        # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
+        # on the server's or the session's TimeZone.
+        assert self._types is not None
+        return value if self._types.get(column) == "timestamptz" else value.replace(tzinfo=None)
+
+    def _lookup(self, cur: Any) -> dict[str, str]:
+        cur.execute(COLUMN_TYPES, (self._ident.as_string(cur),))
+        types = {name: typ for name, typ in cur.fetchall()}
+        if not types:
+            raise WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", missing_table=True)
+        missing = [c for c in REQUIRED if c not in types]
+        if missing:
+            raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}")
+        return types
+
+    def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
+        """Insert `rows` in one statement within the timeout; raise WriteError if not committed."""
+        if not rows:
+            return
+        try:
+            with deadline(self.timeout), conn.cursor() as cur:
+                if self._types is None:
+                    self._types = self._lookup(cur)
+                created = self._clock()
+                params: list[Any] = []
+                for row in rows:
+                    params += [row.service, row.ip, self._adapt("report_time", row.report_time),
+                               self._adapt("created_at", created)]
+                values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * len(rows))
+                query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(table=self._ident, values=values)
+                cur.execute(query, params)
+        except WriteError:
+            self._types = None
+            raise
+        except psycopg2.errors.UndefinedTable as exc:
+            self._types = None
+            raise WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`",
+                             missing_table=True) from exc
+        except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
+            self._types = None
+            raise WriteError(_one_line(exc)) from exc
+
+    def init_db(self, conn: Any) -> None:
+        """Create the table and its index if missing (idempotent)."""
+        with deadline(self.timeout), conn.cursor() as cur:
+            cur.execute(sql.SQL(CREATE_TABLE).format(table=self._ident, index=sql.Identifier(index_name(self.table))))
+        self._types = None
