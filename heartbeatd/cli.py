@@ -1,0 +1,157 @@
+"""Command line: argv, logging, wiring and exit statuses (the only `sys.exit` is here)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+from heartbeatd import __version__, config as configmod, logsetup
+from heartbeatd.config import Config, ConfigError
+from heartbeatd.daemon import Daemon, Services
+from heartbeatd.notify import Notifier
+from heartbeatd.probes import backend_host
+from heartbeatd.probes.postgres_connect import PostgresProbe
+from heartbeatd.probes.redis_ping import RedisProbe
+from heartbeatd.spool import Spool, SpoolUnavailable
+from heartbeatd.writer import Writer
+
+EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
+COMMANDS = ("run", "once", "init-db", "check-config")
+# Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
+# connect, the INSERT. The watchdog is pinged between them.
+BLOCKING_STEPS = 3
+
+log = logging.getLogger("heartbeatd.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Bad arguments: one line and EX_USAGE, not argparse's usage dump."""
+        print(f"heartbeatd: {message} (see heartbeatd --help)", file=sys.stderr)
+        raise SystemExit(EX_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="heartbeatd", description="Record heartbeats of this host, Redis and PostgreSQL.")
+    parser.add_argument("command", nargs="?", default="run", choices=COMMANDS,
+                        help="run (default): the daemon; once: one cycle; init-db; check-config")
+    parser.add_argument("--env-file", type=Path, metavar="PATH", help="dotenv file whose values win over the environment")
+    parser.add_argument("--version", action="version", version=f"heartbeatd {__version__}")
+    return parser
+
+
+def build_services(config: Config, spool: bool = True) -> Services:
+    """The probes, writer and spool for one configuration."""
+    return Services(
+        redis=RedisProbe(config.redis_url, config.timeout),
+        postgres=PostgresProbe(config.database_url, config.timeout),
+        backend=functools.partial(backend_host.check, config.backend_ip),
+        writer=Writer(config.table, config.timeout),
+        spool=Spool(config.spool_path, config.spool_max_rows) if spool else None,
+    )
+
+
+def _apply(config: Config) -> None:
+    logsetup.set_level(config.log_level)
+    logsetup.set_secrets(config.secrets)
+
+
+def _config_error(problems: Sequence[str]) -> int:
+    for problem in problems:
+        print(f"heartbeatd: {problem}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def cmd_check_config(config: Config) -> int:
+    """Print the effective configuration, passwords masked."""
+    print("\n".join(config.describe()))
+    return EX_OK
+
+
+def cmd_init_db(config: Config) -> int:
+    """Create the table and index if missing."""
+    result, conn = PostgresProbe(config.database_url, config.timeout).check()
+    if conn is None:
+        print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    writer = Writer(config.table, config.timeout)
+    try:
+        writer.init_db(conn)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EX_DOWN
+    finally:
+        conn.close()
+    print(f"table {writer.name} and its index are ready in {configmod.mask_url(config.database_url)}")
+    return EX_OK
+
+
+def cmd_once(config: Config) -> int:
+    """One cycle, one line per service; no spool (a manual check leaves nothing behind)."""
+    daemon = Daemon(config, functools.partial(build_services, spool=False), Notifier({}))
+    try:
+        outcome = daemon.run_cycle()
+    finally:
+        daemon.services.close()
+    recorded = {row.service for row in outcome.recorded}
+    for result in outcome.results:
+        state = "up" if result.ok else "down"
+        if not result.ok:
+            note = result.error or "down"
+        elif result.service in recorded:
+            note = "recorded"
+        else:
+            note = f"not recorded: {outcome.write_error or 'PostgreSQL unavailable'}"
+        print(f"{result.service}\t{state}\t{result.ip}\t{result.latency * 1000:.1f}ms\t{note}")
+    return EX_OK if outcome.all_up and len(recorded) == len(outcome.results) else EX_DOWN
+
+
+def cmd_run(config: Config, env_file: Optional[Path]) -> int:
+    """The daemon, in the foreground, until SIGTERM/SIGINT."""
+    notifier = Notifier(os.environ)
+    period = notifier.watchdog_period
+    if period is not None and BLOCKING_STEPS * config.timeout > period:
+        return _config_error([
+            f"HEARTBEAT_TIMEOUT={config.timeout:g} lets one cycle block up to "
+            f"{BLOCKING_STEPS * config.timeout:g}s, more than half of WATCHDOG_USEC={os.environ['WATCHDOG_USEC']} "
+            f"({period:g}s): raise WatchdogSec= or lower HEARTBEAT_TIMEOUT"
+        ])
+    try:
+        daemon = Daemon(
+            config, build_services, notifier,
+            reload_config=lambda: configmod.load(os.environ, env_file),
+            on_config=_apply,
+        )
+    except SpoolUnavailable as exc:
+        return _config_error([f"HEARTBEAT_SPOOL_PATH: {exc}"])
+    return daemon.run()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `heartbeatd` command."""
+    args = _parser().parse_args(argv)
+    logsetup.setup()
+    try:
+        config = configmod.load(os.environ, args.env_file)
+    except ConfigError as exc:
+        return _config_error(exc.problems)
+    _apply(config)
+    try:
+        if args.command == "check-config":
+            return cmd_check_config(config)
+        if args.command == "init-db":
+            return cmd_init_db(config)
+        if args.command == "once":
+            return cmd_once(config)
+        return cmd_run(config, args.env_file)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the operator's terminal
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        return EX_SOFTWARE
+

@@ -1,0 +1,223 @@
+"""Private PostgreSQL and Redis servers on free loopback ports, for tests and the benchmark.
+
+Never the machine's shared servers: each server here lives in a temp dir, on its own port, and
+may be stopped, killed, frozen (SIGSTOP) and restarted by the test that owns it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import psycopg2
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def pg_bindir() -> Path:
+    """The newest installed PostgreSQL server binaries."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not found:
+        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    return Path(found[-1]).parent
+
+
+def _as_postgres(cmd: Sequence[str], netns: Optional[str] = None) -> list[str]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    if os.geteuid() == 0:
+        return prefix + ["runuser", "-u", "postgres", "--"] + list(cmd)
+    return prefix + list(cmd)
+
+
+def _chown_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+_TEMPLATE: Optional[Path] = None
+
+
+def _template() -> Path:
+    """One initdb per test session; every server starts from a copy of it."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        root = Path(tempfile.mkdtemp(prefix="hb-pgtemplate-"))
+        _chown_postgres(root)
+        data = root / "data"
+        subprocess.run(
+            _as_postgres([str(pg_bindir() / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                          "-E", "UTF8", "--locale=C", "--no-sync"]),
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _TEMPLATE = data
+    return _TEMPLATE
+
+
+class PgServer:
+    """A private PostgreSQL cluster."""
+
+    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None, timezone: str = "UTC",
+                 netns: Optional[str] = None) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.timezone = timezone
+        self.netns = netns
+        self.root = Path(tempfile.mkdtemp(prefix="hb-pg-"))
+        _chown_postgres(self.root)
+        self.data = self.root / "data"
+        subprocess.run(["cp", "-a", str(_template()), str(self.data)], check=True)
+        self.log = self.root / "server.log"
+
+    def url(self, user: str = "postgres", password: Optional[str] = None, db: str = "postgres") -> str:
+        """A libpq URL for this server."""
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{db}"
+
+    def start(self) -> "PgServer":
+        """Start (or restart) and wait until it accepts connections."""
+        opts = (f"-p {self.port} -c listen_addresses={self.host} -k {self.root} -c fsync=off "
+                f"-c timezone={self.timezone} -c log_timezone={self.timezone}")
+        subprocess.run(
+            _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                          "-o", opts, "-w", "-t", "60", "start"], self.netns),
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it (fast: disconnect clients; immediate: like a crash)."""
+        self.thaw()
+        subprocess.run(
+            _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend and auxiliary process."""
+        try:
+            master = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        pids = [master]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == master:
+                pids.append(int(stat.split("/")[2]))
+        return pids
+
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster and all its children: TCP still accepted, nothing answers."""
+        for pid in self.pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT everything frozen."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def connect(self, db: str = "postgres", user: str = "postgres") -> Any:
+        """An autocommit admin connection (for test setup and assertions)."""
+        conn = psycopg2.connect(host=self.host, port=self.port, user=user, dbname=db, connect_timeout=10)
+        conn.autocommit = True
+        return conn
+
+    def sql(self, query: str, params: Sequence[Any] = (), db: str = "postgres") -> list[tuple[Any, ...]]:
+        """Run one statement as the superuser; return its rows (if any)."""
+        conn = self.connect(db)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query, params)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def destroy(self) -> None:
+        """Stop and remove everything."""
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """A private redis-server, nothing saved to disk."""
+
+    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None, password: Optional[str] = None,
+                 netns: Optional[str] = None) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.password = password
+        self.netns = netns
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.dir = Path(tempfile.mkdtemp(prefix="hb-redis-"))
+
+    def url(self, password: Optional[str] = None) -> str:
+        """A redis:// URL for this server."""
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        """Start (or restart) on the same port; wait until it answers."""
+        cmd = ["redis-server", "--port", str(self.port), "--bind", self.host, "--save", "",
+               "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        """Stop it and wait for the port to close."""
+        if self.proc is not None:
+            self.thaw()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections accepted by the kernel, never answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def destroy(self) -> None:
+        """Stop and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
