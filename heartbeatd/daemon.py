@@ -139,6 +139,7 @@ class Daemon:
         self._wall = wall
         self._events: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._repeats = Repeats(clock)
+        self._next = clock()  # monotonic time of the next cycle start
 
     # -- one cycle -----------------------------------------------------------------------
 
@@ -256,10 +257,10 @@ class Daemon:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _nap_until(self, deadline: float) -> bool:
-        """Sleep until `deadline`, pinging the watchdog and handling signals; False means stop."""
+    def _nap(self) -> bool:
+        """Sleep until the next start, pinging the watchdog and handling signals; False means stop."""
         while True:
-            remaining = deadline - self._clock()
+            remaining = self._next - self._clock()
             if remaining <= 0:
                 return True
             due = self.notifier.watchdog_due_in()
@@ -291,6 +292,8 @@ class Daemon:
             self.services.close()
             self.services, self.config = services, new
             self._on_config(new)
+            # A shorter new interval takes effect now, not after the old one has run out.
+            self._next = min(self._next, self._clock() + new.interval)
             log.info("配置已重新加载 - interval %gs, timeout %gs", new.interval, new.timeout)
         self.notifier.ready()
 
@@ -303,13 +306,13 @@ class Daemon:
         previous = {s: signal.signal(s, lambda n, _f: self.request(n)) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         log.info("启动服务心跳检查定时任务...")
         self.notifier.ready(status="started; first check now")
-        next_start = self._clock()
+        self._next = self._clock()
         try:
-            while self._nap_until(next_start):
+            while self._nap():
                 started = self._clock()
                 outcome = self.safe_cycle()
-                next_start = self._next_start(next_start, started)
-                left = max(0.0, next_start - self._clock())
+                self._next = self._next_start(self._next, started)
+                left = max(0.0, self._next - self._clock())
                 summary = outcome.summary() if outcome else "cycle failed"
                 backlog = self.services.spool.count if self.services.spool else 0
                 self.notifier.status(
