@@ -91,12 +91,13 @@ class Repeats:
         self._every = every
         self._state: dict[str, list[Any]] = {}  # key -> [message, last logged, repeats since, total]
 
-    def failed(self, key: str, level: int, msg: str, *args: Any) -> None:
+    def failed(self, key: str, level: int, msg: str, *args: Any, traceback: bool = False) -> None:
         """Log this failure unless the same one was logged less than a minute ago."""
         now, text = self._clock(), msg % args
         state = self._state.get(key)
         if state is None or state[0] != text:
-            log.log(level, msg, *args)
+            # A traceback only when the failure starts: never the same one every 30 s.
+            log.log(level, msg, *args, exc_info=traceback)
             self._state[key] = [text, now, 0, (state[3] if state else 0) + 1]
             return
         state[2] += 1
@@ -248,9 +249,8 @@ class Daemon:
         try:
             outcome = self.run_cycle()
         except Exception as exc:  # noqa: BLE001 - the daemon must survive its own bugs
-            if self._repeats.cleared("bug") == 0:
-                log.exception("心跳周期异常 - unexpected error in a cycle: %s", exc)
-            self._repeats.failed("bug", logging.ERROR, "心跳周期异常 - unexpected error in a cycle: %s", exc)
+            self._repeats.failed("bug", logging.ERROR, "心跳周期异常 - unexpected error in a cycle: %s", exc,
+                                 traceback=True)
             return None
         self._repeats.cleared("bug")
         return outcome

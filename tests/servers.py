@@ -81,6 +81,9 @@ class PgServer:
         _chown_postgres(self.root)
         self.data = self.root / "data"
         subprocess.run(["cp", "-a", str(_template()), str(self.data)], check=True)
+        if netns:  # clients come from the other test namespace on the same veth subnet
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write("host all all samenet trust\n")
         self.log = self.root / "server.log"
 
     def url(self, user: str = "postgres", password: Optional[str] = None, db: str = "postgres") -> str:
@@ -138,7 +141,8 @@ class PgServer:
 
     def connect(self, db: str = "postgres", user: str = "postgres") -> Any:
         """An autocommit admin connection (for test setup and assertions)."""
-        conn = psycopg2.connect(host=self.host, port=self.port, user=user, dbname=db, connect_timeout=10)
+        # Through the Unix socket in our own directory: works even when TCP listens in another netns.
+        conn = psycopg2.connect(host=str(self.root), port=self.port, user=user, dbname=db, connect_timeout=10)
         conn.autocommit = True
         return conn
 
@@ -182,10 +186,18 @@ class RedisServer:
         if self.password:
             cmd += ["--requirepass", self.password]
         if self.netns:
+            cmd += ["--protected-mode", "no"]  # reachable from the other test namespace only
             cmd = ["ip", "netns", "exec", self.netns] + cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
+        ping = ["redis-cli", "-h", self.host, "-p", str(self.port), "ping"]
         while time.monotonic() < deadline:
+            if self.netns:
+                probe = subprocess.run(["ip", "netns", "exec", self.netns] + ping, capture_output=True, text=True)
+                if probe.stdout.strip() in ("PONG", "NOAUTH Authentication required."):
+                    return self
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
