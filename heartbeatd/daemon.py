@@ -303,7 +303,9 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit status."""
-        previous = {s: signal.signal(s, lambda n, _f: self.request(n)) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        # Kept until the process exits: a second SIGTERM during shutdown must not kill it mid-close.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda n, _f: self.request(n))
         log.info("启动服务心跳检查定时任务...")
         self.notifier.ready(status="started; first check now")
         self._next = self._clock()
@@ -319,8 +321,6 @@ class Daemon:
                     f"{summary}; next in {left:.3g}s" + (f"; {backlog} spooled" if backlog else "")
                 )
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self.services.close()
         return 0
 

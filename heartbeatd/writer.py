@@ -35,6 +35,10 @@ SELECT v.s, v.i, v.r, v.c FROM (VALUES {values}) AS v (s, i, r, c)
  WHERE NOT EXISTS (SELECT 1 FROM {table} h
                     WHERE h.service_name = v.s AND h.ip_address = v.i AND h.report_time = v.r)"""
 REQUIRED = ("service_name", "ip_address", "report_time", "created_at")
+# Sent in the same round trip as the INSERT. When our deadline gives up on a stalled INSERT (a
+# lock, a frozen backend), the server cancels it too instead of committing it much later,
+# behind the back of the replay that will write the same rows.
+STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = {}; "
 
 
 class WriteError(Exception):
@@ -69,6 +73,8 @@ class Writer:
         self._clock = clock
         # column -> "timestamp" | "timestamptz"; looked up once, again only after an error.
         self._types: Optional[dict[str, str]] = None
+        # A little under our own deadline, so the server gives up first and says so.
+        self._server_timeout_ms = max(1, int(timeout * 800))
 
     @property
     def name(self) -> str:
@@ -105,7 +111,8 @@ class Writer:
                     params += [row.service, row.ip, self._adapt("report_time", row.report_time),
                                self._adapt("created_at", created)]
                 values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * len(rows))
-                query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(table=self._ident, values=values)
+                query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
+                    sql.Literal(self._server_timeout_ms), table=self._ident, values=values)
                 cur.execute(query, params)
         except WriteError:
             self._types = None
