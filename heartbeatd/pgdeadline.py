@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import psycopg2
 import psycopg2.extensions as ext
+from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 _deadline: Optional[float] = None
 _timeout: float = 0.0
@@ -26,25 +27,23 @@ class DeadlineExceeded(psycopg2.OperationalError):
 
 
 def _wait(conn: Any) -> None:
-    poller = select.poll()
+    # Called for every libpq wait of every connection: kept lean, it runs several times a cycle.
     while True:
         state = conn.poll()
-        if state == ext.POLL_OK:
+        if state == POLL_OK:
             return
-        if state == ext.POLL_READ:
-            events = select.POLLIN
-        elif state == ext.POLL_WRITE:
-            events = select.POLLOUT
+        fd = conn.fileno()
+        remaining = None if _deadline is None else _deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"timed out after {_timeout:g}s")
+        if state == POLL_READ:
+            ready = select.select((fd,), (), (), remaining)[0]
+        elif state == POLL_WRITE:
+            ready = select.select((), (fd,), (), remaining)[1]
         else:  # pragma: no cover - psycopg2 documents only the three states
             raise psycopg2.OperationalError(f"bad poll state {state!r}")
-        fd = conn.fileno()
-        poller.register(fd, events)
-        try:
-            remaining = None if _deadline is None else _deadline - time.monotonic()
-            if remaining is not None and (remaining <= 0 or not poller.poll(remaining * 1000)):
-                raise DeadlineExceeded(f"timed out after {_timeout:g}s")
-        finally:
-            poller.unregister(fd)
+        if not ready:
+            raise DeadlineExceeded(f"timed out after {_timeout:g}s")
 
 
 def install() -> None:

@@ -75,6 +75,7 @@ class Writer:
         self._types: Optional[dict[str, str]] = None
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
+        self._queries: dict[tuple[int, bool], str] = {}
 
     @property
     def name(self) -> str:
@@ -97,6 +98,18 @@ class Writer:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}")
         return types
 
+    def _query(self, cur: Any, count: int, dedupe: bool) -> str:
+        """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
+        key = (count, dedupe)
+        query = self._queries.get(key)
+        if query is None:
+            values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * count)
+            query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
+                sql.Literal(self._server_timeout_ms), table=self._ident, values=values).as_string(cur)
+            if len(self._queries) < 16:
+                self._queries[key] = query
+        return query
+
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
         """Insert `rows` in one statement within the timeout; raise WriteError if not committed."""
         if not rows:
@@ -110,10 +123,7 @@ class Writer:
                 for row in rows:
                     params += [row.service, row.ip, self._adapt("report_time", row.report_time),
                                self._adapt("created_at", created)]
-                values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * len(rows))
-                query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
-                    sql.Literal(self._server_timeout_ms), table=self._ident, values=values)
-                cur.execute(query, params)
+                cur.execute(self._query(cur, len(rows), dedupe), params)
         except WriteError:
             self._types = None
             raise

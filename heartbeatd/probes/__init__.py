@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,14 +25,11 @@ class ProbeResult:
 
 
 def normalize_ip(address: str) -> str:
-    """The canonical text of an IP, IPv4-mapped IPv6 shown as IPv4; other text unchanged."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    """An address as the kernel reports it, IPv4-mapped IPv6 (`::ffff:10.0.0.5`) shown as IPv4."""
+    address = address.split("%")[0]
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
 
 
 def peer_ip(fd: int) -> Optional[str]:
@@ -60,7 +56,7 @@ def resolve(host: str) -> str:
     except (OSError, UnicodeError):
         return host
     # Prefer IPv4, as libpq and redis-py try addresses in getaddrinfo's order anyway.
-    addresses = sorted((i[4][0] for i in infos), key=lambda a: ":" in a)
+    addresses = sorted((str(i[4][0]) for i in infos), key=lambda a: ":" in a)
     return normalize_ip(addresses[0]) if addresses else host
 
 

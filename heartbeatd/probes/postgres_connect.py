@@ -7,6 +7,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import psycopg2
+import psycopg2.extensions
 
 from heartbeatd.pgdeadline import deadline
 from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, peer_ip, resolve
@@ -36,6 +37,8 @@ class PostgresProbe:
 
     def __init__(self, dsn: str, timeout: float) -> None:
         self.dsn = dsn
+        # Parsed and extended once, not on every cycle's connect.
+        self._connect_dsn = psycopg2.extensions.make_dsn(dsn, application_name="heartbeatd")
         self.timeout = timeout
         self.last_ip: Optional[str] = None
 
@@ -44,7 +47,7 @@ class PostgresProbe:
         start = time.monotonic()
         try:
             with deadline(self.timeout):
-                conn = psycopg2.connect(self.dsn, application_name="heartbeatd")
+                conn = psycopg2.connect(self._connect_dsn)
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
             ip = self.last_ip or resolve(configured_host(self.dsn))
             return ProbeResult(POSTGRES, ip, False, time.monotonic() - start, reason(exc)), None

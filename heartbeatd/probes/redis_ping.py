@@ -48,6 +48,7 @@ class RedisProbe:
         )
         self._conn: Any = pool.make_connection()
         self.last_ip: Optional[str] = None
+        self._peer_of: Any = None  # the socket last_ip was read from
 
     def _configured_ip(self) -> str:
         parts = urlsplit(self.url)
@@ -84,9 +85,11 @@ class RedisProbe:
             ip = self.last_ip or self._configured_ip()
             return ProbeResult(REDIS, ip, False, time.monotonic() - start, reason(exc, self.timeout))
         sock = getattr(self._conn, "_sock", None)
-        ip = (peer_ip(sock.fileno()) if sock is not None else None) or self.last_ip or self._configured_ip()
-        self.last_ip = ip
-        return ProbeResult(REDIS, ip, True, time.monotonic() - start)
+        if sock is not self._peer_of:  # a new connection: look its peer up once
+            self._peer_of = sock
+            self.last_ip = (peer_ip(sock.fileno()) if sock is not None else None) or self.last_ip or self._configured_ip()
+        assert self.last_ip is not None
+        return ProbeResult(REDIS, self.last_ip, True, time.monotonic() - start)
 
     def close(self) -> None:
         """Drop the kept connection."""
