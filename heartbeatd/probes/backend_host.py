@@ -34,8 +34,11 @@ def source_address_toward(peer: str) -> Optional[str]:
     return None if _is_loopback(address) else address
 
 
-def default_route_address(route_table: Path = Path("/proc/net/route")) -> Optional[str]:
-    """The IPv4 address of the interface that holds the default route, read from the kernel."""
+def default_route_address(route_table: Path = Path("/proc/self/net/route")) -> Optional[str]:
+    """The IPv4 address of the interface that holds the default route, read from the kernel.
+
+    /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
+    """
     try:
         lines = route_table.read_text().splitlines()[1:]
     except OSError:
