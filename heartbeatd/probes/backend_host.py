@@ -46,7 +46,7 @@ def default_route_address(route_table: Path = Path("/proc/self/net/route")) -> O
     defaults = []
     for line in lines:
         fields = line.split()
-        if len(fields) >= 7 and fields[1] == "00000000" and fields[7] == "00000000":
+        if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000":
             defaults.append((int(fields[6]), fields[0]))
     for _metric, iface in sorted(defaults):
         try:

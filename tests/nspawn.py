@@ -1,0 +1,170 @@
+"""A Debian bookworm container with systemd as PID 1, booted with systemd-nspawn, for end-to-end tests.
+
+The root file system is built once with debootstrap and cached outside the clone; the container
+runs it with --volatile=overlay so the cache is never written. It shares the host's network, so
+the daemon inside reaches the test's private servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+CACHE = Path("/var/cache/heartbeatd-e2e")
+# systemd as PID 1, and the .deb's Debian dependencies, so that installing it needs no network.
+INCLUDE = ["systemd", "systemd-sysv", "dbus", "python3", "python3-psycopg2", "python3-redis",
+           "python3-dotenv", "python3-sdnotify", "passwd", "procps"]
+CGROUP_TREES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt already uses."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        if line.startswith("deb ") and "security" not in line:
+            return line.split()[1]
+    raise RuntimeError("no Debian mirror found in apt's sources")
+
+
+def rootfs() -> Path:
+    """The cached bookworm root file system, built on first use (about a minute, ~300 MB)."""
+    key = hashlib.sha256(",".join(INCLUDE).encode()).hexdigest()[:12]
+    path = CACHE / f"bookworm-{key}"
+    if (path / ".complete").exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = CACHE / f"partial-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", "bookworm", str(partial),
+                        apt_mirror()], check=True, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PATH=PATH))
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"debootstrap failed:\n{exc.stdout[-3000:]}\n{exc.stderr[-3000:]}") from exc
+    (partial / ".complete").write_text("debootstrap finished\n")
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+    return path
+
+
+class Container:
+    """One booted container; `run` executes a command inside it with nsenter."""
+
+    def __init__(self, root: Path) -> None:
+        self.name = f"hb-e2e-{uuid.uuid4().hex[:8]}"
+        # nspawn --keep-unit would otherwise leave its payload at the top of the host's cgroup
+        # trees: give it cgroups of its own, removed afterwards.
+        self.cgroups = [Path(tree) / self.name for tree in CGROUP_TREES if Path(tree).is_dir()]
+        for cgroup in self.cgroups:
+            cgroup.mkdir()
+        self.log = tempfile.NamedTemporaryFile("w", prefix=f"{self.name}-console-", suffix=".log", delete=False)
+        procs = [str(c / "cgroup.procs") for c in self.cgroups]
+
+        def enter_cgroups() -> None:
+            for path in procs:
+                with open(path, "w") as f:
+                    f.write(str(os.getpid()))
+
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "-D", str(root), "-M", self.name, "--register=no", "--keep-unit",
+             "--volatile=overlay", "--console=read-only", "-b"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups,
+            env=dict(os.environ, PATH=PATH))
+        self.pid = self._find_init()
+
+    def _find_init(self, timeout: float = 60) -> int:
+        """The container's PID 1 as the host sees it: a descendant of nspawn whose NSpid ends in 1."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: "
+                                   f"{Path(self.log.name).read_text()[-3000:]}")
+            for cgroup in self.cgroups[:1]:
+                for pid in _cgroup_pids(cgroup):
+                    try:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except OSError:
+                        continue
+                    nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
+                    if nspid and len(nspid[0]) > 1 and nspid[0][-1] == "1":
+                        return pid
+            time.sleep(0.1)
+        raise RuntimeError("the container's init did not appear")
+
+    def run(self, command: str, check: bool = True, input: Optional[str] = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a shell command inside the container, as root, with a clean environment."""
+        result = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-a", "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=",
+             "sh", "-c", command],
+            input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"`{command}` exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def copy_in(self, source: Path, dest: str) -> None:
+        """Copy a host file into the container."""
+        subprocess.run(["nsenter", "-t", str(self.pid), "-a", "sh", "-c", f"cat > {dest}"],
+                       stdin=open(source, "rb"), check=True, timeout=60)
+
+    def wait_booted(self, timeout: float = 120) -> str:
+        """Wait for `systemctl is-system-running --wait`; return its state."""
+        return self.run("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip()
+
+    def poweroff(self) -> None:
+        """Shut the container down (SIGRTMIN+4 to its systemd), then make sure nothing is left."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGRTMIN + 4)
+                self.proc.wait(30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(30)
+        for cgroup in self.cgroups:
+            for pid in _cgroup_pids(cgroup):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for cgroup in self.cgroups:
+            _remove_cgroup(cgroup)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def _cgroup_pids(cgroup: Path) -> list[int]:
+    pids: list[int] = []
+    for procs in cgroup.rglob("cgroup.procs"):
+        try:
+            pids += [int(p) for p in procs.read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    """rmdir the tree bottom-up once its processes are gone."""
+    deadline = time.monotonic() + 10
+    while cgroup.exists() and time.monotonic() < deadline:
+        for sub in sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+        try:
+            cgroup.rmdir()
+        except OSError:
+            time.sleep(0.2)

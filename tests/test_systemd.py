@@ -1,0 +1,203 @@
+"""A real systemd citizen: the unit's hardening, the Debian package, and end to end under systemd.
+
+The end-to-end test boots Debian bookworm with systemd as PID 1 in systemd-nspawn, installs the
+built .deb and drives it as an operator would. It fails (never skips) when it cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import nspawn
+from servers import PgServer, RedisServer
+
+TOP = Path(__file__).resolve().parent.parent
+DEB_PATH = re.compile(r"heartbeatd_[0-9.]+_all\.deb$")
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t, path=SYSTEM_PATH) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: .ci/run installs them (apt-get install systemd-container debootstrap "
+                    "debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian)")
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    """The .deb built by the one documented command."""
+    need("dpkg-buildpackage", "dh")
+    result = subprocess.run([str(TOP / "packaging" / "build-deb")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert DEB_PATH.search(path.name), path
+    return path
+
+
+def test_unit_exposure_is_at_most_1_5() -> None:
+    need("systemd-analyze")
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(TOP / "heartbeatd.service")],
+                            capture_output=True, text=True, env=dict(os.environ, SYSTEMD_COLORS="0"))
+    found = re.search(r"Overall exposure level for heartbeatd.service: ([0-9.]+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= 1.5, result.stdout
+
+
+def test_unit_declares_what_operators_rely_on() -> None:
+    unit = (TOP / "heartbeatd.service").read_text()
+    for line in ("Type=notify", "ExecStart=/usr/bin/heartbeatd run --env-file /etc/heartbeatd/heartbeatd.env",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=30s", "Restart=on-failure",
+                 "RestartPreventExitStatus=78", "DynamicUser=yes", "StateDirectory=heartbeatd",
+                 "After=network-online.target postgresql.service redis-server.service"):
+        assert f"\n{line}\n" in unit, line
+    assert "Requires=" not in unit  # ordered after the local servers, never requiring them
+
+
+def test_package_contents_and_lintian(deb: Path) -> None:
+    need("lintian")
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    for entry in ("./usr/bin/heartbeatd", "./lib/systemd/system/heartbeatd.service", "./usr/share/heartbeatd/schema.sql"):
+        assert entry in listing, entry
+    assert re.search(r"-rw-r----- root/root .* \./etc/heartbeatd/heartbeatd.env", listing)
+    fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True, check=True).stdout
+    for dep in ("python3-psycopg2", "python3-redis", "python3-dotenv", "python3-sdnotify"):
+        assert dep in fields
+    assert "psycopg2-binary" not in fields
+    conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True).stdout
+    assert "/etc/heartbeatd/heartbeatd.env" in conffiles
+    lint = subprocess.run(["lintian", "--pedantic", str(deb)], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=SYSTEM_PATH))
+    tags = [line for line in lint.stdout.splitlines() if re.match(r"^[EWIP]: ", line)]
+    assert tags == [], lint.stdout
+
+
+@pytest.fixture
+def container() -> Iterator[nspawn.Container]:
+    if os.geteuid() != 0:
+        pytest.fail("the systemd end-to-end test needs root (CI runs as root)")
+    need("systemd-nspawn", "debootstrap", "nsenter")
+    box = nspawn.Container(nspawn.rootfs())
+    try:
+        state = box.wait_booted()
+        assert state in ("running", "degraded"), f"container did not boot: {state}"
+        yield box
+    finally:
+        box.poweroff()
+
+
+def wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_end_to_end_under_systemd(deb: Path, container: nspawn.Container) -> None:
+    box = container
+    pg = PgServer(timezone="Asia/Shanghai").start()
+    redis = RedisServer().start()
+    try:
+        _operate(box, deb, pg, redis)
+    except BaseException:
+        print(box.run("systemctl status heartbeatd --no-pager; journalctl -u heartbeatd --no-pager -n 100",
+                      check=False).stdout)
+        raise
+    finally:
+        redis.destroy()
+        pg.destroy()
+
+
+def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer) -> None:
+    def show(prop: str) -> str:
+        return box.run(f"systemctl show -p {prop} --value heartbeatd").stdout.strip()
+
+    def journal(args: str = "") -> str:
+        return box.run(f"journalctl -u heartbeatd -o cat --no-pager {args}").stdout
+
+    def rows_since(epoch: float) -> set[str]:
+        found = pg.sql("SELECT DISTINCT service_name FROM service_heartbeat WHERE created_at > "
+                       "to_timestamp(%s) AT TIME ZONE 'utc'", (epoch,))
+        return {r[0] for r in found}
+
+    box.copy_in(deb, "/tmp/heartbeatd.deb")
+    box.run("dpkg -i /tmp/heartbeatd.deb")
+    assert box.run("systemctl is-enabled heartbeatd", check=False).stdout.strip() == "disabled"
+    assert box.run("systemctl is-active heartbeatd", check=False).stdout.strip() == "inactive"
+    verify = box.run("systemd-analyze verify /lib/systemd/system/heartbeatd.service", check=False)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+    # The operator edits the env file, creates the table, starts the service.
+    env_file = "/etc/heartbeatd/heartbeatd.env"
+    box.run(f"sed -i 's|^DATABASE_URL=.*|DATABASE_URL={pg.url()}|; s|^REDIS_URL=.*|REDIS_URL={redis.url()}|; "
+            f"s|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=2|; s|^HEARTBEAT_TIMEOUT=.*|HEARTBEAT_TIMEOUT=1|' {env_file}")
+    # A shorter watchdog keeps the test short: 3 x HEARTBEAT_TIMEOUT (1 s) <= 6 s / 2.
+    box.run("mkdir -p /etc/systemd/system/heartbeatd.service.d && printf '[Service]\\nWatchdogSec=6s\\n' "
+            "> /etc/systemd/system/heartbeatd.service.d/test.conf && systemctl daemon-reload")
+    box.run(f"heartbeatd init-db --env-file {env_file}")
+    started = time.time()
+    box.run("systemctl start heartbeatd", timeout=60)  # returns once READY=1 arrived
+    assert box.run("systemctl is-active heartbeatd").stdout.strip() == "active"
+    wait(lambda: "postgres up" in show("StatusText"), 20, "STATUS from the daemon")
+    assert re.fullmatch(r"后端 up, redis up, postgres up; next in [0-9.]+s", show("StatusText")), show("StatusText")
+    wait(lambda: all(f"记录心跳成功 - 服务: {s}" in journal() for s in ("后端", "redis", "postgres")), 20,
+         "记录心跳成功 for all three services in the journal")
+    assert rows_since(started - 1) == {"后端", "redis", "postgres"}
+    assert show("DynamicUser") == "yes" and show("SupplementaryGroups") == "heartbeatd-conf"
+    assert box.run("stat -c %U:%G:%a /etc/heartbeatd/heartbeatd.env").stdout.strip() == "root:heartbeatd-conf:640"
+
+    # Warnings and errors carry their priority: -p warning shows them and no info lines.
+    redis.stop()
+    wait(lambda: "Redis连接测试失败" in journal(), 20, "the Redis failure in the journal")
+    redis.start()
+    wait(lambda: "服务恢复 - 服务: redis" in journal(), 20, "Redis recovery")
+    warnings = journal("-p warning").splitlines()
+    assert any(line.startswith("WARNING:heartbeatd.daemon:服务不可用 - 服务: redis") for line in warnings), warnings
+    assert any(line.startswith("ERROR:heartbeatd.daemon:Redis连接测试失败: Connection refused") for line in warnings)
+    assert not any(line.startswith("INFO:") for line in warnings), warnings
+    everything = journal().splitlines()
+    assert not any(line.startswith("<") for line in everything), "priority prefix left in the message"
+    assert not any(re.match(r"\d{4}-\d\d-\d\d|[A-Z][a-z]{2} \d\d \d\d:", line) for line in everything)
+    assert sum("Redis连接测试失败" in line for line in everything) == 1  # not doubled
+
+    # Reload after editing the env file applies the new interval.
+    box.run(f"sed -i 's|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=1|' {env_file}")
+    box.run("systemctl reload heartbeatd")
+    wait(lambda: "配置已重新加载 - interval 1s" in journal(), 15, "the reload")
+    assert box.run("systemctl is-active heartbeatd").stdout.strip() == "active"
+
+    # A frozen daemon is killed by systemd's watchdog and restarted; heartbeats resume.
+    main_pid = show("MainPID")
+    box.run(f"kill -STOP {main_pid}")
+    wait(lambda: "Watchdog timeout" in box.run("journalctl -u heartbeatd --no-pager").stdout, 30, "Watchdog timeout")
+    wait(lambda: show("NRestarts") == "1" and show("ActiveState") == "active", 40, "the restart")
+    assert show("MainPID") != main_pid
+    resumed = time.time()
+    wait(lambda: rows_since(resumed) == {"后端", "redis", "postgres"}, 20, "heartbeats after the restart")
+
+    # A bad config: the unit fails once with status 78 and is not restarted.
+    box.run(f"sed -i 's|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=soon|' {env_file}")
+    assert box.run("systemctl restart heartbeatd", check=False).returncode != 0
+    wait(lambda: show("ActiveState") == "failed", 15, "the failed state")
+    assert show("ExecMainStatus") == "78"
+    restarts = show("NRestarts")
+    time.sleep(7)  # longer than RestartSec=5s
+    assert show("ActiveState") == "failed" and show("NRestarts") == restarts
+    assert "HEARTBEAT_INTERVAL: not a number: 'soon'" in journal()
+
+    # Fixed again; `systemctl stop` is a clean exit.
+    box.run(f"sed -i 's|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=2|' {env_file}")
+    box.run("systemctl reset-failed heartbeatd && systemctl start heartbeatd", timeout=60)
+    box.run("systemctl stop heartbeatd", timeout=30)
+    assert show("ActiveState") == "inactive"
+    assert show("Result") == "success" and show("ExecMainStatus") == "0"
+    assert "停止服务心跳检查定时任务 (SIGTERM)" in journal()
