@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -118,48 +118,38 @@ def _hosts_ports(netloc: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_port(name: str, port: str, problems: list[str]) -> None:
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        problems.append(f"{name}: bad port {port!r} (must be 1-65535)")
-
-
-def _check_database_url(value: str, problems: list[str]) -> None:
-    name = "DATABASE_URL"
+def _check_url(name: str, value: str, schemes: tuple[str, ...], problems: list[str]) -> Optional[SplitResult]:
+    """Parse a URL and check its scheme and ports; None (with a problem noted) if unusable."""
     try:
         parts = urlsplit(value)
     except ValueError as exc:
         problems.append(f"{name}: unparseable URL {mask_url(value)!r}: {exc}")
-        return
-    if parts.scheme not in ("postgres", "postgresql"):
-        problems.append(
-            f"{name}: scheme must be postgresql:// or postgres://, got {parts.scheme + '://' if parts.scheme else 'none'}"
-            f" in {mask_url(value)!r}"
-        )
-        return
-    for _host, port in _hosts_ports(parts.netloc):
-        _check_port(name, port, problems)
+        return None
+    if parts.scheme not in schemes:
+        wanted = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
+        got = parts.scheme + "://" if parts.scheme else "none"
+        problems.append(f"{name}: scheme must be {wanted}, got {got} in {mask_url(value)!r}")
+        return None
+    if parts.scheme != "unix":
+        for _host, port in _hosts_ports(parts.netloc):
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                problems.append(f"{name}: bad port {port!r} (must be 1-65535)")
+    return parts
+
+
+def _check_database_url(value: str, problems: list[str]) -> None:
+    _check_url("DATABASE_URL", value, ("postgresql", "postgres"), problems)
 
 
 def _check_redis_url(value: str, problems: list[str]) -> None:
     name = "REDIS_URL"
-    try:
-        parts = urlsplit(value)
-    except ValueError as exc:
-        problems.append(f"{name}: unparseable URL {mask_url(value)!r}: {exc}")
-        return
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        problems.append(
-            f"{name}: scheme must be redis://, rediss:// or unix://, got "
-            f"{parts.scheme + '://' if parts.scheme else 'none'} in {mask_url(value)!r}"
-        )
+    parts = _check_url(name, value, ("redis", "rediss", "unix"), problems)
+    if parts is None:
         return
     if parts.scheme == "unix":
         if not parts.path:
             problems.append(f"{name}: unix:// URL needs a socket path")
-        return
-    for _host, port in _hosts_ports(parts.netloc):
-        _check_port(name, port, problems)
-    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
         problems.append(f"{name}: database must be a number, got {parts.path.strip('/')!r}")
 
 

@@ -130,11 +130,12 @@ def test_redis_password_missing_or_wrong(pg: PgServer, tmp_path: Path) -> None:
     server = RedisServer(password="correct-horse-42").start()
     try:
         init_table(pg)
-        for url in (server.url(), server.url(password="wrong-battery-17")):
+        for url, why in ((server.url(), "the server wants a password and REDIS_URL has none"),
+                         (server.url(password="wrong-battery-17"), "")):
             env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=url)
             result = cli(["once"], env, cwd=tmp_path)
             assert result.returncode == 1
-            assert "ERROR:heartbeatd.daemon:Redis连接测试失败: authentication failed: " in result.stderr
+            assert f"ERROR:heartbeatd.daemon:Redis连接测试失败: authentication failed: {why}" in result.stderr
             output = result.stdout + result.stderr
             assert "correct-horse-42" not in output and "wrong-battery-17" not in output
         ok = cli(["once"], clean_env(DATABASE_URL=db_url(pg), REDIS_URL=server.url(password="correct-horse-42")), cwd=tmp_path)

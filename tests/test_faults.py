@@ -76,29 +76,37 @@ def test_postgres_stopped_then_restarted_loses_and_duplicates_nothing(
     assert spooled_rows(tmp_path / "spool.db") == []
 
 
-def test_postgres_frozen_watchdog_and_pace_hold(
-        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
-    init_table(pg_own)
-    proc = daemon(env_for(pg_own, redis_server, tmp_path, **FROZEN), watchdog_usec=4_000_000)
-    proc.wait_log("记录心跳成功 - 服务: postgres", 2)
-    pg_own.freeze()
+def frozen_server_run(proc: DaemonProcess, server: PgServer | RedisServer, service: str, failure: str,
+                      recovered: str) -> None:
+    """Freeze `server` for several cycles; the watchdog and the pace must hold throughout."""
+    proc.wait_log(f"记录心跳成功 - 服务: {service}", 2)
+    server.freeze()
     frozen_at = time.monotonic()
     try:
-        proc.wait_log("数据库连接测试失败: timed out after 0.3s")
-        proc.wait_for(lambda: statuses(proc, "postgres down") >= 6, what="six cycles against a frozen PostgreSQL")
+        proc.wait_log(failure)
+        proc.wait_for(lambda: statuses(proc, f"{service} down") >= 5, what=f"five cycles against a frozen {service}")
     finally:
-        pg_own.thaw()
+        server.thaw()
     thawed_at = time.monotonic()
-    proc.wait_log("补写心跳 - ")
-    proc.wait_log("服务恢复 - 服务: postgres")
+    recorded = f"记录心跳成功 - 服务: {service}"
+    proc.wait_log(recorded, proc.log().count(recorded) + 1)  # heartbeats of the thawed service resume
+    proc.wait_log(f"服务恢复 - 服务: {service}")
+    proc.wait_log(recovered)
     assert proc.stop() == 0
     pings = [at for at, _ in proc.notices("WATCHDOG=1")]
     assert max(b - a for a, b in zip(pings, pings[1:])) <= 2.0, "WATCHDOG=1 must come within WATCHDOG_USEC/2"
     during = [at for at, _ in proc.notices("STATUS=") if frozen_at <= at <= thawed_at]
     assert max(b - a for a, b in zip(during, during[1:])) <= 0.6 + 0.3 + 0.2  # interval + timeout
+
+
+def test_postgres_frozen_watchdog_and_pace_hold(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    proc = daemon(env_for(pg_own, redis_server, tmp_path, **FROZEN), watchdog_usec=4_000_000)
+    frozen_server_run(proc, pg_own, "postgres", "数据库连接测试失败: timed out after 0.3s", "补写心跳 - ")
     found = rows(pg_own, db="postgres")
-    assert_no_gap_no_duplicate(found, "后端", 0.6, statuses(proc, "next in"))
-    assert_no_gap_no_duplicate(found, "redis", 0.6, statuses(proc, "next in"))
+    for service in ("后端", "redis"):  # spooled while PostgreSQL was frozen, none lost
+        assert_no_gap_no_duplicate(found, service, 0.6, statuses(proc, "next in"))
 
 
 def test_insert_stalled_mid_statement_is_bounded_and_written_once(
@@ -130,25 +138,10 @@ def test_redis_frozen_watchdog_and_pace_hold(
         pg: PgServer, redis_own: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg)
     proc = daemon(env_for(pg, redis_own, tmp_path, **FROZEN), watchdog_usec=4_000_000)
-    proc.wait_log("记录心跳成功 - 服务: redis", 2)
-    redis_own.freeze()
-    frozen_at = time.monotonic()
-    try:
-        proc.wait_log("Redis连接测试失败: timed out after 0.3s")
-        proc.wait_for(lambda: statuses(proc, "redis down") >= 5, what="five cycles against a frozen Redis")
-    finally:
-        redis_own.thaw()
-    thawed_at = time.monotonic()
-    proc.wait_log("服务恢复 - 服务: redis")
-    proc.wait_log("记录心跳成功 - 服务: redis", proc.log().count("记录心跳成功 - 服务: redis") + 2)
-    assert proc.stop() == 0
-    pings = [at for at, _ in proc.notices("WATCHDOG=1")]
-    assert max(b - a for a, b in zip(pings, pings[1:])) <= 2.0
-    during = [at for at, _ in proc.notices("STATUS=") if frozen_at <= at <= thawed_at]
-    assert max(b - a for a, b in zip(during, during[1:])) <= 0.6 + 0.3 + 0.2
+    frozen_server_run(proc, redis_own, "redis", "Redis连接测试失败: timed out after 0.3s", "服务恢复 - 服务: redis")
     found = rows(pg)
-    assert_no_gap_no_duplicate(found, "后端", 0.6, statuses(proc, "next in"))
-    assert_no_gap_no_duplicate(found, "postgres", 0.6, statuses(proc, "next in"))
+    for service in ("后端", "postgres"):
+        assert_no_gap_no_duplicate(found, service, 0.6, statuses(proc, "next in"))
 
 
 def test_sigkill_with_rows_in_the_spool_next_daemon_writes_them(

@@ -15,12 +15,14 @@ from heartbeatd.probes import LOOPBACK, REDIS, ProbeResult, peer_ip, resolve
 _AUTH_MARKERS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password", "AUTH")
 
 
-def reason(exc: BaseException, timeout: float) -> str:
+def reason(exc: BaseException, timeout: float, has_password: bool = True) -> str:
     """A short, operator-facing reason: `Connection refused`, `timed out after 5s`, ..."""
     text = " ".join(str(exc).split())
     if isinstance(exc, redis.AuthenticationError) or (
         isinstance(exc, redis.ResponseError) and any(m in text for m in _AUTH_MARKERS)
     ):
+        if not has_password:
+            return f"authentication failed: the server wants a password and REDIS_URL has none ({text})"
         return f"authentication failed: {text}"
     if isinstance(exc, redis.TimeoutError):
         return f"timed out after {timeout:g}s"
@@ -83,7 +85,8 @@ class RedisProbe:
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
             self._conn.disconnect()
             ip = self.last_ip or self._configured_ip()
-            return ProbeResult(REDIS, ip, False, time.monotonic() - start, reason(exc, self.timeout))
+            error = reason(exc, self.timeout, bool(urlsplit(self.url).password))
+            return ProbeResult(REDIS, ip, False, time.monotonic() - start, error)
         sock = getattr(self._conn, "_sock", None)
         if sock is not self._peer_of:  # a new connection: look its peer up once
             self._peer_of = sock
