@@ -99,7 +99,8 @@ class Container:
                     except OSError:
                         continue
                     nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
-                    if nspid and len(nspid[0]) > 1 and nspid[0][-1] == "1":
+                    # Until it has exec'd systemd, PID 1 is still nspawn's inner child setting up.
+                    if nspid and len(nspid[0]) > 1 and nspid[0][-1] == "1" and status.startswith("Name:\tsystemd\n"):
                         return pid
             time.sleep(0.1)
         raise RuntimeError("the container's init did not appear")
@@ -122,7 +123,14 @@ class Container:
 
     def wait_booted(self, timeout: float = 120) -> str:
         """Wait for `systemctl is-system-running --wait`; return its state."""
-        return self.run("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip()
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
+            state = result.stdout.strip()
+            # Before the container's bus is up, systemctl answers nothing: ask again.
+            if state or time.monotonic() > deadline:
+                return state or f"no answer: {result.stderr.strip()}"
+            time.sleep(0.2)
 
     def poweroff(self) -> None:
         """Shut the container down (SIGRTMIN+4 to its systemd), then make sure nothing is left."""
