@@ -203,14 +203,18 @@ class Daemon:
             return
         budget_end = self._clock() + max(self.config.timeout, self.config.interval / 2)
         while spool.count and self._clock() < budget_end:
-            batch = spool.oldest(REPLAY_BATCH)
+            try:
+                batch = spool.oldest(REPLAY_BATCH)
+            except SpoolUnavailable as exc:  # set aside and started anew: nothing left to replay
+                log.error("心跳缓存错误 - %s", exc)
+                return
             if not batch:
                 break
             rows = [row for _, row in batch]
             self.services.writer.write(conn, rows, dedupe=True)
             try:
                 spool.delete([i for i, _ in batch])
-            except SpoolUnavailable as exc:
+            except SpoolUnavailable as exc:  # the rows are in the table; a later replay skips them
                 log.error("心跳缓存错误 - %s", exc)
             log.info(
                 "补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",

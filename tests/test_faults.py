@@ -11,9 +11,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 from conftest import DaemonProcess, clean_env, db_url, init_table, rows
 from heartbeatd.probes import Row
-from heartbeatd.spool import Spool
+from heartbeatd.spool import Spool, SpoolUnavailable
 from servers import PgServer, RedisServer
 
 INTERVAL = 0.3
@@ -252,3 +254,20 @@ def test_spool_unit_bound_and_order(tmp_path: Path) -> None:
     assert spool.count == 3
     spool.close()
     assert Spool(tmp_path / "s.db", 5).count == 3  # durable across reopen
+
+
+def test_spool_corrupted_while_open_is_set_aside_and_replaced(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", 100)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    spool.append([Row("后端", "10.0.0.1", t0 + timedelta(seconds=i)) for i in range(5)])
+    spool._db.close()  # as if another process scribbled over the file under us
+    for name in ("s.db", "s.db-wal", "s.db-shm"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"garbage" * 1000)
+    spool._db = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
+    with pytest.raises(SpoolUnavailable):
+        spool.oldest(10)
+    assert list(tmp_path.glob("s.db.corrupt-*"))
+    assert spool.count == 0
+    assert spool.append([Row("redis", "10.0.0.2", t0)]) == 0
+    assert [r.service for _, r in spool.oldest(10)] == ["redis"]
