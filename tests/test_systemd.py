@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 import nspawn
+from heartbeatd.probes.backend_host import default_route_address
 from servers import PgServer, RedisServer
 
 TOP = Path(__file__).resolve().parent.parent
@@ -152,6 +153,10 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     wait(lambda: all(f"记录心跳成功 - 服务: {s}" in journal() for s in ("后端", "redis", "postgres")), 20,
          "记录心跳成功 for all three services in the journal")
     assert rows_since(started - 1) == {"后端", "redis", "postgres"}
+    # PostgreSQL is on loopback, so 后端 is the default-route interface's address: found under
+    # ProcSubset=pid and the address-family and system-call filters (the container shares our network).
+    backend_ips = {r[0] for r in pg.sql("SELECT DISTINCT ip_address FROM service_heartbeat WHERE service_name = '后端'")}
+    assert backend_ips == {default_route_address() or "127.0.0.1"}
     assert show("DynamicUser") == "yes" and show("SupplementaryGroups") == "heartbeatd-conf"
     assert box.run("stat -c %U:%G:%a /etc/heartbeatd/heartbeatd.env").stdout.strip() == "root:heartbeatd-conf:640"
 
