@@ -147,3 +147,14 @@ def test_wrong_database_password_is_reported_without_the_password(pg_own: PgServ
     assert result.returncode == 1
     assert "数据库连接测试失败: " in result.stderr and "password authentication failed" in result.stderr
     assert "wrong-pw-123" not in result.stderr + result.stdout
+
+
+def test_down_services_are_reported_at_their_configured_host_resolved(tmp_path: Path) -> None:
+    # `localhost` comes from /etc/hosts: no DNS packet leaves the machine.
+    env = clean_env(DATABASE_URL=f"postgresql://localhost:{free_port()}/x", REDIS_URL=f"redis://localhost:{free_port()}/0")
+    result = cli(["once"], env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "服务不可用 - 服务: redis, IP: 127.0.0.1" in result.stderr
+    assert "服务不可用 - 服务: postgres, IP: 127.0.0.1" in result.stderr
+    assert [line.split("\t")[:3] for line in result.stdout.splitlines()[1:]] == [
+        ["redis", "down", "127.0.0.1"], ["postgres", "down", "127.0.0.1"]]

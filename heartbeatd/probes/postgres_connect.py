@@ -40,7 +40,6 @@ class PostgresProbe:
         # Parsed and extended once, not on every cycle's connect.
         self._connect_dsn = psycopg2.extensions.make_dsn(dsn, application_name="heartbeatd")
         self.timeout = timeout
-        self.last_ip: Optional[str] = None
 
     def check(self) -> tuple[ProbeResult, Optional[Any]]:
         """Connect within the timeout; return the result and the open connection (or None)."""
@@ -49,9 +48,8 @@ class PostgresProbe:
             with deadline(self.timeout):
                 conn = psycopg2.connect(self._connect_dsn)
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
-            ip = self.last_ip or resolve(configured_host(self.dsn))
+            ip = resolve(configured_host(self.dsn))  # SPEC: when down, the configured host resolved
             return ProbeResult(POSTGRES, ip, False, time.monotonic() - start, reason(exc)), None
         conn.autocommit = True
-        ip = peer_ip(conn.fileno()) or self.last_ip or resolve(configured_host(self.dsn))
-        self.last_ip = ip
+        ip = peer_ip(conn.fileno()) or resolve(configured_host(self.dsn))
         return ProbeResult(POSTGRES, ip, True, time.monotonic() - start), conn

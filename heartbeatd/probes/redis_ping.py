@@ -84,7 +84,7 @@ class RedisProbe:
                 self._ping(deadline)
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
             self._conn.disconnect()
-            ip = self.last_ip or self._configured_ip()
+            ip = self._configured_ip()  # SPEC: when down, the configured host resolved
             error = reason(exc, self.timeout, bool(urlsplit(self.url).password))
             return ProbeResult(REDIS, ip, False, time.monotonic() - start, error)
         sock = getattr(self._conn, "_sock", None)
