@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.notify import Notifier
-from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row
+from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row, utcnow
 from heartbeatd.spool import SpoolUnavailable
 from heartbeatd.writer import WriteError
 
@@ -110,11 +110,6 @@ class Repeats:
         """Forget a failure; return how many times in a row it had happened (0 if it had not)."""
         state = self._state.pop(key, None)
         return int(state[3]) if state else 0
-
-
-def utcnow() -> datetime:
-    """Aware UTC now: the wall clock is only ever used for report_time."""
-    return datetime.now(timezone.utc)
 
 
 class Daemon:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-from heartbeatd.probes import Row
+from heartbeatd.probes import Row, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,7 +31,7 @@ class SpoolUnavailable(Exception):
 class Spool:
     """Append on failure, replay oldest first, bounded; a corrupt file is set aside, not fatal."""
 
-    def __init__(self, path: Path, max_rows: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+    def __init__(self, path: Path, max_rows: int, now: Callable[[], datetime] = utcnow) -> None:
         self.path = path
         self.max_rows = max_rows
         self._now = now

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
 import psycopg2
@@ -10,7 +10,7 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import Row
+from heartbeatd.probes import Row, utcnow
 
 CREATE_TABLE = """\
 CREATE TABLE IF NOT EXISTS {table} (
@@ -42,16 +42,7 @@ STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = {}; "
 
 
 class WriteError(Exception):
-    """Rows were not (known to be) written; `missing_table` asks for `heartbeatd init-db`."""
-
-    def __init__(self, message: str, missing_table: bool = False) -> None:
-        super().__init__(message)
-        self.missing_table = missing_table
-
-
-def utcnow() -> datetime:
-    """Aware UTC now."""
-    return datetime.now(timezone.utc)
+    """Rows were not (known to be) written."""
 
 
 def index_name(table: Sequence[str]) -> str:
@@ -82,6 +73,9 @@ class Writer:
         """The table's name as configured."""
         return ".".join(self.table)
 
+    def _missing_table(self) -> WriteError:
+        return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`")
+
     def _adapt(self, column: str, value: datetime) -> datetime:
         # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
         # on the server's or the session's TimeZone.
@@ -92,7 +86,7 @@ class Writer:
         cur.execute(COLUMN_TYPES, (self._ident.as_string(cur),))
         types = {name: typ for name, typ in cur.fetchall()}
         if not types:
-            raise WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", missing_table=True)
+            raise self._missing_table()
         missing = [c for c in REQUIRED if c not in types]
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}")
@@ -124,15 +118,12 @@ class Writer:
                     params += [row.service, row.ip, self._adapt("report_time", row.report_time),
                                self._adapt("created_at", created)]
                 cur.execute(self._query(cur, len(rows), dedupe), params)
-        except WriteError:
-            self._types = None
-            raise
-        except psycopg2.errors.UndefinedTable as exc:
-            self._types = None
-            raise WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`",
-                             missing_table=True) from exc
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
-            self._types = None
+            self._types = None  # the table may have changed: look its columns up again
+            if isinstance(exc, WriteError):
+                raise
+            if isinstance(exc, psycopg2.errors.UndefinedTable):
+                raise self._missing_table() from exc
             raise WriteError(_one_line(exc)) from exc
 
     def init_db(self, conn: Any) -> None:

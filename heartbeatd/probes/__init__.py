@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Optional
 
 BACKEND = "后端"
@@ -67,3 +67,8 @@ class Row:
     service: str
     ip: str
     report_time: datetime  # timezone-aware, UTC
+
+
+def utcnow() -> datetime:
+    """Aware UTC now: the wall clock is only ever used for report_time and created_at."""
+    return datetime.now(timezone.utc)
