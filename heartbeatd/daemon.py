@@ -70,7 +70,6 @@ class CycleOutcome:
     results: list[ProbeResult]
     recorded: list[Row] = field(default_factory=list)
     spooled: list[Row] = field(default_factory=list)
-    lost: list[Row] = field(default_factory=list)
     write_error: Optional[str] = None
 
     @property
@@ -83,33 +82,41 @@ class CycleOutcome:
         return ", ".join(f"{r.service} {'up' if r.ok else 'down'}" for r in self.results)
 
 
+@dataclass
+class _Failure:
+    text: str  # the message as last logged
+    logged_at: float  # monotonic time it was last logged
+    unlogged: int = 0  # repeats since then
+    total: int = 1  # times in a row, across changes of message
+
+
 class Repeats:
     """Logs a failure when it starts or changes, then at most once a minute with a count."""
 
     def __init__(self, clock: Callable[[], float], every: float = REPEAT_EVERY) -> None:
         self._clock = clock
         self._every = every
-        self._state: dict[str, list[Any]] = {}  # key -> [message, last logged, repeats since, total]
+        self._state: dict[str, _Failure] = {}
 
     def failed(self, key: str, level: int, msg: str, *args: Any, traceback: bool = False) -> None:
         """Log this failure unless the same one was logged less than a minute ago."""
         now, text = self._clock(), msg % args
         state = self._state.get(key)
-        if state is None or state[0] != text:
+        if state is None or state.text != text:
             # A traceback only when the failure starts: never the same one every 30 s.
             log.log(level, msg, *args, exc_info=traceback)
-            self._state[key] = [text, now, 0, (state[3] if state else 0) + 1]
+            self._state[key] = _Failure(text, now, total=state.total + 1 if state else 1)
             return
-        state[2] += 1
-        state[3] += 1
-        if now - state[1] >= self._every:
-            log.log(level, msg + " (repeated %d times in the last %.0fs)", *args, state[2], now - state[1])
-            state[1], state[2] = now, 0
+        state.unlogged += 1
+        state.total += 1
+        if now - state.logged_at >= self._every:
+            log.log(level, msg + " (repeated %d times in the last %.0fs)", *args, state.unlogged, now - state.logged_at)
+            state.logged_at, state.unlogged = now, 0
 
     def cleared(self, key: str) -> int:
         """Forget a failure; return how many times in a row it had happened (0 if it had not)."""
         state = self._state.pop(key, None)
-        return int(state[3]) if state else 0
+        return state.total if state else 0
 
 
 class Daemon:
@@ -225,14 +232,12 @@ class Daemon:
             self._repeats.failed("write", logging.ERROR, "记录心跳失败 - %s", outcome.write_error)
         if not rows:
             return
-        if spool is None:
-            outcome.lost = rows
+        if spool is None:  # `once`: nothing is spooled, its output says "not recorded"
             return
         try:
             dropped = spool.append(rows)
         except SpoolUnavailable as exc:
             log.error("心跳缓存错误 - %d row(s) lost: %s", len(rows), exc)
-            outcome.lost = rows
             return
         outcome.spooled = rows
         if dropped:

@@ -24,9 +24,8 @@ class Notifier:
     """Sends READY/WATCHDOG/STATUS/STOPPING/RELOADING datagrams to systemd."""
 
     def __init__(self, environ: Mapping[str, str], clock: Callable[[], float] = time.monotonic) -> None:
-        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
         # sdnotify reads $NOTIFY_SOCKET itself and connects once; it never raises without debug.
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        self._sd = sdnotify.SystemdNotifier() if environ.get("NOTIFY_SOCKET") else None
         self.watchdog_period = watchdog_period(environ)
         self._clock = clock
         self._last_ping = clock()

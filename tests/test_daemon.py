@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from conftest import DaemonProcess, clean_env, db_url, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, db_url, init_table, rows
 from servers import PgServer, RedisServer
 
 
@@ -126,7 +126,6 @@ def test_redis_stopped_then_restarted(pg: PgServer, redis_own: RedisServer, tmp_
 
 
 def test_redis_password_missing_or_wrong(pg: PgServer, tmp_path: Path) -> None:
-    from conftest import cli
     server = RedisServer(password="correct-horse-42").start()
     try:
         init_table(pg)
