@@ -12,7 +12,8 @@ from typing import NoReturn, Optional, Sequence
 
 from heartbeatd import __version__, config as configmod, logsetup
 from heartbeatd.config import Config, ConfigError
-from heartbeatd.daemon import Daemon, Services
+from heartbeatd.cycle import Services
+from heartbeatd.daemon import Daemon
 from heartbeatd.notify import Notifier
 from heartbeatd.probes import backend_host
 from heartbeatd.probes.postgres_connect import PostgresProbe
@@ -45,14 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_services(config: Config, spool: bool = True) -> Services:
+def _spool(config: Config, previous: Optional[Services]) -> Spool:
+    """The spool for a configuration: the one already open if the path is the same (it is locked)."""
+    old = previous.spool if previous is not None else None
+    if isinstance(old, Spool) and old.path == config.spool_path:
+        old.max_rows = config.spool_max_rows
+        return old
+    spool = Spool(config.spool_path, config.spool_max_rows)
+    if isinstance(old, Spool):  # HEARTBEAT_SPOOL_PATH changed: the backlog moves with it
+        moved = spool.take_over(old)
+        if moved:
+            log.warning("心跳缓存已迁移 - %d row(s) moved from %s to %s", moved, old.path, spool.path)
+    return spool
+
+
+def build_services(config: Config, previous: Optional[Services] = None, spool: bool = True) -> Services:
     """The probes, writer and spool for one configuration."""
     return Services(
         redis=RedisProbe(config.redis_url, config.timeout),
         postgres=PostgresProbe(config.database_url, config.timeout),
         backend=functools.partial(backend_host.check, config.backend_ip),
         writer=Writer(config.table, config.timeout),
-        spool=Spool(config.spool_path, config.spool_max_rows) if spool else None,
+        spool=_spool(config, previous) if spool else None,
     )
 
 

@@ -1,18 +1,32 @@
-"""The local durable spool: rows PostgreSQL could not take, kept in SQLite until it can."""
+"""The local durable spool: rows PostgreSQL could not take, kept in SQLite until it can.
+
+What can go wrong with a file, and what each means here:
+- SQLite says the file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB): the file is set aside and a new
+  spool started. Nothing else is ever renamed.
+- The disk is full, or EIO, EACCES, a read-only file system: the file is kept as it is; rows wait
+  in a bounded in-memory queue and are written to the file (or straight to PostgreSQL) later.
+- The path is a directory, or a file we may not read and write: a configuration problem,
+  refused before anything starts.
+- The file is deleted or replaced under us: noticed before the next write, reopened at the path
+  with what the old file held.
+- A second daemon on the same spool: refused, naming the holder's PID (an flock on `PATH.lock`).
+"""
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import logging
 import os
 import sqlite3
+import stat
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Optional, Sequence
 
 from heartbeatd.probes import Row, utcnow
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SCHEMA = """\
 CREATE TABLE IF NOT EXISTS spool (
@@ -20,53 +34,141 @@ CREATE TABLE IF NOT EXISTS spool (
     service_name TEXT NOT NULL,
     ip_address   TEXT NOT NULL,
     report_time  TEXT NOT NULL,
+    rejected     TEXT,
     UNIQUE (service_name, ip_address, report_time)
 )"""
+INSERT = "INSERT OR IGNORE INTO spool (service_name, ip_address, report_time, rejected) VALUES (?, ?, ?, ?)"
+PENDING = "SELECT id, service_name, ip_address, report_time FROM spool WHERE rejected IS NULL"
+# SQLite primary result codes that mean "this file is damaged" (extended codes carry them in the low byte).
+DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+MEMORY_MAX_ROWS = 10_000  # rows held in memory while the file cannot be written (~28 h of one host)
+BUSY_TIMEOUT = 1.0  # seconds SQLite waits for a lock another process (`heartbeatd rejected`) holds
 
 
 class SpoolUnavailable(Exception):
-    """The spool's directory cannot be created or written."""
+    """The spool cannot be used at this path: a configuration problem."""
+
+
+class _Damaged(Exception):
+    """SQLite says the file is not a sound database."""
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True when SQLite reports the file itself as damaged (not full, not unreadable)."""
+    if isinstance(exc, _Damaged):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if isinstance(code, int):
+        return (code & 0xFF) in DAMAGED
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _row(service: str, ip: str, report_time: str) -> Row:
+    return Row(service, ip, datetime.fromisoformat(report_time))
+
+
+def check_path(path: Path) -> None:
+    """Refuse a path that cannot be this daemon's spool (a directory, a file we may not use)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpoolUnavailable(f"cannot create directory {directory}: {_reason(exc)}") from exc
+    if not directory.is_dir():
+        raise SpoolUnavailable(f"{directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SpoolUnavailable(f"directory {directory} is not writable")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SpoolUnavailable(f"{path}: {_reason(exc)}") from exc
+    if stat.S_ISDIR(mode):
+        raise SpoolUnavailable(f"{path} is a directory, not a spool file")
+    if not stat.S_ISREG(mode):
+        raise SpoolUnavailable(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise SpoolUnavailable(f"{path} cannot be read and written by this user")
 
 
 class Spool:
-    """Append on failure, replay oldest first, bounded; a corrupt file is set aside, not fatal."""
+    """Append on failure, replay oldest first, bounded; a damaged file is set aside, not fatal."""
 
-    def __init__(self, path: Path, max_rows: int, now: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, path: Path, max_rows: int, now: Callable[[], datetime] = utcnow, lock: bool = True) -> None:
         self.path = path
         self.max_rows = max_rows
         self._now = now
-        directory = path.parent if str(path.parent) else Path(".")
+        check_path(path)
+        self._lock_fd = self._lock() if lock else None
+        # Rows the file could not take (full disk, EIO): retried at every append, replayed too.
+        self._memory: collections.deque[Row] = collections.deque()
+        self.write_error: Optional[str] = None  # why the file cannot be written right now
+        self._db: Optional[sqlite3.Connection] = None
+        self._inode: Optional[tuple[int, int]] = None
+        self._disk = 0  # rows in the file awaiting replay; kept so a cycle without backlog never touches SQLite
+        self.rejected = 0  # rows the table refused, kept aside in the file
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            self._db = self._open_or_reset()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the file ----------------------------------------------------------------------
+
+    def _lock(self) -> int:
+        lock_path = f"{self.path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise SpoolUnavailable(f"cannot create directory {directory}: {exc.strerror or exc}") from exc
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise SpoolUnavailable(f"directory {directory} is not writable")
-        self._db = self._open_or_reset()
-        # Kept in memory so that a cycle with no backlog never touches SQLite.
-        self.count = self._db.execute("SELECT count(*) FROM spool").fetchone()[0]
+            raise SpoolUnavailable(f"cannot open lock file {lock_path}: {_reason(exc)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolUnavailable(f"{self.path} is in use by another heartbeatd (PID {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=5)
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute(SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(spool)")}
+            if "rejected" not in columns:  # a spool written by heartbeatd 1.0
+                db.execute("ALTER TABLE spool ADD COLUMN rejected TEXT")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
+                raise _Damaged("quick_check failed")
+            counts = db.execute("SELECT count(*) - count(rejected), count(rejected) FROM spool").fetchone()
         except BaseException:
             db.close()
             raise
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._disk, self.rejected = int(counts[0]), int(counts[1])
         return db
 
     def _open_or_reset(self) -> sqlite3.Connection:
         try:
             return self._open()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, _Damaged) as exc:
+            if not is_damage(exc):
+                raise
             return self._reset(exc)
 
     def _reset(self, exc: BaseException) -> sqlite3.Connection:
         """Rename the damaged file aside with a timestamp and start a new, empty spool."""
+        if not self.path.is_file():  # never rename anything but a spool file
+            raise SpoolUnavailable(f"{self.path} is not a regular file")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{self._now():%Y%m%dT%H%M%SZ}")
         try:
             os.replace(self.path, aside)
@@ -74,68 +176,203 @@ class Spool:
                 if os.path.exists(f"{self.path}{suffix}"):
                     os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
         except OSError as err:
-            raise SpoolUnavailable(f"spool {self.path} is unreadable ({exc}) and cannot be moved aside: {err}") from err
+            raise SpoolUnavailable(f"spool {self.path} is damaged ({exc}) and cannot be moved aside: {err}") from err
         log.error("心跳缓存文件损坏 - %s: %s; moved aside to %s, starting a new spool", self.path, exc, aside)
-        self.count = 0
         return self._open()
 
-    def _guard(self, what: str, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except sqlite3.DatabaseError as exc:
+    def _database(self) -> sqlite3.Connection:
+        """The open file, reopened first if it was closed after a failure or deleted under us."""
+        if self._db is not None:
+            try:
+                st = os.stat(self.path)
+                same = (st.st_dev, st.st_ino) == self._inode
+            except FileNotFoundError:
+                same = False
+            if same:
+                return self._db
+            self._reopen_moved()
+        if self._db is None:
+            self._db = self._open_or_reset()
+        return self._db
+
+    def _reopen_moved(self) -> None:
+        """The path no longer names our file: carry what the old file holds over to a new one there."""
+        assert self._db is not None
+        old = self._db
+        held = old.execute("SELECT service_name, ip_address, report_time, rejected FROM spool ORDER BY id").fetchall()
+        old.close()
+        self._db = None
+        log.error("心跳缓存文件丢失 - %s no longer names the open spool (deleted or replaced); "
+                  "reopening it there with the %d row(s) the old file held", self.path, len(held))
+        check_path(self.path)
+        db = self._open_or_reset()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(INSERT, held)
+        self._db = db
+        self._recount()
+
+    def _recount(self) -> None:
+        assert self._db is not None
+        counts = self._db.execute("SELECT count(*) - count(rejected), count(rejected) FROM spool").fetchone()
+        self._disk, self.rejected = int(counts[0]), int(counts[1])
+
+    def _failed(self, exc: BaseException, what: str) -> str:
+        """After an SQLite error: set a damaged file aside; otherwise keep it. Return the reason."""
+        if self._db is not None:
             try:
                 self._db.close()
             except sqlite3.Error:
                 pass
-            self._db = self._reset(exc)
-            raise SpoolUnavailable(f"spool {what} failed: {exc}") from exc
+            self._db = None
+        if is_damage(exc):
+            try:
+                self._db = self._reset(exc)
+            except (sqlite3.Error, OSError, SpoolUnavailable) as err:
+                return f"{what}: {_reason(err)}"
+        return f"{what}: {_reason(exc)}"
+
+    # -- what the daemon uses ----------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Rows waiting to be written (in the file and in memory), not counting rejected ones."""
+        return self._disk + len(self._memory)
+
+    @property
+    def in_memory(self) -> int:
+        """Rows only in memory because the file cannot be written."""
+        return len(self._memory)
 
     def append(self, rows: Sequence[Row]) -> int:
-        """Store rows durably (fsync'd); drop the oldest beyond the bound; return how many dropped."""
-        if not rows:
+        """Store rows durably (fsync'd), or in memory if the file cannot take them; return how many dropped.
+
+        Beyond the bound the rows written longest ago are dropped. `write_error` says whether the
+        file took them.
+        """
+        held = list(self._memory) + list(rows)
+        if not held:
             return 0
-
-        def run() -> int:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO spool (service_name, ip_address, report_time) VALUES (?, ?, ?)",
-                    [(r.service, r.ip, r.report_time.isoformat()) for r in rows],
-                )
-                count = self._db.execute("SELECT count(*) FROM spool").fetchone()[0]
+        try:
+            db = self._database()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(INSERT, [(r.service, r.ip, r.report_time.isoformat(), None) for r in held])
+                count = db.execute("SELECT count(*) FROM spool WHERE rejected IS NULL").fetchone()[0]
                 dropped = max(0, count - self.max_rows)
-                if dropped:
-                    self._db.execute(
-                        "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY report_time, id LIMIT ?)",
-                        (dropped,),
-                    )
-            self.count = count - dropped
-            return int(dropped)
-
-        return self._guard("append", run)
+                if dropped:  # by insertion order: a wall clock that stepped back must not matter
+                    db.execute("DELETE FROM spool WHERE id IN (SELECT id FROM spool WHERE rejected IS NULL "
+                               "ORDER BY id LIMIT ?)", (dropped,))
+        except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+            self.write_error = self._failed(exc, "write") if isinstance(exc, (sqlite3.Error, _Damaged)) \
+                else _reason(exc)
+            self._memory.extend(rows)
+            limit = min(self.max_rows, MEMORY_MAX_ROWS)
+            dropped = max(0, len(self._memory) - limit)
+            for _ in range(dropped):
+                self._memory.popleft()
+            return dropped
+        self.write_error = None
+        self._memory.clear()
+        self._disk = int(count) - int(dropped)
+        return int(dropped)
 
     def oldest(self, limit: int) -> list[tuple[int, Row]]:
-        """Up to `limit` rows, oldest report_time first, with their spool ids."""
-        def run() -> list[tuple[int, Row]]:
-            found = self._db.execute(
-                "SELECT id, service_name, ip_address, report_time FROM spool ORDER BY report_time, id LIMIT ?",
-                (limit,),
-            ).fetchall()
-            return [(i, Row(s, ip, datetime.fromisoformat(t))) for i, s, ip, t in found]
-
-        return self._guard("read", run)
+        """Up to `limit` waiting rows, first written first: the file's (ids > 0), then memory's (ids < 0)."""
+        found: list[tuple[int, Row]] = []
+        if self._disk:
+            try:
+                db = self._database()
+                found = [(i, _row(s, ip, t)) for i, s, ip, t in
+                         db.execute(PENDING + " ORDER BY id LIMIT ?", (limit,)).fetchall()]
+            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+                if isinstance(exc, (sqlite3.Error, _Damaged)):
+                    log.error("心跳缓存错误 - cannot read %s: %s", self.path, self._failed(exc, "read"))
+                    if self._db is not None:  # set aside and started anew: what it held is no longer ours
+                        self._disk = 0
+        for n, row in enumerate(list(self._memory)[: max(0, limit - len(found))]):
+            found.append((-1 - n, row))
+        return found
 
     def delete(self, ids: Sequence[int]) -> None:
-        """Forget rows now known to be in the table."""
-        def run() -> None:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
-            self.count = self._db.execute("SELECT count(*) FROM spool").fetchone()[0]
+        """Forget rows now known to be in the table; a failure leaves them for a later (deduplicated) replay."""
+        in_memory = sum(1 for i in ids if i < 0)
+        for _ in range(in_memory):
+            self._memory.popleft()
+        on_disk = [(i,) for i in ids if i > 0]
+        if not on_disk:
+            return
+        try:
+            db = self._database()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("DELETE FROM spool WHERE id = ?", on_disk)
+            self._recount()
+        except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+            reason = self._failed(exc, "delete") if isinstance(exc, (sqlite3.Error, _Damaged)) else _reason(exc)
+            raise SpoolWriteFailed(reason) from exc
 
-        self._guard("delete", run)
+    def reject(self, rejected: Sequence[tuple[int, Row, str]]) -> None:
+        """Keep rows the table refused aside in the file, with the reason; they are not replayed.
+
+        Ids are those `oldest` gave (> 0 in the file, < 0 in memory), or 0 for a row never spooled.
+        """
+        from_memory = sum(1 for i, _, _ in rejected if i < 0)
+        new = [(r.service, r.ip, r.report_time.isoformat(), why) for i, r, why in rejected if i <= 0]
+        try:
+            db = self._database()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("UPDATE spool SET rejected = ? WHERE id = ?", [(why, i) for i, _, why in rejected if i > 0])
+                db.executemany("INSERT INTO spool (service_name, ip_address, report_time, rejected) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (service_name, ip_address, report_time) DO UPDATE SET rejected = excluded.rejected", new)
+            self._recount()
+        except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+            # Memory rows stay where they are and are tried again; the others are not lost either.
+            reason = self._failed(exc, "write") if isinstance(exc, (sqlite3.Error, _Damaged)) else _reason(exc)
+            raise SpoolWriteFailed(reason) from exc
+        for _ in range(from_memory):
+            self._memory.popleft()
+
+    def recount_rejected(self) -> None:
+        """Read the rejected count again (`heartbeatd rejected --retry` may have changed it)."""
+        if self.rejected:
+            try:
+                self._recount()
+            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable):
+                pass
+
+    # -- what `heartbeatd rejected` uses ---------------------------------------------------------
+
+    def rejected_rows(self) -> list[tuple[int, Row, str]]:
+        """Every row the table refused, with the reason, first written first."""
+        db = self._database()
+        return [(i, _row(s, ip, t), why) for i, s, ip, t, why in db.execute(
+            "SELECT id, service_name, ip_address, report_time, rejected FROM spool "
+            "WHERE rejected IS NOT NULL ORDER BY id").fetchall()]
+
+    def take_over(self, old: "Spool") -> int:
+        """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload)."""
+        waiting = [row for _, row in old.oldest(old.count)] if old.count else []
+        refused = old.rejected_rows() if old.rejected else []
+        self.append(waiting)
+        if refused:
+            self.reject([(0, row, why) for _, row, why in refused])
+        if old._db is not None:
+            with old._db:
+                old._db.execute("BEGIN IMMEDIATE")
+                old._db.execute("DELETE FROM spool")
+        return len(waiting) + len(refused)
 
     def close(self) -> None:
-        """Close the SQLite file."""
-        self._db.close()
+        """Close the SQLite file and release the lock."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
+
+class SpoolWriteFailed(Exception):
+    """The file could not be changed (full disk, EIO); nothing is lost, the change is retried later."""

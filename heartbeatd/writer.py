@@ -28,8 +28,12 @@ SELECT a.attname, t.typname
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
 INSERT = "INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {values}"
 # Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
-# the spool's delete, or a write timed out after the commit): insert only the missing ones.
+# the spool's delete, or a write timed out after the commit): insert only the missing ones. The
+# transaction-scoped advisory lock makes check-and-insert atomic against another writer replaying
+# the same rows (two daemons, or `heartbeatd rejected --retry` beside the daemon), with or
+# without a unique index on the table.
 INSERT_MISSING = """\
+SELECT pg_advisory_xact_lock(hashtext({lock_key}));
 INSERT INTO {table} (service_name, ip_address, report_time, created_at)
 SELECT v.s, v.i, v.r, v.c FROM (VALUES {values}) AS v (s, i, r, c)
  WHERE NOT EXISTS (SELECT 1 FROM {table} h
@@ -43,6 +47,17 @@ STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = {}; "
 
 class WriteError(Exception):
     """Rows were not (known to be) written."""
+
+    def __init__(self, message: str, sqlstate: Optional[str] = None, kind: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        # What repeated-error throttling compares: the kind of failure, not text with row ids in it.
+        self.kind = sqlstate or kind or message
+
+    @property
+    def data_error(self) -> bool:
+        """The table refused these values (SQLSTATE class 22 data exception, 23 constraint violation)."""
+        return self.sqlstate is not None and self.sqlstate[:2] in ("22", "23")
 
 
 def index_name(table: Sequence[str]) -> str:
@@ -74,7 +89,7 @@ class Writer:
         return ".".join(self.table)
 
     def _missing_table(self) -> WriteError:
-        return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`")
+        return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", kind="missing table")
 
     def _adapt(self, column: str, value: datetime) -> datetime:
         # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
@@ -89,7 +104,7 @@ class Writer:
             raise self._missing_table()
         missing = [c for c in REQUIRED if c not in types]
         if missing:
-            raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}")
+            raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
         return types
 
     def _query(self, cur: Any, count: int, dedupe: bool) -> str:
@@ -99,7 +114,8 @@ class Writer:
         if query is None:
             values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * count)
             query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
-                sql.Literal(self._server_timeout_ms), table=self._ident, values=values).as_string(cur)
+                sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
+                lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
             if len(self._queries) < 16:
                 self._queries[key] = query
         return query
@@ -124,7 +140,7 @@ class Writer:
                 raise
             if isinstance(exc, psycopg2.errors.UndefinedTable):
                 raise self._missing_table() from exc
-            raise WriteError(_one_line(exc)) from exc
+            raise WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__) from exc
 
     def init_db(self, conn: Any) -> None:
         """Create the table and its index if missing (idempotent)."""

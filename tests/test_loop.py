@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 import pytest
 
 from heartbeatd.config import load
-from heartbeatd.daemon import Daemon, Repeats, Services
+from heartbeatd.cycle import Repeats, Services
+from heartbeatd.daemon import Daemon
 from heartbeatd.notify import Notifier, watchdog_period
 from heartbeatd.probes import BACKEND, POSTGRES, REDIS, ProbeResult, Row
 from heartbeatd.spool import Spool
@@ -73,7 +74,7 @@ def make(tmp_path: Path, clock: Clock, interval: str = "30", cost: float = 0.0, 
     redis, pg, writer = FakeRedis(clock, cost), FakePostgres(), FakeWriter()
     wall = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
 
-    def build(c: Any) -> Services:
+    def build(c: Any, previous: Optional[Services] = None) -> Services:
         return Services(redis, pg, lambda ip: ProbeResult(BACKEND, "10.0.0.1", True, 0.0), writer,
                         Spool(c.spool_path, c.spool_max_rows) if spool else None)
 

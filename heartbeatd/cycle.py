@@ -1,0 +1,308 @@
+"""One cycle: probe the three services, write the healthy ones' rows, spool what cannot be written."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from heartbeatd.config import Config
+from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row
+from heartbeatd.spool import SpoolWriteFailed
+from heartbeatd.writer import WriteError
+
+# Operators grep for `heartbeatd.daemon:` in these lines (the README's failure table): the name stays.
+log = logging.getLogger("heartbeatd.daemon")
+
+REPLAY_BATCH = 500  # rows per backfill statement: one short transaction, well within the timeout
+REPEAT_EVERY = 60.0  # seconds between repeats of the same failure in the log
+FAILURE_LINES = {REDIS: "Redis连接测试失败: %s", POSTGRES: "数据库连接测试失败: %s"}
+
+
+class RedisCheck(Protocol):
+    def check(self) -> ProbeResult: ...
+    def close(self) -> None: ...
+
+
+class PostgresCheck(Protocol):
+    def check(self) -> tuple[ProbeResult, Optional[Any]]: ...
+
+
+class RowWriter(Protocol):
+    def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None: ...
+
+
+class RowSpool(Protocol):
+    rejected: int
+    max_rows: int
+    write_error: Optional[str]
+    @property
+    def count(self) -> int: ...
+    @property
+    def in_memory(self) -> int: ...
+    def append(self, rows: Sequence[Row]) -> int: ...
+    def oldest(self, limit: int) -> list[tuple[int, Row]]: ...
+    def delete(self, ids: Sequence[int]) -> None: ...
+    def reject(self, rejected: Sequence[tuple[int, Row, str]]) -> None: ...
+    def recount_rejected(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Services:
+    """What a cycle talks to, built from one Config (and rebuilt on reload)."""
+
+    redis: RedisCheck
+    postgres: PostgresCheck
+    backend: Callable[[Optional[str]], ProbeResult]
+    writer: RowWriter
+    spool: Optional[RowSpool]
+
+    def close(self, keep_spool: bool = False) -> None:
+        """Drop kept connections and files (the spool stays open when the next Services reuse it)."""
+        self.redis.close()
+        if self.spool is not None and not keep_spool:
+            self.spool.close()
+
+
+@dataclass
+class CycleOutcome:
+    """What one cycle found and did."""
+
+    results: list[ProbeResult]
+    recorded: list[Row] = field(default_factory=list)
+    spooled: list[Row] = field(default_factory=list)
+    rejected: list[Row] = field(default_factory=list)
+    write_error: Optional[str] = None
+
+    @property
+    def all_up(self) -> bool:
+        """Every service answered."""
+        return all(r.ok for r in self.results)
+
+    def summary(self) -> str:
+        """`后端 up, redis up, postgres down`."""
+        return ", ".join(f"{r.service} {'up' if r.ok else 'down'}" for r in self.results)
+
+
+@dataclass
+class _Failure:
+    kind: str  # what "the same failure" means: the text, or a stable kind such as an SQLSTATE
+    logged_at: float  # monotonic time it was last logged
+    unlogged: int = 0  # repeats since then
+    total: int = 1  # times in a row, across changes of kind
+
+
+class Repeats:
+    """Logs a failure when it starts or changes kind, then at most once a minute with a count."""
+
+    def __init__(self, clock: Callable[[], float], every: float = REPEAT_EVERY) -> None:
+        self._clock = clock
+        self._every = every
+        self._state: dict[str, _Failure] = {}
+
+    def failed(self, key: str, level: int, msg: str, *args: Any, kind: Optional[str] = None,
+               traceback: bool = False) -> None:
+        """Log this failure unless one of the same kind was logged less than a minute ago."""
+        now = self._clock()
+        kind = kind if kind is not None else msg % args
+        state = self._state.get(key)
+        if state is None or state.kind != kind:
+            # A traceback only when the failure starts: never the same one every 30 s.
+            log.log(level, msg, *args, exc_info=traceback)
+            self._state[key] = _Failure(kind, now, total=state.total + 1 if state else 1)
+            return
+        state.unlogged += 1
+        state.total += 1
+        if now - state.logged_at >= self._every:
+            log.log(level, msg + " (repeated %d times in the last %.0fs)", *args, state.unlogged, now - state.logged_at)
+            state.logged_at, state.unlogged = now, 0
+
+    def cleared(self, key: str) -> int:
+        """Forget a failure; return how many times in a row it had happened (0 if it had not)."""
+        state = self._state.pop(key, None)
+        return state.total if state else 0
+
+
+class CycleRunner:
+    """The body of the loop; the Daemon supplies configuration, services, clocks and the watchdog."""
+
+    config: Config
+    services: Services
+    _repeats: Repeats
+    _clock: Callable[[], float]
+    _wall: Callable[[], datetime]
+
+    def _alive(self) -> None:
+        """Tell systemd the loop is alive (the Daemon sends WATCHDOG=1)."""
+
+    def _stop_pending(self) -> bool:
+        """True once SIGTERM/SIGINT arrived: finish quickly, leave the rest spooled."""
+        return False
+
+    def run_cycle(self) -> CycleOutcome:
+        """Check the three services, write the healthy ones' rows (or spool them), log."""
+        self._alive()  # the nap may have ended just before a ping was due
+        report_time = self._wall()
+        services = self.services
+        redis_result = services.redis.check()
+        self._alive()
+        pg_result, conn = services.postgres.check() if not self._stop_pending() else (None, None)
+        self._alive()
+        if pg_result is None:  # stopping: PostgreSQL was not asked; its row is not claimed
+            outcome = CycleOutcome([services.backend(None), redis_result])
+        else:
+            outcome = CycleOutcome([services.backend(pg_result.ip), redis_result, pg_result])
+        self._log_probes(outcome.results)
+        rows = [Row(r.service, r.ip, report_time) for r in outcome.results if r.ok]
+        try:
+            if conn is not None:
+                # Live rows first: a backlog the table refuses must never hold today's heartbeats back.
+                written, refused = self._write(conn, [(0, r) for r in rows], dedupe=False)
+                outcome.recorded = [row for _, row in written]
+                outcome.rejected = [row for _, row, _ in refused]
+                self._set_aside(refused)
+                self._alive()
+                self._replay(conn)
+        except WriteError as exc:
+            outcome.write_error = str(exc)
+            self._repeats.failed("write", logging.ERROR, "记录心跳失败 - %s", exc, kind=exc.kind)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection must not end the cycle
+                    pass
+        self._alive()
+        for row in outcome.recorded:
+            log.info("记录心跳成功 - 服务: %s, IP: %s", row.service, row.ip)
+        if outcome.recorded and not outcome.write_error and self._repeats.cleared("write"):
+            log.warning("心跳写入恢复 - table %s accepts rows again", ".".join(self.config.table))
+        unwritten = [r for r in rows if r not in outcome.recorded and r not in outcome.rejected]
+        self._keep(outcome, unwritten)
+        return outcome
+
+    def _log_probes(self, results: Sequence[ProbeResult]) -> None:
+        for result in results:
+            key = f"down:{result.service}"
+            if result.ok:
+                times = self._repeats.cleared(key)
+                self._repeats.cleared(f"error:{result.service}")
+                if times:
+                    log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip, times)
+                continue
+            self._repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
+            line = FAILURE_LINES.get(result.service)
+            if line:
+                self._repeats.failed(f"error:{result.service}", logging.ERROR, line, result.error)
+
+    def _write(self, conn: Any, batch: list[tuple[int, Row]], dedupe: bool
+               ) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:
+        """Write a batch; one the table refuses for a data reason is split until the refused rows stand alone.
+
+        Returns (written, refused with the reason). Any other failure raises WriteError.
+        """
+        if not batch:
+            return [], []
+        try:
+            self.services.writer.write(conn, [row for _, row in batch], dedupe=dedupe)
+            return batch, []
+        except WriteError as exc:
+            if not exc.data_error:
+                raise
+            if len(batch) == 1:
+                return [], [(batch[0][0], batch[0][1], str(exc))]
+        self._alive()
+        half = len(batch) // 2
+        first_ok, first_bad = self._write(conn, batch[:half], dedupe)
+        second_ok, second_bad = self._write(conn, batch[half:], dedupe)
+        return first_ok + second_ok, first_bad + second_bad
+
+    def _set_aside(self, refused: Sequence[tuple[int, Row, str]]) -> None:
+        """Rows the table refused: kept aside in the spool, each logged once with the reason."""
+        if not refused:
+            return
+        table = ".".join(self.config.table)
+        for _, row, why in refused:
+            log.error("心跳被拒绝 - 服务: %s, IP: %s, report_time %s: table %s refused the row: %s; "
+                      "kept aside in the spool (`heartbeatd rejected` lists them, `--retry` writes them again)",
+                      row.service, row.ip, _naive(row.report_time), table, why)
+        spool = self.services.spool
+        if spool is None:  # `once`: nothing is spooled, its output says "rejected"
+            return
+        try:
+            spool.reject(refused)
+        except SpoolWriteFailed as exc:
+            self._repeats.failed("spool-write", logging.ERROR, "心跳缓存不可写 - %s", exc, kind="reject")
+
+    def _replay(self, conn: Any) -> None:
+        """Write the spooled backlog, oldest first, in batches, within a bounded share of the cycle."""
+        spool = self.services.spool
+        if spool is None:
+            return
+        spool.recount_rejected()
+        if spool.count == 0:
+            return
+        budget_end = self._clock() + max(self.config.timeout, self.config.interval / 2)
+        while spool.count and self._clock() < budget_end and not self._stop_pending():
+            batch = spool.oldest(REPLAY_BATCH)
+            if not batch:
+                break
+            written, refused = self._write(conn, batch, dedupe=True)
+            self._set_aside(refused)
+            try:
+                spool.delete([i for i, _ in written])
+            except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them
+                self._repeats.failed("spool-write", logging.ERROR, "心跳缓存不可写 - %s", exc, kind="delete")
+                break
+            if written:
+                rows = [row for _, row in written]
+                log.info(
+                    "补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",
+                    len(rows), _naive(rows[0].report_time), _naive(rows[-1].report_time), spool.count,
+                )
+            self._alive()
+
+    def _keep(self, outcome: CycleOutcome, rows: list[Row]) -> None:
+        """Rows that did not reach the table go to the spool (when there is one)."""
+        spool = self.services.spool
+        if not rows or spool is None:  # `once`: nothing is spooled, its output says "not recorded"
+            return
+        dropped = spool.append(rows)
+        outcome.spooled = rows
+        if dropped:
+            log.warning(
+                "心跳缓存已满 - dropped the %d oldest row(s) (HEARTBEAT_SPOOL_MAX_ROWS=%d)", dropped, spool.max_rows
+            )
+        if spool.write_error:
+            self._repeats.failed(
+                "spool-write", logging.ERROR,
+                "心跳缓存不可写 - %s cannot be written (%s); %d row(s) held in memory only, retried every cycle",
+                getattr(spool, "path", "spool"), spool.write_error, spool.in_memory, kind="append",
+            )
+        elif self._repeats.cleared("spool-write"):
+            log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")
+        why = outcome.write_error or "PostgreSQL unavailable"
+        self._repeats.failed(
+            "spool", logging.WARNING, "心跳已缓存 - rows kept in the local spool until PostgreSQL accepts them (%s)", why,
+            kind="spooled",
+        )
+
+    def spool_status(self) -> str:
+        """What STATUS says of the spool: `; 12 spooled; 6 in memory only; 1 rejected`."""
+        spool = self.services.spool
+        if spool is None:
+            return ""
+        parts = []
+        if spool.count:
+            parts.append(f"{spool.count} spooled")
+        if spool.in_memory:
+            parts.append(f"{spool.in_memory} in memory only (spool file not writable)")
+        if spool.rejected:
+            parts.append(f"{spool.rejected} rejected")
+        return "".join(f"; {p}" for p in parts)
+
+
+def _naive(value: datetime) -> str:
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
