@@ -15,14 +15,14 @@ from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Services
 from heartbeatd.daemon import Daemon
 from heartbeatd.notify import Notifier
-from heartbeatd.probes import backend_host
+from heartbeatd.probes import backend_host, naive_utc
 from heartbeatd.probes.postgres_connect import PostgresProbe
 from heartbeatd.probes.redis_ping import RedisProbe
 from heartbeatd.spool import Spool, SpoolUnavailable
-from heartbeatd.writer import Writer
+from heartbeatd.writer import WriteError, Writer, write_split
 
 EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
-COMMANDS = ("run", "once", "init-db", "check-config")
+COMMANDS = ("run", "once", "init-db", "check-config", "rejected")
 # Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
 # connect, the INSERT. The watchdog is pinged between them.
 BLOCKING_STEPS = 3
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="heartbeatd", description="Record heartbeats of this host, Redis and PostgreSQL.")
     parser.add_argument("command", nargs="?", default="run", choices=COMMANDS,
                         help="run (default): the daemon; once: one cycle; init-db; check-config")
+    parser.add_argument("--retry", action="store_true", help="with `rejected`: write the rejected rows again")
     parser.add_argument("--env-file", type=Path, metavar="PATH", help="dotenv file whose values win over the environment")
     parser.add_argument("--version", action="version", version=f"heartbeatd {__version__}")
     return parser
@@ -126,6 +127,42 @@ def cmd_once(config: Config) -> int:
     return EX_OK if outcome.all_up and len(recorded) == len(outcome.results) else EX_DOWN
 
 
+def cmd_rejected(config: Config, retry: bool) -> int:
+    """List the rows the table refused, kept aside in the spool; with retry, write them again."""
+    try:
+        # No lock: the running daemon holds it, and neither touches the other's rows.
+        spool = Spool(config.spool_path, config.spool_max_rows, lock=False)
+    except SpoolUnavailable as exc:
+        return _config_error([f"HEARTBEAT_SPOOL_PATH: {exc}"])
+    try:
+        refused = spool.rejected_rows()
+        if not retry or not refused:
+            for _, row, why in refused:
+                print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\t{why}")
+            print(f"{len(refused)} rejected row(s) in {spool.path}", file=sys.stderr)
+            return EX_OK
+        result, conn = PostgresProbe(config.database_url, config.timeout).check()
+        if conn is None:
+            print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
+            return EX_UNAVAILABLE
+        try:
+            written, still = write_split(Writer(config.table, config.timeout), conn,
+                                         [(i, row) for i, row, _ in refused], dedupe=True)
+        except WriteError as exc:
+            print(f"heartbeatd: retry failed: {exc}", file=sys.stderr)
+            return EX_DOWN
+        finally:
+            conn.close()
+        spool.delete([i for i, _ in written])
+        spool.reject(still)
+        for _, row, why in still:
+            print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\tstill rejected: {why}")
+        print(f"{len(written)} row(s) written, {len(still)} still rejected")
+        return EX_OK if not still else EX_DOWN
+    finally:
+        spool.close()
+
+
 def cmd_run(config: Config, env_file: Optional[Path]) -> int:
     """The daemon, in the foreground, until SIGTERM/SIGINT."""
     notifier = Notifier(os.environ)
@@ -163,6 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_init_db(config)
         if args.command == "once":
             return cmd_once(config)
+        if args.command == "rejected":
+            return cmd_rejected(config, args.retry)
         return cmd_run(config, args.env_file)
     except KeyboardInterrupt:
         return 130

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from dotenv import dotenv_values
@@ -25,6 +26,10 @@ DEFAULTS: dict[str, str] = {
     "HEARTBEAT_LOG_LEVEL": "INFO",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Bounds that keep every value usable: sub-second intervals stay (tests and benchmarks use 0.05 s).
+INTERVAL_RANGE = (0.01, 86400.0)
+TIMEOUT_RANGE = (0.01, 600.0)
+SPOOL_MAX_ROWS_LIMIT = 10_000_000
 # Files in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) that replace a variable.
 CREDENTIALS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 _IDENT = re.compile(r"^[^\x00\"]{1,63}$")
@@ -52,12 +57,12 @@ class Config:
     spool_max_rows: int
     log_level: str
     env_file: Optional[Path]
+    sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Passwords that must never appear in any output."""
-        found = [url_password(self.database_url), url_password(self.redis_url)]
-        return tuple({form for s in found if s for form in (s, unquote(s))})
+        return secret_forms(s for s in (url_password(self.database_url), url_password(self.redis_url)) if s)
 
     def describe(self) -> list[str]:
         """The effective configuration as `NAME=value` lines, passwords masked."""
@@ -75,33 +80,37 @@ class Config:
         ]
 
 
+# `scheme://user:` then everything up to the last `@`: the password, however malformed (a raw `#`,
+# `@` or `/` in it must not let any of it out through urlsplit's or a driver's reading of the URL).
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:)(?P<password>.*)@(?P<tail>[^@]*)$", re.S)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)")
+
+
 def url_password(url: str) -> Optional[str]:
-    """The password in a URL's userinfo or `password=` query option, if any."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in userinfo:
-        return userinfo.split(":", 1)[1] or None
-    for key, value in parse_qsl(parts.query):
-        if key == "password" and value:
-            return value
-    return None
+    """The password in a URL's userinfo or `password=` query option, if any (raw, as written)."""
+    found = _USERINFO.match(url)
+    if found and found.group("password"):
+        return found.group("password")
+    query = _QUERY_PASSWORD.search(url)
+    return query.group(2) if query and query.group(2) else None
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    netloc = f"{userinfo}{at}{hosts}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-    return parts._replace(netloc=netloc, query=query).geturl()
+    """The URL with any password replaced by `***`: everything between `://user:` and the last `@`."""
+    url = _USERINFO.sub(lambda m: f"{m.group('head')}***@{m.group('tail')}", url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def secret_forms(secrets: Iterable[str]) -> tuple[str, ...]:
+    """Each secret as written and percent-decoded: either may appear in a message."""
+    return tuple(sorted({form for s in secrets if s for form in (s, unquote(s)) if form}, key=len, reverse=True))
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every form of every secret replaced by `***`."""
+    for secret in secret_forms(secrets):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _hosts_ports(netloc: str) -> list[tuple[str, str]]:
@@ -120,6 +129,13 @@ def _hosts_ports(netloc: str) -> list[tuple[str, str]]:
 
 def _check_url(name: str, value: str, schemes: tuple[str, ...], problems: list[str]) -> Optional[SplitResult]:
     """Parse a URL and check its scheme and ports; None (with a problem noted) if unusable."""
+    password = _USERINFO.match(value)
+    if password:
+        raw = sorted({c for c in "@#/?" if c in password.group("password")})
+        if raw:
+            problems.append(f"{name}: the password holds a raw {' '.join(repr(c) for c in raw)}: "
+                            f"percent-encode it (@ is %40, # is %23, / is %2F, ? is %3F)")
+            return None
     try:
         parts = urlsplit(value)
     except ValueError as exc:
@@ -132,7 +148,7 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...], problems: list[s
         return None
     if parts.scheme != "unix":
         for _host, port in _hosts_ports(parts.netloc):
-            if port and not (port.isdigit() and 0 < int(port) < 65536):
+            if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
                 problems.append(f"{name}: bad port {port!r} (must be 1-65535)")
     return parts
 
@@ -149,18 +165,21 @@ def _check_redis_url(value: str, problems: list[str]) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             problems.append(f"{name}: unix:// URL needs a socket path")
-    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+    elif parts.path.strip("/") and not re.fullmatch(r"[0-9]{1,9}", parts.path.strip("/")):
         problems.append(f"{name}: database must be a number, got {parts.path.strip('/')!r}")
 
 
-def _positive_number(name: str, value: str, problems: list[str]) -> float:
-    try:
-        number = float(value)
-    except ValueError:
+def _seconds(name: str, value: str, low: float, high: float, problems: list[str]) -> float:
+    if not re.fullmatch(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*|\s*[-+]?(nan|inf|infinity)\s*",
+                        value, re.I):
         problems.append(f"{name}: not a number: {value!r}")
         return 1.0
+    number = float(value)
     if not math.isfinite(number) or number <= 0:
         problems.append(f"{name}: must be a number of seconds > 0, got {value!r}")
+        return 1.0
+    if not low <= number <= high:
+        problems.append(f"{name}: must be between {low:g} and {high:g} seconds, got {value!r}")
         return 1.0
     return number
 
@@ -180,45 +199,75 @@ def _spool_path(value: str, environ: Mapping[str, str]) -> Path:
     return Path(state) / "spool.db" if state else Path("heartbeatd-spool.db")
 
 
-def merged_environment(
-    environ: Mapping[str, str], env_file: Optional[Path], cwd: Optional[Path] = None
-) -> dict[str, str]:
-    """Environment with dotenv values and credentials applied in SPEC's order of precedence."""
-    def read(path: Path) -> dict[str, str]:
-        # interpolate=False: a `$` in a password must stay a `$`, as in systemd's EnvironmentFile=.
-        values = dotenv_values(path, interpolate=False)
-        return {k: v for k, v in values.items() if v is not None}
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{what} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]) \
+            from None
+    except OSError as exc:
+        raise ConfigError([f"{what} {path}: cannot read it: {exc.strerror or exc}"]) from None
 
+
+def _read_dotenv(path: Path, what: str) -> dict[str, str]:
+    # Decoded here first, so a file that is not UTF-8 is one clear line, not a traceback.
+    text = _read_text(path, what)
+    # interpolate=False: a `$` in a password must stay a `$`, as in systemd's EnvironmentFile=.
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def merged_environment(
+    environ: Mapping[str, str], env_file: Optional[Path], cwd: Optional[Path] = None,
+    sources: Optional[dict[str, str]] = None,
+) -> dict[str, str]:
+    """Environment with dotenv values and credentials applied in the documented order of precedence.
+
+    `sources`, if given, is filled with the file each variable came from (absent: the environment).
+    """
+    found = sources if sources is not None else {}
     if env_file is not None:
         if not env_file.is_file() or not os.access(env_file, os.R_OK):
             raise ConfigError([f"--env-file: cannot read {env_file}"])
-        merged = {**environ, **read(env_file)}
+        from_file = _read_dotenv(env_file, "--env-file")
+        found.update(dict.fromkeys(from_file, str(env_file)))
+        merged = {**environ, **from_file}
     else:
         default = (cwd or Path.cwd()) / ".env"
-        merged = {**(read(default) if default.is_file() else {}), **environ}
+        from_file = _read_dotenv(default, "env file") if default.is_file() else {}
+        found.update({k: str(default) for k in from_file if k not in environ})
+        merged = {**from_file, **environ}
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         for filename, variable in CREDENTIALS.items():
             path = Path(cred_dir) / filename
             if path.is_file():
-                merged[variable] = path.read_text(encoding="utf-8").strip()
+                merged[variable] = _read_text(path, "credential").strip()
+                found[variable] = f"credential {path}"
     return merged
+
+
+def sqlalchemy_to_libpq(url: str) -> str:
+    """`postgresql+asyncpg://…` (an SQLAlchemy URL, as in the application's .env) as a libpq URL."""
+    found = re.match(r"^(postgres(?:ql)?)\+[A-Za-z0-9_]+://", url)
+    return found.group(1) + url[found.end() - 3:] if found else url
 
 
 def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
     """Build and validate the configuration; raise ConfigError listing every problem."""
-    merged = merged_environment(environ, env_file, cwd)
+    sources: dict[str, str] = {}
+    merged = merged_environment(environ, env_file, cwd, sources)
 
     def get(name: str) -> str:
         value = merged.get(name, "").strip()
         return value if value else DEFAULTS[name]
 
     problems: list[str] = []
-    database_url, redis_url = get("DATABASE_URL"), get("REDIS_URL")
+    database_url, redis_url = sqlalchemy_to_libpq(get("DATABASE_URL")), get("REDIS_URL")
     _check_database_url(database_url, problems)
     _check_redis_url(redis_url, problems)
-    interval = _positive_number("HEARTBEAT_INTERVAL", get("HEARTBEAT_INTERVAL"), problems)
-    timeout = _positive_number("HEARTBEAT_TIMEOUT", get("HEARTBEAT_TIMEOUT"), problems)
+    interval = _seconds("HEARTBEAT_INTERVAL", get("HEARTBEAT_INTERVAL"), INTERVAL_RANGE[0], INTERVAL_RANGE[1], problems)
+    timeout = _seconds("HEARTBEAT_TIMEOUT", get("HEARTBEAT_TIMEOUT"), TIMEOUT_RANGE[0], TIMEOUT_RANGE[1], problems)
     backend_ip = get("HEARTBEAT_BACKEND_IP") or None
     if backend_ip:
         try:
@@ -227,14 +276,16 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
             problems.append(f"HEARTBEAT_BACKEND_IP: not an IP address: {backend_ip!r}")
     table = _table(get("HEARTBEAT_TABLE"), problems)
     max_rows_text = get("HEARTBEAT_SPOOL_MAX_ROWS")
-    max_rows = int(max_rows_text) if max_rows_text.isdigit() else 0
-    if max_rows <= 0:
-        problems.append(f"HEARTBEAT_SPOOL_MAX_ROWS: must be a whole number > 0, got {max_rows_text!r}")
+    max_rows = int(max_rows_text) if re.fullmatch(r"[0-9]{1,9}", max_rows_text) else 0
+    if not 0 < max_rows <= SPOOL_MAX_ROWS_LIMIT:
+        problems.append(f"HEARTBEAT_SPOOL_MAX_ROWS: must be a whole number from 1 to {SPOOL_MAX_ROWS_LIMIT}, "
+                        f"got {max_rows_text!r}")
     log_level = get("HEARTBEAT_LOG_LEVEL").upper()
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     if problems:
-        raise ConfigError(problems)
+        secrets = [p for p in (url_password(database_url), url_password(redis_url)) if p]
+        raise ConfigError([mask(_name_source(p, sources), secrets) for p in problems])
     return Config(
         database_url=database_url,
         redis_url=redis_url,
@@ -246,4 +297,16 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         spool_max_rows=max_rows,
         log_level=log_level,
         env_file=env_file,
+        sources=tuple(sorted(sources.items())),
     )
+
+
+def _name_source(problem: str, sources: Mapping[str, str]) -> str:
+    """`NAME: …` as `NAME (from FILE): …` when the value came from a file."""
+    name, colon, rest = problem.partition(": ")
+    return f"{name} (from {sources[name]}): {rest}" if colon and name in sources else problem
+
+
+def with_source(config: Config, name: str, problem: str) -> str:
+    """A problem found later (by a driver) about `name`, naming the file the value came from."""
+    return _name_source(f"{name}: {problem}", dict(config.sources))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from heartbeatd.config import Config
-from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row
+from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row, naive_utc
 from heartbeatd.spool import SpoolWriteFailed
-from heartbeatd.writer import WriteError
+from heartbeatd.writer import Batch, WriteError, write_split
 
 # Operators grep for `heartbeatd.daemon:` in these lines (the README's failure table): the name stays.
 log = logging.getLogger("heartbeatd.daemon")
@@ -195,29 +196,13 @@ class CycleRunner:
             self._repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
             line = FAILURE_LINES.get(result.service)
             if line:
-                self._repeats.failed(f"error:{result.service}", logging.ERROR, line, result.error)
+                # The same failure, whatever the figures in it (a time-out's share, a row count).
+                kind = re.sub(r"[0-9.]+", "#", result.error or "")
+                self._repeats.failed(f"error:{result.service}", logging.ERROR, line, result.error, kind=kind)
 
-    def _write(self, conn: Any, batch: list[tuple[int, Row]], dedupe: bool
+    def _write(self, conn: Any, batch: Batch, dedupe: bool
                ) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:
-        """Write a batch; one the table refuses for a data reason is split until the refused rows stand alone.
-
-        Returns (written, refused with the reason). Any other failure raises WriteError.
-        """
-        if not batch:
-            return [], []
-        try:
-            self.services.writer.write(conn, [row for _, row in batch], dedupe=dedupe)
-            return batch, []
-        except WriteError as exc:
-            if not exc.data_error:
-                raise
-            if len(batch) == 1:
-                return [], [(batch[0][0], batch[0][1], str(exc))]
-        self._alive()
-        half = len(batch) // 2
-        first_ok, first_bad = self._write(conn, batch[:half], dedupe)
-        second_ok, second_bad = self._write(conn, batch[half:], dedupe)
-        return first_ok + second_ok, first_bad + second_bad
+        return write_split(self.services.writer, conn, batch, dedupe, between=self._alive)
 
     def _set_aside(self, refused: Sequence[tuple[int, Row, str]]) -> None:
         """Rows the table refused: kept aside in the spool, each logged once with the reason."""
@@ -225,9 +210,13 @@ class CycleRunner:
             return
         table = ".".join(self.config.table)
         for _, row, why in refused:
-            log.error("心跳被拒绝 - 服务: %s, IP: %s, report_time %s: table %s refused the row: %s; "
-                      "kept aside in the spool (`heartbeatd rejected` lists them, `--retry` writes them again)",
-                      row.service, row.ip, _naive(row.report_time), table, why)
+            # Once per row, and a flood of rows refused for the same reason is one line a minute.
+            self._repeats.failed(
+                "rejected", logging.ERROR,
+                "心跳被拒绝 - 服务: %s, IP: %s, report_time %s: table %s refused the row: %s; kept aside in the "
+                "spool (`heartbeatd rejected` lists them, `heartbeatd rejected --retry` writes them again)",
+                row.service, row.ip, naive_utc(row.report_time), table, why, kind=why.split(" DETAIL: ")[0],
+            )
         spool = self.services.spool
         if spool is None:  # `once`: nothing is spooled, its output says "rejected"
             return
@@ -260,7 +249,7 @@ class CycleRunner:
                 rows = [row for _, row in written]
                 log.info(
                     "补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",
-                    len(rows), _naive(rows[0].report_time), _naive(rows[-1].report_time), spool.count,
+                    len(rows), naive_utc(rows[0].report_time), naive_utc(rows[-1].report_time), spool.count,
                 )
             self._alive()
 
@@ -303,6 +292,3 @@ class CycleRunner:
             parts.append(f"{spool.rejected} rejected")
         return "".join(f"; {p}" for p in parts)
 
-
-def _naive(value: datetime) -> str:
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")

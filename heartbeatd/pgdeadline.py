@@ -35,7 +35,7 @@ def _wait(conn: Any) -> None:
         fd = conn.fileno()
         remaining = None if _deadline is None else _deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"timed out after {_timeout:g}s")
+            raise DeadlineExceeded(f"timed out after {round(_timeout, 2):g}s")
         if state == POLL_READ:
             ready = select.select((fd,), (), (), remaining)[0]
         elif state == POLL_WRITE:
@@ -43,7 +43,7 @@ def _wait(conn: Any) -> None:
         else:  # pragma: no cover - psycopg2 documents only the three states
             raise psycopg2.OperationalError(f"bad poll state {state!r}")
         if not ready:
-            raise DeadlineExceeded(f"timed out after {_timeout:g}s")
+            raise DeadlineExceeded(f"timed out after {round(_timeout, 2):g}s")
 
 
 def install() -> None:

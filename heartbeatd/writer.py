@@ -69,6 +69,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+Batch = Sequence[tuple[int, Row]]  # rows with the caller's ids (spool ids, or 0 for live rows)
+
+
+def write_split(writer: "Writer | Any", conn: Any, batch: Batch, dedupe: bool,
+                between: Callable[[], None] = lambda: None) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:
+    """Write a batch; one the table refuses for a data reason is split until the refused rows stand alone.
+
+    Returns (written, refused with the reason). Any other failure raises WriteError. `between`
+    runs between the statements of a split (the daemon pings its watchdog there).
+    """
+    if not batch:
+        return [], []
+    try:
+        writer.write(conn, [row for _, row in batch], dedupe=dedupe)
+        return list(batch), []
+    except WriteError as exc:
+        if not exc.data_error:
+            raise
+        if len(batch) == 1:
+            return [], [(batch[0][0], batch[0][1], str(exc))]
+    between()
+    half = len(batch) // 2
+    first_ok, first_bad = write_split(writer, conn, batch[:half], dedupe, between)
+    second_ok, second_bad = write_split(writer, conn, batch[half:], dedupe, between)
+    return first_ok + second_ok, first_bad + second_bad
+
+
 class Writer:
     """Inserts rows on a connection it is handed; remembers the time columns' types."""
 

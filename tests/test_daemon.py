@@ -74,7 +74,8 @@ def test_sighup_reloads_env_file(pg: PgServer, redis_server: RedisServer, tmp_pa
     # A bad new config is logged and the old one kept.
     env_file.write_text(env_file.read_text().replace("HEARTBEAT_INTERVAL=30", "HEARTBEAT_INTERVAL=zero"))
     proc.signal(signal.SIGHUP)
-    proc.wait_log("重新加载配置失败 - keeping the old configuration: HEARTBEAT_INTERVAL: not a number: 'zero'")
+    proc.wait_log(f"重新加载配置失败 - keeping the old configuration: HEARTBEAT_INTERVAL (from {env_file}): "
+                  "not a number: 'zero'")
     assert len(proc.notices("READY=1")) == 2 and len(proc.notices("RELOADING=1")) == 1
     assert proc.proc.poll() is None
     # A good one applies: the 30 s interval becomes 0.2 s.

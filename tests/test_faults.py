@@ -105,7 +105,7 @@ def test_postgres_frozen_watchdog_and_pace_hold(
         pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg_own)
     proc = daemon(env_for(pg_own, redis_server, tmp_path, **FROZEN), watchdog_usec=4_000_000)
-    frozen_server_run(proc, pg_own, "postgres", "数据库连接测试失败: timed out after 0.3s", "补写心跳 - ")
+    frozen_server_run(proc, pg_own, "postgres", f"数据库连接测试失败: 127.0.0.1:{pg_own.port}: timed out after 0.3s", "补写心跳 - ")
     found = rows(pg_own, db="postgres")
     for service in ("后端", "redis"):  # spooled while PostgreSQL was frozen, none lost
         assert_no_gap_no_duplicate(found, service, 0.6, statuses(proc, "next in"))

@@ -197,7 +197,7 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     restarts = show("NRestarts")
     time.sleep(7)  # longer than RestartSec=5s
     assert show("ActiveState") == "failed" and show("NRestarts") == restarts
-    assert "HEARTBEAT_INTERVAL: not a number: 'soon'" in journal()
+    assert f"HEARTBEAT_INTERVAL (from {env_file}): not a number: 'soon'" in journal()
 
     # Fixed again; `systemctl stop` is a clean exit.
     box.run(f"sed -i 's|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=2|' {env_file}")

@@ -47,19 +47,6 @@ def peer_ip(fd: int) -> Optional[str]:
             return None
 
 
-def resolve(host: str) -> str:
-    """The configured host resolved to an IP when a down service is reported, else as written."""
-    if not host or host.startswith("/"):
-        return LOOPBACK
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return host
-    # Prefer IPv4, as libpq and redis-py try addresses in getaddrinfo's order anyway.
-    addresses = sorted((str(i[4][0]) for i in infos), key=lambda a: ":" in a)
-    return normalize_ip(addresses[0]) if addresses else host
-
-
 @dataclass(frozen=True)
 class Row:
     """One heartbeat for the table: a healthy service, its address, when the check ran (UTC)."""
@@ -72,3 +59,8 @@ class Row:
 def utcnow() -> datetime:
     """Aware UTC now: the wall clock is only ever used for report_time and created_at."""
     return datetime.now(timezone.utc)
+
+
+def naive_utc(value: datetime) -> str:
+    """`2026-11-27 19:10:32`: how the table shows a report_time (naive UTC)."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")

@@ -1,55 +1,137 @@
-"""PostgreSQL: a fresh connection accepted within the timeout is the proof of life."""
+"""PostgreSQL: a fresh connection accepted within the timeout is the proof of life.
+
+libpq is handed one host at a time, by address (`hostaddr=`, the name kept in `host=` for TLS
+verification), each with its own share of the deadline: a frozen first host of several costs its
+share, not the whole timeout, and the next one is still tried in the same cycle. The name lookups
+are ours and bounded too; `target_session_attrs` is checked by libpq on each host as usual.
+"""
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 import psycopg2
 import psycopg2.extensions
 
+from heartbeatd.config import ConfigError, mask, url_password
 from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, peer_ip, resolve
+from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, peer_ip
+from heartbeatd.probes.names import LookupFailed, Resolver
 
-
-def configured_host(dsn: str) -> str:
-    """The first host of a libpq URL (a Unix socket directory counts as loopback)."""
-    parts = urlsplit(dsn)
-    netloc = parts.netloc.rpartition("@")[2].split(",")[0]
-    host = netloc[1:].partition("]")[0] if netloc.startswith("[") else netloc.partition(":")[0]
-    if not host:
-        for item in parts.query.split("&"):
-            key, _, value = item.partition("=")
-            if key == "host" and value:
-                host = value.split(",")[0]
-                break
-    return host or LOOPBACK
+DEFAULT_PORT = "5432"
+# libpq: `connection to server at "10.0.0.5", port 5432 failed: ` - we name host:port ourselves.
+_LIBPQ_PREFIX = re.compile(r'^connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
 
 
 def reason(exc: BaseException) -> str:
-    """One line from a driver error, without libpq's multi-line layout."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """One line from a driver error: libpq's lines joined as sentences, its own host prefix dropped."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    lines[0] = _LIBPQ_PREFIX.sub("", lines[0])
+    text = ""
+    for line in lines:
+        if text and text[-1] not in ".?!:":
+            text += "."
+        text += (" " if text else "") + line
+    return text
+
+
+@dataclass(frozen=True)
+class _Host:
+    host: str  # as configured: a name, an address, or a Unix socket directory
+    port: str
+    hostaddr: str  # given in the URL (then no lookup), else ""
+
+
+def _split(value: Optional[str]) -> list[str]:
+    return value.split(",") if value else []
+
+
+def parse(dsn: str) -> tuple[dict[str, str], list[_Host]]:
+    """libpq's own reading of the URL, and its hosts; ConfigError (password masked) if libpq refuses it."""
+    try:
+        options = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error as exc:
+        password = url_password(dsn)
+        text = " ".join(str(exc).split())
+        raise ConfigError([f"DATABASE_URL: {mask(text, [password] if password else [])}"]) from None
+    hosts = _split(options.pop("host", None)) or [""]
+    ports = _split(options.pop("port", None)) or [DEFAULT_PORT]
+    addrs = _split(options.pop("hostaddr", None))
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts) or (addrs and len(addrs) != len(hosts)):
+        raise ConfigError([f"DATABASE_URL: {len(hosts)} host(s) but {len(ports)} port(s)"
+                           + (f" and {len(addrs)} hostaddr(s)" if addrs else "")])
+    for port in ports:
+        if not re.fullmatch(r"[0-9]{1,5}", port or DEFAULT_PORT) or not 0 < int(port or DEFAULT_PORT) < 65536:
+            raise ConfigError([f"DATABASE_URL: bad port {port!r} (must be 1-65535)"])
+    return options, [_Host(h, p or DEFAULT_PORT, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
+
+
+def _is_socket(host: str) -> bool:
+    return host == "" or host.startswith("/") or host.startswith("@")
 
 
 class PostgresProbe:
     """Opens the cycle's connection; the writer writes on it, the daemon closes it."""
 
-    def __init__(self, dsn: str, timeout: float) -> None:
+    def __init__(self, dsn: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
         self.dsn = dsn
-        # Parsed and extended once, not on every cycle's connect.
-        self._connect_dsn = psycopg2.extensions.make_dsn(dsn, application_name="heartbeatd")
         self.timeout = timeout
+        options, self._hosts = parse(dsn)
+        options.setdefault("application_name", "heartbeatd")
+        self._options = options
+        self._resolver = resolver or Resolver()
+        self._resolved: dict[str, list[str]] = {}  # what each name last resolved to (for a down row's IP)
+
+    def _candidates(self, host: _Host, until: float) -> list[tuple[str, str]]:
+        """(label, dsn) for each address of one configured host."""
+        label = f"{host.host or 'local socket'}:{host.port}"
+        if _is_socket(host.host):
+            return [(label, psycopg2.extensions.make_dsn(**self._options, **({"host": host.host} if host.host else {}),
+                                                         port=host.port))]
+        addresses = [host.hostaddr] if host.hostaddr else self._resolver.lookup(host.host, until)
+        self._resolved[host.host] = addresses
+        return [(label if address == host.host else f"{label} ({address})",
+                 psycopg2.extensions.make_dsn(**self._options, host=host.host, hostaddr=address, port=host.port))
+                for address in addresses]
+
+    def _down_ip(self) -> str:
+        """SPEC: when down, the first configured host resolved (as far as it was), else as written."""
+        first = self._hosts[0]
+        if _is_socket(first.host):
+            return LOOPBACK
+        return (self._resolved.get(first.host) or [first.hostaddr or first.host])[0]
 
     def check(self) -> tuple[ProbeResult, Optional[Any]]:
         """Connect within the timeout; return the result and the open connection (or None)."""
         start = time.monotonic()
-        try:
-            with deadline(self.timeout):
-                conn = psycopg2.connect(self._connect_dsn)
-        except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
-            ip = resolve(configured_host(self.dsn))  # SPEC: when down, the configured host resolved
-            return ProbeResult(POSTGRES, ip, False, time.monotonic() - start, reason(exc)), None
-        conn.autocommit = True
-        ip = peer_ip(conn.fileno()) or resolve(configured_host(self.dsn))
-        return ProbeResult(POSTGRES, ip, True, time.monotonic() - start), conn
+        end = start + self.timeout
+        failures: list[str] = []
+        for index, host in enumerate(self._hosts):
+            # Each host gets an equal share of what is left, so a frozen one cannot starve the next.
+            share_end = time.monotonic() + (end - time.monotonic()) / (len(self._hosts) - index)
+            try:
+                candidates = self._candidates(host, share_end)
+            except LookupFailed as exc:
+                failures.append(f"{host.host}:{host.port}: {exc}")
+                continue
+            for number, (label, dsn) in enumerate(candidates):
+                left = share_end - time.monotonic()
+                slot = left / (len(candidates) - number)
+                try:
+                    with deadline(max(slot, 0.001)):
+                        conn = psycopg2.connect(dsn)
+                except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
+                    failures.append(f"{label}: {reason(exc)}")
+                    continue
+                conn.autocommit = True
+                ip = peer_ip(conn.fileno()) or self._down_ip()
+                return ProbeResult(POSTGRES, ip, True, time.monotonic() - start), conn
+        error = "; ".join(failures) if failures else "no host to connect to"
+        return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - start, error), None

@@ -1,7 +1,14 @@
-"""Redis: PING answered within the timeout, on one connection kept across cycles."""
+"""Redis: PING answered within the timeout, on one connection kept across cycles.
+
+The whole check — name lookup, TCP connect, TLS, the handshake redis-py sends on connect (AUTH
+or HELLO, CLIENT SETINFO, SELECT, CLIENT SETNAME) and the PING — fits in one HEARTBEAT_TIMEOUT:
+the socket handed to redis-py sets, before every read and write, only what is left of the
+check's deadline (redis-py alone gives each step a fresh socket timeout).
+"""
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -10,7 +17,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from heartbeatd.probes import LOOPBACK, REDIS, ProbeResult, peer_ip, resolve
+from heartbeatd.config import ConfigError, mask
+from heartbeatd.probes import LOOPBACK, REDIS, ProbeResult, peer_ip
+from heartbeatd.probes.names import LookupFailed, Resolver
 
 _AUTH_MARKERS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password", "AUTH")
 
@@ -18,13 +27,15 @@ _AUTH_MARKERS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-pa
 def reason(exc: BaseException, timeout: float, has_password: bool = True) -> str:
     """A short, operator-facing reason: `Connection refused`, `timed out after 5s`, ..."""
     text = " ".join(str(exc).split())
+    if isinstance(exc, LookupFailed):
+        return text
     if isinstance(exc, redis.AuthenticationError) or (
         isinstance(exc, redis.ResponseError) and any(m in text for m in _AUTH_MARKERS)
     ):
         if not has_password:
             return f"authentication failed: the server wants a password and REDIS_URL has none ({text})"
         return f"authentication failed: {text}"
-    if isinstance(exc, redis.TimeoutError):
+    if isinstance(exc, (redis.TimeoutError, socket.timeout)):
         return f"timed out after {timeout:g}s"
     cause: Optional[BaseException] = exc
     while cause is not None:
@@ -34,59 +45,155 @@ def reason(exc: BaseException, timeout: float, has_password: bool = True) -> str
     return text or type(exc).__name__
 
 
+class _DeadlineSocket:
+    """A socket that never waits past its connection's `hb_deadline` (monotonic)."""
+
+    def __init__(self, sock: socket.socket, owner: Any) -> None:
+        self._sock = sock
+        self._owner = owner
+        self._requested: Optional[float] = sock.gettimeout()  # what redis-py last asked for
+
+    def _bound(self) -> None:
+        left = self._owner.hb_deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        wanted = self._requested
+        self._sock.settimeout(left if wanted is None or wanted > left else wanted)
+
+    def settimeout(self, value: Optional[float]) -> None:
+        self._requested = value
+        self._sock.settimeout(value)
+
+    def recv(self, *args: Any) -> bytes:
+        self._bound()
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._bound()
+        return self._sock.recv_into(*args)
+
+    def send(self, *args: Any) -> int:
+        self._bound()
+        return self._sock.send(*args)
+
+    def sendall(self, *args: Any) -> None:
+        self._bound()
+        self._sock.sendall(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Plain(redis.Connection):
+    """TCP to the address the probe resolved (no lookup in here), connected within the deadline."""
+
+    hb_deadline = 0.0
+    hb_address = ""
+
+    def _connect(self) -> socket.socket:
+        left = self.hb_deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock = socket.create_connection((self.hb_address, self.port), timeout=left)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.socket_keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+
+
+class _TCP(_Plain):
+    def _connect(self) -> Any:
+        return _DeadlineSocket(super()._connect(), self)
+
+
+class _TLS(redis.SSLConnection, _Plain):
+    # SSLConnection._connect wraps what super()._connect() returns, which here is _Plain's socket:
+    # the name (self.host) stays for SNI and certificate verification.
+    def _connect(self) -> Any:
+        return _DeadlineSocket(super()._connect(), self)  # type: ignore[no-untyped-call]
+
+
+class _Unix(redis.UnixDomainSocketConnection):
+    hb_deadline = 0.0
+
+    def _connect(self) -> Any:
+        return _DeadlineSocket(super()._connect(), self)  # type: ignore[no-untyped-call]
+
+
+CLASSES = {"redis": _TCP, "rediss": _TLS, "unix": _Unix}
+
+
+def make_connection(url: str, timeout: float) -> Any:
+    """A redis-py Connection for the URL, validated by redis-py's own parser; ConfigError if unusable."""
+    scheme = urlsplit(url).scheme
+    try:
+        # No retries: the deadline is ours. (redis-py >= 6 retries 3 times with backoff by default.)
+        pool = redis.ConnectionPool.from_url(
+            url, connection_class=CLASSES[scheme], socket_connect_timeout=timeout, socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+        )
+        return pool.make_connection()
+    except (ValueError, TypeError, KeyError) as exc:
+        text = str(exc)
+        if "unexpected keyword argument" in text:
+            text = "unknown option " + text.rpartition("argument")[2].strip()
+        password = urlsplit(url).password if "@" in url else None
+        raise ConfigError([f"REDIS_URL: {mask(text, [password] if password else [])}"]) from None
+
+
 class RedisProbe:
     """Owns one redis-py Connection; it reconnects by itself on the next cycle after an error."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
         self.url = url
         self.timeout = timeout
-        # No retries: the deadline is ours. (redis-py >= 6 retries 3 times with backoff by default.)
-        pool = redis.ConnectionPool.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._conn: Any = pool.make_connection()
+        parts = urlsplit(url)
+        self._host = "" if parts.scheme == "unix" else (parts.hostname or "localhost")
+        self._has_password = bool(parts.password)
+        self._resolver = resolver or Resolver()
+        self._conn: Any = make_connection(url, timeout)
         self.last_ip: Optional[str] = None
         self._peer_of: Any = None  # the socket last_ip was read from
+        self._addresses: list[str] = []  # what the host last resolved to
 
-    def _configured_ip(self) -> str:
-        parts = urlsplit(self.url)
-        return LOOPBACK if parts.scheme == "unix" else resolve(parts.hostname or "localhost")
+    def _connected(self) -> bool:
+        return getattr(self._conn, "_sock", None) is not None
 
-    def _ping(self, deadline: float) -> None:
+    def _ping(self) -> None:
         conn = self._conn
+        if not self._connected() and self._host:
+            self._addresses = self._resolver.lookup(self._host, conn.hb_deadline)
+            conn.hb_address = self._addresses[0]
         conn.connect()  # a no-op while connected
-        sock = getattr(conn, "_sock", None)
-        if sock is not None:
-            # The reply must come within what is left of this probe's timeout, not a fresh one.
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
         conn.send_command("PING")
         reply = conn.read_response()
         if reply not in (b"PONG", "PONG", True):
             raise redis.ResponseError(f"unexpected reply to PING: {reply!r}")
 
+    def _configured_ip(self) -> str:
+        """SPEC: when down, the configured host resolved (only as far as it already was), else as written."""
+        if not self._host:
+            return LOOPBACK
+        return self._addresses[0] if self._addresses else self._host
+
     def check(self) -> ProbeResult:
         """PING within the timeout; the result carries the live peer address."""
         start = time.monotonic()
-        deadline = start + self.timeout
-        was_connected = getattr(self._conn, "_sock", None) is not None
+        self._conn.hb_deadline = start + self.timeout
+        was_connected = self._connected()
         try:
             try:
-                self._ping(deadline)
+                self._ping()
             except redis.ConnectionError:
-                # A kept connection may have died with a restarted server: one fresh try.
+                # A kept connection may have died with a restarted server: one fresh try, same deadline.
                 self._conn.disconnect()
                 if not was_connected:
                     raise
-                self._ping(deadline)
+                self._ping()
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
             self._conn.disconnect()
-            ip = self._configured_ip()  # SPEC: when down, the configured host resolved
-            error = reason(exc, self.timeout, bool(urlsplit(self.url).password))
-            return ProbeResult(REDIS, ip, False, time.monotonic() - start, error)
+            error = reason(exc, self.timeout, self._has_password)
+            return ProbeResult(REDIS, self._configured_ip(), False, time.monotonic() - start, error)
         sock = getattr(self._conn, "_sock", None)
         if sock is not self._peer_of:  # a new connection: look its peer up once
             self._peer_of = sock
