@@ -61,11 +61,20 @@ def _spool(config: Config, previous: Optional[Services]) -> Spool:
     return spool
 
 
+def _probes(config: Config) -> tuple[RedisProbe, PostgresProbe]:
+    """Both probes; ConfigError, naming the file a value came from, if a driver's parser refuses a URL."""
+    try:
+        return RedisProbe(config.redis_url, config.timeout), PostgresProbe(config.database_url, config.timeout)
+    except ConfigError as exc:
+        raise configmod.with_sources(config, exc) from None
+
+
 def build_services(config: Config, previous: Optional[Services] = None, spool: bool = True) -> Services:
     """The probes, writer and spool for one configuration."""
+    redis, postgres = _probes(config)
     return Services(
-        redis=RedisProbe(config.redis_url, config.timeout),
-        postgres=PostgresProbe(config.database_url, config.timeout),
+        redis=redis,
+        postgres=postgres,
         backend=functools.partial(backend_host.check, config.backend_ip),
         writer=Writer(config.table, config.timeout),
         spool=_spool(config, previous) if spool else None,
@@ -186,7 +195,10 @@ def cmd_run(config: Config, env_file: Optional[Path]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `heartbeatd` command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.retry and args.command != "rejected":
+        parser.error("--retry goes with the rejected command")
     logsetup.setup()
     try:
         config = configmod.load(os.environ, args.env_file)
@@ -194,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _config_error(exc.problems)
     _apply(config)
     try:
+        # The drivers' own parsers judge the URLs before any command runs (no connection is made).
+        _probes(config)[0].close()
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
@@ -203,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "rejected":
             return cmd_rejected(config, args.retry)
         return cmd_run(config, args.env_file)
+    except ConfigError as exc:  # found by a driver's own parser when the services were built
+        return _config_error(exc.problems)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - never a traceback on the operator's terminal

@@ -307,6 +307,6 @@ def _name_source(problem: str, sources: Mapping[str, str]) -> str:
     return f"{name} (from {sources[name]}): {rest}" if colon and name in sources else problem
 
 
-def with_source(config: Config, name: str, problem: str) -> str:
-    """A problem found later (by a driver) about `name`, naming the file the value came from."""
-    return _name_source(f"{name}: {problem}", dict(config.sources))
+def with_sources(config: Config, error: ConfigError) -> ConfigError:
+    """Problems found later (by a driver's parser), naming the file each value came from."""
+    return ConfigError([_name_source(p, dict(config.sources)) for p in error.problems])
