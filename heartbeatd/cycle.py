@@ -142,6 +142,10 @@ class CycleRunner:
         """True once SIGTERM/SIGINT arrived: finish quickly, leave the rest spooled."""
         return False
 
+    def _replay_until(self) -> float:
+        """Monotonic time by which backfill should stop so the next cycle starts on time."""
+        return float("inf")
+
     def run_cycle(self) -> CycleOutcome:
         """Check the three services, write the healthy ones' rows (or spool them), log."""
         self._alive()  # the nap may have ended just before a ping was due
@@ -233,8 +237,12 @@ class CycleRunner:
         spool.recount_rejected()
         if spool.count == 0:
             return
-        budget_end = self._clock() + max(self.config.timeout, self.config.interval / 2)
-        while spool.count and self._clock() < budget_end and not self._stop_pending():
+        # A bounded share of the cycle, ending early enough that a last batch (at most one timeout)
+        # does not push back the next start; but always one batch, so a backlog always drains.
+        budget_end = min(self._clock() + max(self.config.timeout, self.config.interval / 2), self._replay_until())
+        first = True
+        while spool.count and (first or self._clock() < budget_end) and not self._stop_pending():
+            first = False
             batch = spool.oldest(REPLAY_BATCH)
             if not batch:
                 break

@@ -50,6 +50,10 @@ class Daemon(CycleRunner):
     def _alive(self) -> None:
         self.notifier.watchdog()
 
+    def _replay_until(self) -> float:
+        # While a cycle runs, self._next is its own scheduled start.
+        return self._next + self.config.interval - self.config.timeout
+
     def _stop_pending(self) -> bool:
         """Look at the signal queue without waiting; keep what was there for the nap."""
         while True:

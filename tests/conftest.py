@@ -100,7 +100,7 @@ class DaemonProcess:
     """`heartbeatd run` as a real process, with a real AF_UNIX datagram NOTIFY_SOCKET."""
 
     def __init__(self, tmp: Path, env: dict[str, str], args: Optional[list[str]] = None,
-                 watchdog_usec: Optional[int] = None) -> None:
+                 watchdog_usec: Optional[int] = None, prefix: Optional[list[str]] = None) -> None:
         self.sock_path = tmp / f"notify-{uuid.uuid4().hex[:8]}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
@@ -109,7 +109,8 @@ class DaemonProcess:
         env = dict(env, NOTIFY_SOCKET=str(self.sock_path), PYTHONUNBUFFERED="1")
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
-        self.proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", "run", *(args or [])], env=env, cwd=tmp,
+        self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "heartbeatd", "run", *(args or [])],
+                                     env=env, cwd=tmp,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._threads = [threading.Thread(target=self._read_socket, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
@@ -196,8 +197,9 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory for real daemon processes; all are killed at the end of the test."""
     started: list[DaemonProcess] = []
 
-    def start(env: dict[str, str], args: Optional[list[str]] = None, watchdog_usec: Optional[int] = None) -> DaemonProcess:
-        proc = DaemonProcess(tmp_path, env, args, watchdog_usec)
+    def start(env: dict[str, str], args: Optional[list[str]] = None, watchdog_usec: Optional[int] = None,
+              prefix: Optional[list[str]] = None) -> DaemonProcess:
+        proc = DaemonProcess(tmp_path, env, args, watchdog_usec, prefix)
         started.append(proc)
         return proc
 

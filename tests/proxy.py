@@ -1,0 +1,79 @@
+"""A delaying TCP proxy on loopback: a server that is slow rather than dead (this kernel has no netem)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from typing import Optional
+
+
+class DelayProxy:
+    """Forwards 127.0.0.1:port to an upstream; every reply chunk waits `delay` seconds first.
+
+    Each round trip of a protocol therefore takes at least `delay`: a handshake of n round trips
+    dribbles in over n x delay. `delay` may be changed while it runs.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, delay: float) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.delay = delay
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self) -> None:
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._spawn(self._pump, client, server, 0.0)
+            self._spawn(self._pump, server, client, None)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, fixed: Optional[float]) -> None:
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([src], [], [], 0.2)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                wait = self.delay if fixed is None else fixed
+                if wait:
+                    time.sleep(wait)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        """Stop accepting and end every forwarded connection."""
+        self._stop.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(2)
