@@ -16,6 +16,8 @@ from heartbeatd.cycle import Services
 from heartbeatd.daemon import Daemon
 from heartbeatd.notify import Notifier
 from heartbeatd.probes import backend_host, naive_utc
+from heartbeatd.probes.backend_check import BackendCheck
+from heartbeatd.probes.names import Resolver
 from heartbeatd.probes.postgres_connect import PostgresProbe
 from heartbeatd.probes.redis_ping import RedisProbe
 from heartbeatd.spool import Spool, SpoolUnavailable
@@ -61,21 +63,24 @@ def _spool(config: Config, previous: Optional[Services]) -> Spool:
     return spool
 
 
-def _probes(config: Config) -> tuple[RedisProbe, PostgresProbe]:
-    """Both probes; ConfigError, naming the file a value came from, if a driver's parser refuses a URL."""
+def _probes(config: Config) -> tuple[RedisProbe, PostgresProbe, Optional[BackendCheck]]:
+    """The probes; ConfigError, naming the file a value came from, if a driver's parser refuses a URL."""
+    resolver = Resolver()  # one per generation: a lookup that hangs is shared, not repeated
     try:
-        return RedisProbe(config.redis_url, config.timeout), PostgresProbe(config.database_url, config.timeout)
+        app = BackendCheck(config.backend_check, config.timeout, resolver) if config.backend_check else None
+        return (RedisProbe(config.redis_url, config.timeout, resolver),
+                PostgresProbe(config.database_url, config.timeout, resolver), app)
     except ConfigError as exc:
         raise configmod.with_sources(config, exc) from None
 
 
 def build_services(config: Config, previous: Optional[Services] = None, spool: bool = True) -> Services:
     """The probes, writer and spool for one configuration."""
-    redis, postgres = _probes(config)
+    redis, postgres, app = _probes(config)
     return Services(
         redis=redis,
         postgres=postgres,
-        backend=functools.partial(backend_host.check, config.backend_ip),
+        backend=functools.partial(backend_host.check, config.backend_ip, app),
         writer=Writer(config.table, config.timeout),
         spool=_spool(config, previous) if spool else None,
     )

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, str] = {
     "HEARTBEAT_INTERVAL": "30",
     "HEARTBEAT_TIMEOUT": "5",
     "HEARTBEAT_BACKEND_IP": "",
+    "HEARTBEAT_BACKEND_CHECK": "",
     "HEARTBEAT_TABLE": "service_heartbeat",
     "HEARTBEAT_SPOOL_PATH": "",
     "HEARTBEAT_SPOOL_MAX_ROWS": "100000",
@@ -52,6 +53,7 @@ class Config:
     interval: float
     timeout: float
     backend_ip: Optional[str]
+    backend_check: str  # empty: 后端 means the host is up; else systemd:UNIT, tcp://, http(s):// (probes check it)
     table: tuple[str, ...]
     spool_path: Path
     spool_max_rows: int
@@ -72,6 +74,7 @@ class Config:
             f"HEARTBEAT_INTERVAL={self.interval:g}",
             f"HEARTBEAT_TIMEOUT={self.timeout:g}",
             f"HEARTBEAT_BACKEND_IP={self.backend_ip or '(detected)'}",
+            f"HEARTBEAT_BACKEND_CHECK={self.backend_check or '(none: the host is up)'}",
             f"HEARTBEAT_TABLE={'.'.join(self.table)}",
             f"HEARTBEAT_SPOOL_PATH={self.spool_path}",
             f"HEARTBEAT_SPOOL_MAX_ROWS={self.spool_max_rows}",
@@ -292,6 +295,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         interval=interval,
         timeout=timeout,
         backend_ip=backend_ip,
+        backend_check=get("HEARTBEAT_BACKEND_CHECK"),
         table=table,
         spool_path=_spool_path(merged.get("HEARTBEAT_SPOOL_PATH", "").strip(), merged),
         spool_max_rows=max_rows,

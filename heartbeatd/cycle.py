@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from heartbeatd.config import Config
-from heartbeatd.probes import POSTGRES, REDIS, ProbeResult, Row, naive_utc
+from heartbeatd.probes import BACKEND, POSTGRES, REDIS, ProbeResult, Row, naive_utc
 from heartbeatd.spool import SpoolWriteFailed
 from heartbeatd.writer import Batch, WriteError, write_split
 
@@ -18,7 +18,7 @@ log = logging.getLogger("heartbeatd.daemon")
 
 REPLAY_BATCH = 500  # rows per backfill statement: one short transaction, well within the timeout
 REPEAT_EVERY = 60.0  # seconds between repeats of the same failure in the log
-FAILURE_LINES = {REDIS: "Redis连接测试失败: %s", POSTGRES: "数据库连接测试失败: %s"}
+FAILURE_LINES = {BACKEND: "后端检查失败: %s", REDIS: "Redis连接测试失败: %s", POSTGRES: "数据库连接测试失败: %s"}
 
 
 class RedisCheck(Protocol):
@@ -155,10 +155,10 @@ class CycleRunner:
         self._alive()
         pg_result, conn = services.postgres.check() if not self._stop_pending() else (None, None)
         self._alive()
-        if pg_result is None:  # stopping: PostgreSQL was not asked; its row is not claimed
-            outcome = CycleOutcome([services.backend(None), redis_result])
-        else:
-            outcome = CycleOutcome([services.backend(pg_result.ip), redis_result, pg_result])
+        backend_result = services.backend(pg_result.ip if pg_result else None)
+        self._alive()
+        # Stopping before PostgreSQL was asked: its row is not claimed.
+        outcome = CycleOutcome([backend_result, redis_result] + ([pg_result] if pg_result else []))
         self._log_probes(outcome.results)
         rows = [Row(r.service, r.ip, report_time) for r in outcome.results if r.ok]
         try:

@@ -1,4 +1,7 @@
-"""后端: this host is up and running heartbeatd; its address is found without sending a packet."""
+"""后端: this host is up and running heartbeatd (and, if configured, its backend answers).
+
+Its address is found without sending a packet.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from heartbeatd.probes import BACKEND, LOOPBACK, ProbeResult, normalize_ip
+from heartbeatd.probes.backend_check import BackendCheck
 
 _SIOCGIFADDR = 0x8915
 
@@ -69,7 +73,8 @@ def host_address(override: Optional[str], postgres_ip: Optional[str]) -> str:
     return default_route_address() or LOOPBACK
 
 
-def check(override: Optional[str], postgres_ip: Optional[str]) -> ProbeResult:
-    """The daemon runs, so the host is up: always ok."""
+def check(override: Optional[str], app: Optional[BackendCheck], postgres_ip: Optional[str]) -> ProbeResult:
+    """Up when the daemon runs and, with HEARTBEAT_BACKEND_CHECK, the backend application answers."""
     start = time.monotonic()
-    return ProbeResult(BACKEND, host_address(override, postgres_ip), True, time.monotonic() - start)
+    error = app.run() if app is not None else None
+    return ProbeResult(BACKEND, host_address(override, postgres_ip), error is None, time.monotonic() - start, error)
