@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from heartbeatd import __version__, config as configmod, logsetup
 from heartbeatd.config import Config, ConfigError
@@ -24,12 +24,34 @@ from heartbeatd.spool import Spool, SpoolUnavailable
 from heartbeatd.writer import WriteError, Writer, write_split
 
 EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
-COMMANDS = ("run", "once", "init-db", "check-config", "rejected")
+LEDGER_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {}
 # Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
 # connect, the INSERT. The watchdog is pinged between them.
 BLOCKING_STEPS = 3
 
 log = logging.getLogger("heartbeatd.cli")
+
+
+HELP_EPILOG = """\
+commands:
+  run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
+  once           one cycle: check, write, print one line per service
+  init-db        create the table and its indexes if missing
+  check-config   print the effective configuration, passwords masked
+  rejected       list rows the table refused, kept aside in the spool; --retry writes them again
+{ledger}
+configuration (environment variables; an --env-file wins over the environment, ./.env does not):
+{variables}
+  A password may also come from $CREDENTIALS_DIRECTORY/database_url or .../redis_url (systemd LoadCredential=).
+  Under systemd the env file is /etc/heartbeatd/heartbeatd.env.
+
+exit statuses:
+  0 ok   1 a service down / rows not recorded / stale   64 bad arguments   69 database unreachable
+  70 internal error   78 bad configuration (also: spool in use or unusable, watchdog too short)
+
+See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
+"""
+LEDGER_HELP = ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,13 +62,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="heartbeatd", description="Record heartbeats of this host, Redis and PostgreSQL.")
-    parser.add_argument("command", nargs="?", default="run", choices=COMMANDS,
-                        help="run (default): the daemon; once: one cycle; init-db; check-config")
-    parser.add_argument("--retry", action="store_true", help="with `rejected`: write the rejected rows again")
+    shown = {**configmod.DEFAULTS, "HEARTBEAT_BACKEND_IP": "(detected)",
+             "HEARTBEAT_BACKEND_CHECK": "(none: 后端 means the host is up; systemd:UNIT, tcp://, http(s)://)",
+             "HEARTBEAT_SPOOL_PATH": "$STATE_DIRECTORY/spool.db, else ./heartbeatd-spool.db"}
+    variables = "\n".join(f"  {name:<26} default: {value or '(none)'}" for name, value in shown.items())
+    parser = _Parser(prog="heartbeatd", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Record heartbeats of this host, its Redis and its PostgreSQL into service_heartbeat.",
+                     epilog=HELP_EPILOG.format(variables=variables, ledger=LEDGER_HELP))
     parser.add_argument("--env-file", type=Path, metavar="PATH", help="dotenv file whose values win over the environment")
     parser.add_argument("--version", action="version", version=f"heartbeatd {__version__}")
+    # --env-file is accepted after the command too (`heartbeatd once --env-file F`).
+    common = _Parser(add_help=False)
+    common.add_argument("--env-file", type=Path, metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in ("run", "once", "init-db", "check-config"):
+        commands.add_parser(name, parents=[common])
+    rejected = commands.add_parser("rejected", parents=[common])
+    rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
+    _ledger_arguments(commands, common)
     return parser
+
+
+def _ledger_arguments(commands: Any, common: _Parser) -> None:
+    """The read side's commands (status, report, prune)."""
 
 
 def _spool(config: Config, previous: Optional[Services]) -> Spool:
@@ -200,10 +238,8 @@ def cmd_run(config: Config, env_file: Optional[Path]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `heartbeatd` command."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.retry and args.command != "rejected":
-        parser.error("--retry goes with the rejected command")
+    args = _parser().parse_args(argv)
+    args.command = args.command or "run"
     logsetup.setup()
     try:
         config = configmod.load(os.environ, args.env_file)
@@ -221,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_once(config)
         if args.command == "rejected":
             return cmd_rejected(config, args.retry)
+        if args.command in LEDGER_COMMANDS:
+            return LEDGER_COMMANDS[args.command](config, args)
         return cmd_run(config, args.env_file)
     except ConfigError as exc:  # found by a driver's own parser when the services were built
         return _config_error(exc.problems)

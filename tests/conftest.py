@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgServer, RedisServer  # noqa: E402
+from servers import PgServer, RedisServer, remove_template  # noqa: E402
 
 # Variables of the machine or of a surrounding systemd that must not leak into a test daemon.
 _SCRUB = ("DATABASE_URL", "REDIS_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
@@ -28,6 +28,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("HEARTBEAT_")}
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_nothing_behind() -> Iterator[None]:
+    """The initdb template lives for the session and goes with it."""
+    yield
+    remove_template()
 
 
 @pytest.fixture(scope="session")

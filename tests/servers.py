@@ -68,6 +68,14 @@ def _template() -> Path:
     return _TEMPLATE
 
 
+def remove_template() -> None:
+    """Remove the session's initdb template (tests leave nothing behind in the temp dir)."""
+    global _TEMPLATE
+    if _TEMPLATE is not None:
+        shutil.rmtree(_TEMPLATE.parent, ignore_errors=True)
+        _TEMPLATE = None
+
+
 class PgServer:
     """A private PostgreSQL cluster."""
 

@@ -183,3 +183,18 @@ def test_watchdog_shorter_than_worst_case_cycle_is_78(tmp_path: Path) -> None:
     assert result.returncode == 78
     line = result.stderr.strip()
     assert "HEARTBEAT_TIMEOUT=5" in line and "WATCHDOG_USEC=20000000" in line and "15s" in line
+
+
+def test_help_says_commands_variables_defaults_statuses_and_env_file() -> None:
+    result = cli(["--help"], clean_env())
+    assert result.returncode == 0
+    text = result.stdout
+    for command in ("run", "once", "init-db", "check-config", "rejected"):
+        assert f"\n  {command} " in text, command
+    from heartbeatd.config import DEFAULTS
+    for name in DEFAULTS:
+        assert f"\n  {name} " in text, name
+    assert "default: 30" in text and "default: postgresql://localhost:5432/postgres" in text
+    assert "/etc/heartbeatd/heartbeatd.env" in text
+    for status in ("64 bad arguments", "69 database unreachable", "70 internal error", "78 bad configuration"):
+        assert status in text
