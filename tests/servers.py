@@ -241,3 +241,57 @@ class RedisServer:
         """Stop and remove its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PgBouncer:
+    """A private PgBouncer (transaction pooling) in front of a PgServer, on its own loopback address and port."""
+
+    def __init__(self, upstream: PgServer, host: str = "127.0.0.3") -> None:
+        self.upstream = upstream
+        self.host = host
+        self.port = free_port(host)
+        self.root = Path(tempfile.mkdtemp(prefix="hb-pgbouncer-"))
+        _chown_postgres(self.root)
+        self.ini = self.root / "pgbouncer.ini"
+        (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        self.ini.write_text(
+            "[databases]\n"
+            f"* = host={upstream.host} port={upstream.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {host}\nlisten_port = {self.port}\nunix_socket_dir = {self.root}\n"
+            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
+            "pool_mode = transaction\nserver_login_retry = 1\nserver_connect_timeout = 2\n"
+            f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
+            "ignore_startup_parameters = extra_float_digits,application_name\n")
+        for path in self.root.iterdir():
+            _chown_postgres(path)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{db}?sslmode=disable"
+
+    def start(self) -> "PgBouncer":
+        """Start and wait until it accepts TCP connections."""
+        # As postgres (PgBouncer refuses root), and our own child, so that stop() kills PgBouncer itself.
+        owner = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+        self.proc = subprocess.Popen(["pgbouncer", str(self.ini)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, **owner)  # type: ignore[call-overload]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"pgbouncer did not start: {(self.root / 'pgbouncer.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Kill it: every client and server connection ends at once."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -18,7 +18,7 @@ import pytest
 
 import nspawn
 from heartbeatd.probes.backend_host import default_route_address
-from servers import PgServer, RedisServer
+from servers import PgServer, RedisServer, free_port
 
 TOP = Path(__file__).resolve().parent.parent
 DEB_PATH = re.compile(r"heartbeatd_[0-9.]+_all\.deb$")
@@ -118,6 +118,33 @@ def test_end_to_end_under_systemd(deb: Path, container: nspawn.Container) -> Non
         pg.destroy()
 
 
+def _backend_check(box: nspawn.Container, journal: Callable[..., str], show: Callable[[str], str],
+                   rows_of: Callable[[float], set[str]]) -> None:
+    """Stop the stand-in backend: 后端 rows stop; start it: they resume; for systemd: and http: forms."""
+    port = free_port()
+    box.run("printf '[Service]\\nExecStart=/usr/bin/python3 -m http.server %d --bind 127.0.0.1\\n' "
+            "> /etc/systemd/system/hb-backend.service && systemctl daemon-reload && systemctl start hb-backend" % port)
+    env_file = "/etc/heartbeatd/heartbeatd.env"
+    for check in ("systemd:hb-backend.service", f"http://127.0.0.1:{port}/"):
+        wait(lambda: box.run(f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 1)\"",
+                             check=False).returncode == 0, 20, "the stand-in backend listening")
+        box.run(f"sed -i '/^HEARTBEAT_BACKEND_CHECK=/d' {env_file} && echo 'HEARTBEAT_BACKEND_CHECK={check}' >> {env_file}"
+                " && systemctl reload heartbeatd")
+        wait(lambda: show("StatusText").startswith("后端 up"), 20, f"后端 up with {check}")
+        failures = journal().count("后端检查失败")
+        box.run("systemctl stop hb-backend")
+        wait(lambda: journal().count("后端检查失败") > failures, 20, f"the failed check in the journal ({check})")
+        wait(lambda: show("StatusText").startswith("后端 down, redis up, postgres up"), 20, "STATUS 后端 down")
+        stopped = time.time()
+        time.sleep(3 * 2)  # three cycles
+        assert "后端" not in rows_of(stopped), f"后端 rows while the backend was stopped ({check})"
+        assert {"redis", "postgres"} <= rows_of(stopped)
+        box.run("systemctl start hb-backend")
+        wait(lambda: "后端" in rows_of(time.time() - 2), 20, f"后端 rows again ({check})")
+        assert "服务恢复 - 服务: 后端" in journal()
+    box.run(f"sed -i '/^HEARTBEAT_BACKEND_CHECK=/d' {env_file} && systemctl reload heartbeatd")
+
+
 def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer) -> None:
     def show(prop: str) -> str:
         return box.run(f"systemctl show -p {prop} --value heartbeatd").stdout.strip()
@@ -131,7 +158,19 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
         return {r[0] for r in found}
 
     box.copy_in(deb, "/tmp/heartbeatd.deb")
-    box.run("dpkg -i /tmp/heartbeatd.deb")
+    # The root file system lacks the daemon's dependencies: apt must find every one from Depends:.
+    assert box.run("dpkg -s python3-sdnotify", check=False).returncode != 0
+    installed = box.apt_install("/tmp/heartbeatd.deb")
+    for dep in ("python3-psycopg2", "python3-redis", "python3-dotenv", "python3-sdnotify"):
+        assert box.run(f"dpkg -s {dep}", check=False).returncode == 0, installed
+    # Documentation= names only what the package ships.
+    for doc in show("Documentation").replace('"', "").split():
+        if doc.startswith("man:"):
+            name, section = doc[4:].rstrip(")").split("(")
+            box.run(f"test -f /usr/share/man/man{section}/{name}.{section}.gz")
+        else:
+            assert doc.startswith("file://"), doc
+            box.run(f"test -f {doc[7:]}")
     assert box.run("systemctl is-enabled heartbeatd", check=False).stdout.strip() == "disabled"
     assert box.run("systemctl is-active heartbeatd", check=False).stdout.strip() == "inactive"
     verify = box.run("systemd-analyze verify /lib/systemd/system/heartbeatd.service", check=False)
@@ -179,6 +218,9 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     box.run("systemctl reload heartbeatd")
     wait(lambda: "配置已重新加载 - interval 1s" in journal(), 15, "the reload")
     assert box.run("systemctl is-active heartbeatd").stdout.strip() == "active"
+
+    # 后端 means the backend application answers: a stand-in backend unit, checked as a unit and over HTTP.
+    _backend_check(box, journal, show, rows_since)
 
     # A frozen daemon is killed by systemd's watchdog and restarted; heartbeats resume.
     main_pid = show("MainPID")

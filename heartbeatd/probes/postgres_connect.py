@@ -1,4 +1,4 @@
-"""PostgreSQL: a fresh connection accepted within the timeout is the proof of life.
+"""PostgreSQL: a fresh connection on which the server itself answers, within the timeout, is the proof of life.
 
 libpq is handed one host at a time, by address (`hostaddr=`, the name kept in `host=` for TLS
 verification), each with its own share of the deadline: a frozen first host of several costs its
@@ -18,25 +18,28 @@ import psycopg2.extensions
 
 from heartbeatd.config import ConfigError, mask, url_password
 from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, peer_ip
+from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, normalize_ip, peer_ip
 from heartbeatd.probes.names import LookupFailed, Resolver
 
 DEFAULT_PORT = "5432"
+SERVER_ADDRESS = "SELECT host(inet_server_addr())"
 # libpq: `connection to server at "10.0.0.5", port 5432 failed: ` - we name host:port ourselves.
 _LIBPQ_PREFIX = re.compile(r'^connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
 
 
 def reason(exc: BaseException) -> str:
     """One line from a driver error: libpq's lines joined as sentences, its own host prefix dropped."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     lines[0] = _LIBPQ_PREFIX.sub("", lines[0])
-    text = ""
-    for line in lines:
-        if text and text[-1] not in ".?!:":
+    text = lines[0]
+    for line in lines[1:]:
+        # libpq wraps within a sentence ("... abnormally" / "before or while ...") and starts a new
+        # one with a capital ("Connection refused" / "Is the server running ...").
+        if line[:1].isupper() and text[-1:] not in ".?!:":
             text += "."
-        text += (" " if text else "") + line
+        text += " " + line
     return text
 
 
@@ -101,6 +104,17 @@ class PostgresProbe:
                  psycopg2.extensions.make_dsn(**self._options, host=host.host, hostaddr=address, port=host.port))
                 for address in addresses]
 
+    @staticmethod
+    def _server_address(conn: Any) -> Optional[str]:
+        """One round trip to PostgreSQL itself: a pooler or proxy that accepted the login is not proof.
+
+        Returns the address the server itself answers on (None over a Unix socket).
+        """
+        with conn.cursor() as cur:
+            cur.execute(SERVER_ADDRESS)
+            row = cur.fetchone()
+        return normalize_ip(row[0]) if row and row[0] else None
+
     def _down_ip(self) -> str:
         """SPEC: when down, the first configured host resolved (as far as it was), else as written."""
         first = self._hosts[0]
@@ -124,14 +138,18 @@ class PostgresProbe:
             for number, (label, dsn) in enumerate(candidates):
                 left = share_end - time.monotonic()
                 slot = left / (len(candidates) - number)
+                conn = None
                 try:
                     with deadline(max(slot, 0.001)):
                         conn = psycopg2.connect(dsn)
+                        conn.autocommit = True
+                        server_ip = self._server_address(conn)
                 except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
                     failures.append(f"{label}: {reason(exc)}")
+                    if conn is not None:
+                        conn.close()
                     continue
-                conn.autocommit = True
-                ip = peer_ip(conn.fileno()) or self._down_ip()
+                ip = server_ip or peer_ip(conn.fileno()) or self._down_ip()
                 return ProbeResult(POSTGRES, ip, True, time.monotonic() - start), conn
         error = "; ".join(failures) if failures else "no host to connect to"
         return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - start, error), None
