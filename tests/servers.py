@@ -94,6 +94,19 @@ class PgServer:
                 hba.write("host all all samenet trust\n")
         self.log = self.root / "server.log"
 
+    def make_standby_of(self, primary: "PgServer") -> "PgServer":
+        """Replace this (not yet started) cluster with a streaming standby of `primary` (pg_basebackup -R)."""
+        shutil.rmtree(self.data)
+        subprocess.run(_as_postgres([str(pg_bindir() / "pg_basebackup"), "-D", str(self.data), "-R", "-X", "stream",
+                                     "-h", primary.host, "-p", str(primary.port), "-U", "postgres", "--no-sync"]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def promote(self) -> None:
+        """pg_ctl promote: the standby becomes a primary (waits until it accepts writes)."""
+        subprocess.run(_as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "promote"]),
+                       check=True, stdout=subprocess.DEVNULL)
+
     def url(self, user: str = "postgres", password: Optional[str] = None, db: str = "postgres") -> str:
         """A libpq URL for this server."""
         auth = f"{user}:{password}" if password else user
