@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from heartbeatd import __version__, config as configmod, logsetup
+import psycopg2
+
+from heartbeatd import __version__, config as configmod, logsetup, report as report_out
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Services
 from heartbeatd.daemon import Daemon
+from heartbeatd.ledger import Ledger, parse_when
 from heartbeatd.notify import Notifier
-from heartbeatd.probes import backend_host, naive_utc
+from heartbeatd.probes import backend_host, naive_utc, utcnow
 from heartbeatd.probes.backend_check import BackendCheck
 from heartbeatd.probes.names import Resolver
-from heartbeatd.probes.postgres_connect import PostgresProbe
+from heartbeatd.probes.postgres_connect import PostgresProbe, reason
 from heartbeatd.probes.redis_ping import RedisProbe
+from heartbeatd.report import human, iso
 from heartbeatd.spool import Spool, SpoolUnavailable
 from heartbeatd.writer import WriteError, Writer, write_split
 
 EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
-LEDGER_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {}
 # Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
 # connect, the INSERT. The watchdog is pinged between them.
 BLOCKING_STEPS = 3
@@ -51,7 +56,12 @@ exit statuses:
 
 See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
-LEDGER_HELP = ""
+LEDGER_HELP = """\
+  status         newest heartbeat per service and IP seen in --window (1d): fresh or stale; exit 1 if any stale
+  report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
+                 --service, --ip, --gap SECONDS, --format text|json|csv)
+  prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +95,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _ledger_arguments(commands: Any, common: _Parser) -> None:
     """The read side's commands (status, report, prune)."""
+    status = commands.add_parser("status", parents=[common])
+    status.add_argument("--window", default="1d", help="how far back to look for services (default 1d)")
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    report = commands.add_parser("report", parents=[common])
+    report.add_argument("--since", default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
+    report.add_argument("--until", default=None, help="as --since (default: now)")
+    report.add_argument("--service", default=None)
+    report.add_argument("--ip", default=None)
+    report.add_argument("--gap", type=float, default=None,
+                        help="seconds without a heartbeat that make an outage (default 2 x interval + timeout)")
+    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.add_argument("--timeout", type=float, default=60.0, help="seconds the report's reads may take (60)")
+    prune = commands.add_parser("prune", parents=[common])
+    prune.add_argument("--older-than", default=None, help="30d, 12w ... (default: HEARTBEAT_RETENTION)")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
 
 
 def _spool(config: Config, previous: Optional[Services]) -> Spool:
@@ -149,13 +174,15 @@ def cmd_init_db(config: Config) -> int:
         return EX_UNAVAILABLE
     writer = Writer(config.table, config.timeout)
     try:
-        writer.init_db(conn)
+        done = writer.init_db(conn)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
     finally:
         conn.close()
-    print(f"table {writer.name} and its index are ready in {configmod.mask_url(config.database_url)}")
+    for line in done:
+        print(line)
+    print(f"table {writer.name} and its indexes are ready in {configmod.mask_url(config.database_url)}")
     return EX_OK
 
 
@@ -213,6 +240,129 @@ def cmd_rejected(config: Config, retry: bool) -> int:
         return EX_OK if not still else EX_DOWN
     finally:
         spool.close()
+
+
+def _ledger(config: Config) -> tuple[Optional[Ledger], int]:
+    """A Ledger on a fresh connection, or (None, EX_UNAVAILABLE) with the reason printed."""
+    result, conn = PostgresProbe(config.database_url, config.timeout).check()
+    if conn is None:
+        print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
+        return None, EX_UNAVAILABLE
+    return Ledger(conn, config.table, config.timeout), EX_OK
+
+
+def _stale_after(config: Config) -> float:
+    """Seconds without a heartbeat after which a service is stale, or a gap is an outage."""
+    return 2 * config.interval + config.timeout
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """One line per (service, ip) seen in the window: newest heartbeat, its age, fresh or stale."""
+    window = configmod.parse_duration(args.window)
+    if window is None:
+        return _usage(f"--window: not a duration such as 1d or 6h: {args.window!r}")
+    ledger, code = _ledger(config)
+    if ledger is None:
+        return code
+    now = utcnow()
+    try:
+        found = ledger.latest(timedelta(seconds=window), _stale_after(config), now)
+    except (LookupError, psycopg2.Error) as exc:
+        print(f"heartbeatd: status failed: {reason(exc)}", file=sys.stderr)
+        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+    finally:
+        ledger.conn.close()
+    stale = [f for f in found if not f.fresh]
+    if args.format == "json":
+        print(json.dumps({"now": iso(now), "stale_after_seconds": _stale_after(config), "services": [
+            {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
+             "state": "fresh" if f.fresh else "stale"} for f in found]}, ensure_ascii=False))
+    else:
+        for f in found:
+            print(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}")
+        if not found:
+            print(f"no heartbeats in the last {args.window}", file=sys.stderr)
+    return EX_OK if found and not stale else EX_DOWN
+
+
+def cmd_report(config: Config, args: argparse.Namespace) -> int:
+    """Uptime, outages and no-data stretches per (service, ip)."""
+    now = utcnow()
+    try:
+        since = parse_when(args.since, now)
+        until = parse_when(args.until, now) if args.until else now
+    except ValueError as exc:
+        return _usage(f"--since/--until: {exc}")
+    if until <= since:
+        return _usage("--until must be after --since")
+    gap = args.gap if args.gap is not None else _stale_after(config)
+    if gap <= 0:
+        return _usage("--gap must be > 0")
+    ledger, code = _ledger(config)
+    if ledger is None:
+        return code
+    try:
+        found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
+    except (LookupError, psycopg2.Error) as exc:
+        print(f"heartbeatd: report failed: {reason(exc)}", file=sys.stderr)
+        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+    finally:
+        ledger.conn.close()
+    report_out.write(found, since, min(until, now), gap, args.format, sys.stdout)
+    return EX_OK
+
+
+def cmd_prune(config: Config, args: argparse.Namespace) -> int:
+    """Delete rows older than the retention, in short batches; safe to interrupt and to run anywhere."""
+    if args.older_than is not None:
+        keep = configmod.parse_duration(args.older_than)
+        if keep is None or keep < 3600:
+            return _usage(f"--older-than: not a duration of at least 1h such as 30d: {args.older_than!r}")
+    elif config.retention is None:
+        print("HEARTBEAT_RETENTION is empty: keeping everything, nothing pruned")
+        return EX_OK
+    else:
+        keep = config.retention
+    ledger, code = _ledger(config)
+    if ledger is None:
+        return code
+    cutoff = utcnow() - timedelta(seconds=keep)
+    tty = sys.stderr.isatty()
+
+    def progress(removed: int) -> None:
+        if tty:
+            print(f"\rpruning: {removed} row(s) removed so far", end="", file=sys.stderr, flush=True)
+
+    removed = 0
+    try:
+        result = ledger.prune(cutoff, args.dry_run, progress)
+    except KeyboardInterrupt:
+        print(f"\nheartbeatd: prune interrupted; what was removed stays removed, run it again to go on",
+              file=sys.stderr)
+        return 130
+    except (LookupError, psycopg2.Error) as exc:
+        print(f"heartbeatd: prune failed: {reason(exc)}", file=sys.stderr)
+        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+    finally:
+        ledger.conn.close()
+    if tty:
+        print(file=sys.stderr)
+    if result is None:
+        print("another heartbeatd prune is running on this table; nothing done")
+        return EX_OK
+    removed = result
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} row(s) older than {naive_utc(cutoff)} UTC from {ledger.name}")
+    return EX_OK
+
+
+def _usage(message: str) -> int:
+    print(f"heartbeatd: {message} (see heartbeatd --help)", file=sys.stderr)
+    return EX_USAGE
+
+
+LEDGER_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "status": cmd_status, "report": cmd_report, "prune": cmd_prune}
 
 
 def cmd_run(config: Config, env_file: Optional[Path]) -> int:

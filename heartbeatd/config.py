@@ -25,6 +25,7 @@ DEFAULTS: dict[str, str] = {
     "HEARTBEAT_SPOOL_PATH": "",
     "HEARTBEAT_SPOOL_MAX_ROWS": "100000",
     "HEARTBEAT_LOG_LEVEL": "INFO",
+    "HEARTBEAT_RETENTION": "",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Bounds that keep every value usable: sub-second intervals stay (tests and benchmarks use 0.05 s).
@@ -59,6 +60,7 @@ class Config:
     spool_max_rows: int
     log_level: str
     env_file: Optional[Path]
+    retention: Optional[float] = None  # seconds of history `heartbeatd prune` keeps; None: keep everything
     sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
@@ -79,6 +81,7 @@ class Config:
             f"HEARTBEAT_SPOOL_PATH={self.spool_path}",
             f"HEARTBEAT_SPOOL_MAX_ROWS={self.spool_max_rows}",
             f"HEARTBEAT_LOG_LEVEL={self.log_level}",
+            f"HEARTBEAT_RETENTION={format_duration(self.retention) if self.retention else '(keep everything)'}",
             f"env file={self.env_file or '(none)'}",
         ]
 
@@ -187,6 +190,23 @@ def _seconds(name: str, value: str, low: float, high: float, problems: list[str]
     return number
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """`90s`, `30m`, `24h`, `7d`, `2w` in seconds; None if it is not such a duration."""
+    found = re.fullmatch(r"\s*([0-9]{1,7}(?:\.[0-9]+)?)\s*([smhdw])\s*", text)
+    return float(found.group(1)) * _UNITS[found.group(2)] if found else None
+
+
+def format_duration(seconds: float) -> str:
+    """The largest whole unit: 2592000 -> `30d`."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _table(value: str, problems: list[str]) -> tuple[str, ...]:
     parts = tuple(value.split("."))
     if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
@@ -283,6 +303,11 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     if not 0 < max_rows <= SPOOL_MAX_ROWS_LIMIT:
         problems.append(f"HEARTBEAT_SPOOL_MAX_ROWS: must be a whole number from 1 to {SPOOL_MAX_ROWS_LIMIT}, "
                         f"got {max_rows_text!r}")
+    retention_text = merged.get("HEARTBEAT_RETENTION", "").strip()
+    retention = parse_duration(retention_text) if retention_text else None
+    if retention_text and (retention is None or retention < 3600):
+        problems.append(f"HEARTBEAT_RETENTION: must be a duration of at least 1h such as 30d or 12w, "
+                        f"got {retention_text!r}")
     log_level = get("HEARTBEAT_LOG_LEVEL").upper()
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -301,6 +326,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         spool_max_rows=max_rows,
         log_level=log_level,
         env_file=env_file,
+        retention=retention,
         sources=tuple(sorted(sources.items())),
     )
 

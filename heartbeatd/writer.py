@@ -65,6 +65,20 @@ def index_name(table: Sequence[str]) -> str:
     return f"{table[-1]}_service_name_report_time_idx"[:63]
 
 
+def pair_index_name(table: Sequence[str]) -> str:
+    """The name init-db gives the (service_name, ip_address, report_time) index the read side uses."""
+    return f"{table[-1]}_service_ip_time_idx"[:63]
+
+
+# What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
+PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (service_name, ip_address, report_time)"
+INDEX_STATE = """SELECT i.indisvalid FROM pg_catalog.pg_index i
+ WHERE i.indexrelid = pg_catalog.to_regclass(%s)"""
+HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
+# Building an index over millions of rows takes minutes, not HEARTBEAT_TIMEOUT; still bounded.
+INDEX_TIMEOUT = 3600.0
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -169,8 +183,24 @@ class Writer:
                 raise self._missing_table() from exc
             raise WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__) from exc
 
-    def init_db(self, conn: Any) -> None:
-        """Create the table and its index if missing (idempotent)."""
+    def init_db(self, conn: Any) -> list[str]:
+        """Create the table and its indexes if missing (idempotent); say what was created."""
+        done: list[str] = []
+        pair = sql.Identifier(*self.table[:-1], pair_index_name(self.table))
         with deadline(self.timeout), conn.cursor() as cur:
             cur.execute(sql.SQL(CREATE_TABLE).format(table=self._ident, index=sql.Identifier(index_name(self.table))))
+            cur.execute(INDEX_STATE, (pair.as_string(cur),))
+            state = cur.fetchone()
+            if state is not None and not state[0]:  # a CONCURRENTLY build that was interrupted
+                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(pair))
+                state = None
+            cur.execute(sql.SQL(HAS_ROWS).format(table=self._ident))
+            has_rows = bool(cur.fetchone()[0])
+        if state is None:
+            # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
+            with deadline(INDEX_TIMEOUT), conn.cursor() as cur:
+                cur.execute(sql.SQL(PAIR_INDEX).format(
+                    concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""), index=pair, table=self._ident))
+            done.append(f"created index {pair_index_name(self.table)}" + (" concurrently" if has_rows else ""))
         self._types = None
+        return done

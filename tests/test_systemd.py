@@ -56,7 +56,7 @@ def test_unit_declares_what_operators_rely_on() -> None:
     unit = (TOP / "heartbeatd.service").read_text()
     for line in ("Type=notify", "ExecStart=/usr/bin/heartbeatd run --env-file /etc/heartbeatd/heartbeatd.env",
                  "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=30s", "Restart=on-failure",
-                 "RestartPreventExitStatus=78", "DynamicUser=yes", "StateDirectory=heartbeatd",
+                 "RestartPreventExitStatus=78", "User=heartbeatd", "StateDirectory=heartbeatd",
                  "After=network-online.target postgresql.service redis-server.service"):
         assert f"\n{line}\n" in unit, line
     assert "Requires=" not in unit  # ordered after the local servers, never requiring them
@@ -197,7 +197,7 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     # ProcSubset=pid and the address-family and system-call filters (the container shares our network).
     backend_ips = {r[0] for r in pg.sql("SELECT DISTINCT ip_address FROM service_heartbeat WHERE service_name = '后端'")}
     assert backend_ips == {default_route_address() or "127.0.0.1"}
-    assert show("DynamicUser") == "yes" and show("SupplementaryGroups") == "heartbeatd-conf"
+    assert show("User") == "heartbeatd" and show("SupplementaryGroups") == "heartbeatd-conf"
     assert box.run("stat -c %U:%G:%a /etc/heartbeatd/heartbeatd.env").stdout.strip() == "root:heartbeatd-conf:640"
 
     # Warnings and errors carry their priority: -p warning shows them and no info lines.

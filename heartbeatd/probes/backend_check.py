@@ -8,6 +8,7 @@ check only reads an endpoint that already exists.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -94,8 +95,11 @@ class BackendCheck:
         return self.spec if self.spec.startswith("systemd:") else f"{self._host}:{self._port}"
 
     def _systemd(self, deadline: float) -> Optional[str]:
+        # Not our notify socket or watchdog: systemctl is not the service's main process.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
         result = subprocess.run([self._systemctl, "show", "--property=ActiveState", "--value", self._unit],
-                                capture_output=True, text=True, timeout=_left(deadline))
+                                capture_output=True, text=True, timeout=_left(deadline), env=env,
+                                stdin=subprocess.DEVNULL)
         state = result.stdout.strip()
         if result.returncode != 0 or not state:
             return f"{self.spec}: systemctl failed: {' '.join(result.stderr.split()) or f'exit {result.returncode}'}"

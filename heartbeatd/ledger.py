@@ -1,0 +1,327 @@
+"""The read side of the table: status, outage report, prune. SQL as constants; reads are read-only.
+
+What the ledger can know: a `后端` row is one host's heartbeat; `redis` and `postgres` rows carry
+the server's address and are written by every host that reached it, so they interleave across a
+fleet. A gap in a server's rows is an outage only while some daemon was alive to see it (some
+`后端` row in that span); when no daemon reported at all it is "no data".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional, Sequence
+
+from psycopg2 import sql
+
+from heartbeatd.pgdeadline import deadline
+from heartbeatd.probes import BACKEND
+
+UTC = timezone.utc
+PRUNE_BATCH = 10_000
+
+COLUMN_TYPE = """\
+SELECT t.typname, EXISTS (SELECT 1 FROM pg_catalog.pg_attribute i
+                           WHERE i.attrelid = a.attrelid AND i.attname = 'id' AND NOT i.attisdropped)
+  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attname = 'report_time' AND NOT a.attisdropped"""
+# Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
+# descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
+LATEST = """\
+WITH RECURSIVE pairs AS (
+    (SELECT service_name, ip_address FROM {t} ORDER BY service_name, ip_address LIMIT 1)
+    UNION ALL
+    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
+        SELECT service_name, ip_address FROM {t}
+         WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
+         ORDER BY service_name, ip_address LIMIT 1) n
+)
+SELECT p.service_name, p.ip_address, l.report_time
+  FROM pairs p, LATERAL (SELECT report_time FROM {t}
+                          WHERE service_name = p.service_name AND ip_address = p.ip_address
+                          ORDER BY report_time DESC LIMIT 1) l
+ WHERE l.report_time >= %(since)s
+ ORDER BY 1, 2"""
+# Per (service, ip) in the window: the first and last heartbeat, the one before the window, and
+# every gap longer than the threshold (found by the database, so only the gaps travel).
+SPAN = """\
+SELECT service_name, ip_address, min(report_time), max(report_time), count(*),
+       (SELECT max(b.report_time) FROM {t} b WHERE b.service_name = w.service_name
+           AND b.ip_address = w.ip_address AND b.report_time < %(since)s)
+  FROM {t} w
+ WHERE report_time >= %(since)s AND report_time < %(until)s {filters}
+ GROUP BY 1, 2 ORDER BY 1, 2"""
+GAPS = """\
+SELECT service_name, ip_address, prev, report_time FROM (
+    SELECT service_name, ip_address, report_time,
+           lag(report_time) OVER (PARTITION BY service_name, ip_address ORDER BY report_time) AS prev
+      FROM {t} WHERE report_time >= %(since)s AND report_time < %(until)s {filters}) g
+ WHERE report_time - prev > %(gap)s
+ ORDER BY 1, 2, 3"""
+ALIVE = """\
+SELECT DISTINCT report_time FROM {t}
+ WHERE service_name = %(backend)s AND report_time > %(start)s AND report_time < %(end)s ORDER BY 1"""
+# Which hosts wrote a server's rows: a cycle gives all its rows one report_time, so the 后端 row
+# sharing it names the host.
+REPORTERS = """\
+SELECT s.service_name, s.ip_address, count(DISTINCT b.ip_address)
+  FROM {t} s JOIN {t} b ON b.report_time = s.report_time AND b.service_name = %(backend)s
+ WHERE s.service_name <> %(backend)s AND s.report_time >= %(since)s AND s.report_time < %(until)s
+   AND b.report_time >= %(since)s AND b.report_time < %(until)s {filters}
+ GROUP BY 1, 2"""
+PRUNE_PAIRS = """\
+WITH RECURSIVE pairs AS (
+    (SELECT service_name, ip_address FROM {t} ORDER BY service_name, ip_address LIMIT 1)
+    UNION ALL
+    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
+        SELECT service_name, ip_address FROM {t}
+         WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
+         ORDER BY service_name, ip_address LIMIT 1) n
+)
+SELECT service_name, ip_address FROM pairs"""
+PRUNE_COUNT = "SELECT count(*) FROM {t} WHERE service_name = %s AND ip_address = %s AND report_time < %s"
+# By primary key (ctid on a table without `id`), oldest first, one short transaction per batch.
+PRUNE_BATCH_SQL = """\
+DELETE FROM {t} WHERE {key} IN (
+    SELECT {key} FROM {t} WHERE service_name = %s AND ip_address = %s AND report_time < %s
+     ORDER BY report_time LIMIT %s)"""
+PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
+
+
+def as_utc(value: datetime) -> datetime:
+    """A report_time from either column type as an aware UTC datetime."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Latest:
+    """`status`: one (service, ip)'s newest heartbeat."""
+
+    service: str
+    ip: str
+    last: datetime
+    age: float  # seconds
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stretch of time: an outage, or a stretch with no data."""
+
+    start: datetime
+    end: datetime
+    ongoing: bool = False  # an outage still going on at the end of the window
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+
+@dataclass
+class PairReport:
+    """`report`: one (service, ip) over the window."""
+
+    service: str
+    ip: str
+    observed_from: datetime
+    observed_to: datetime
+    heartbeats: int
+    outages: list[Span] = field(default_factory=list)
+    no_data: list[Span] = field(default_factory=list)
+    reporters: Optional[int] = None  # hosts whose daemons wrote a server's rows; None for 后端
+
+    @property
+    def downtime(self) -> float:
+        return sum(s.seconds for s in self.outages)
+
+    @property
+    def longest(self) -> float:
+        return max((s.seconds for s in self.outages), default=0.0)
+
+    @property
+    def no_data_seconds(self) -> float:
+        return sum(s.seconds for s in self.no_data)
+
+    @property
+    def uptime(self) -> Optional[float]:
+        """Percent of the observed time (window less no-data stretches) without an outage."""
+        observed = (self.observed_to - self.observed_from).total_seconds() - self.no_data_seconds
+        return None if observed <= 0 else max(0.0, 100.0 * (observed - self.downtime) / observed)
+
+
+class Ledger:
+    """Reads (and prunes) the heartbeat table on a connection it is handed."""
+
+    def __init__(self, conn: Any, table: Sequence[str], timeout: float) -> None:
+        self.conn = conn
+        self.table = tuple(table)
+        self.timeout = timeout
+        self._t = sql.Identifier(*self.table)
+        self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
+        self.has_id = True
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.table)
+
+    def _param(self, value: datetime) -> datetime:
+        # The column's own type, so the index on report_time can be used for the comparison.
+        return value.astimezone(UTC).replace(tzinfo=None) if self.naive else value.astimezone(UTC)
+
+    def _q(self, text: str, **parts: sql.Composable) -> sql.Composed:
+        return sql.SQL(text).format(t=self._t, **parts)
+
+    def _read(self, work: Callable[[Any], Any], seconds: Optional[float] = None) -> Any:
+        """One read-only transaction under the deadline (works on a hot standby too)."""
+        limit = seconds or self.timeout
+        self.conn.autocommit = False
+        self.conn.set_session(readonly=True)
+        try:
+            with deadline(limit), self.conn.cursor() as cur:
+                cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(limit * 1000)),))
+                cur.execute("SET LOCAL TimeZone = 'UTC'")
+                self._describe(cur)
+                return work(cur)
+        finally:
+            if not self.conn.closed:
+                self.conn.rollback()
+
+    def _describe(self, cur: Any) -> None:
+        cur.execute(COLUMN_TYPE, (self._t.as_string(cur),))
+        found = cur.fetchone()
+        if found is None:
+            raise LookupError(f"table {self.name} does not exist (or has no report_time column): "
+                              "run `heartbeatd init-db`")
+        self.naive, self.has_id = found[0] != "timestamptz", bool(found[1])
+
+    # -- status ---------------------------------------------------------------------------
+
+    def latest(self, window: timedelta, stale_after: float, now: datetime) -> list[Latest]:
+        """Every (service, ip) seen within `window`, with its newest heartbeat and whether it is fresh."""
+        def work(cur: Any) -> list[Latest]:
+            cur.execute(self._q(LATEST), {"since": self._param(now - window)})
+            found = []
+            for service, ip, last in cur.fetchall():
+                age = (now - as_utc(last)).total_seconds()
+                found.append(Latest(service, ip, as_utc(last), age, age <= stale_after))
+            return found
+        return list(self._read(work))
+
+    # -- report -----------------------------------------------------------------------------
+
+    def report(self, since: datetime, until: datetime, gap: float, now: datetime, service: Optional[str] = None,
+               ip: Optional[str] = None, seconds: Optional[float] = None) -> list[PairReport]:
+        """Outages and no-data stretches of every (service, ip) with heartbeats in [since, until)."""
+        end = min(until, now)
+        params: dict[str, Any] = {"since": self._param(since), "until": self._param(until),
+                                  "gap": timedelta(seconds=gap), "backend": BACKEND, "service": service, "ip": ip}
+
+        def where(prefix: str = "") -> sql.Composable:
+            text = (f" AND {prefix}service_name = %(service)s" if service else "") + \
+                   (f" AND {prefix}ip_address = %(ip)s" if ip else "")
+            return sql.SQL(text)
+
+        filters = where()
+
+        def work(cur: Any) -> list[PairReport]:
+            cur.execute(self._q(SPAN, filters=filters), params)
+            pairs: dict[tuple[str, str], PairReport] = {}
+            edges: dict[tuple[str, str], tuple[datetime, datetime, Optional[datetime]]] = {}
+            for svc, addr, first, last, count, before in cur.fetchall():
+                first, last = as_utc(first), as_utc(last)
+                # A pair that reported before the window is observed from the window's start.
+                start = since if before is not None else first
+                pairs[(svc, addr)] = PairReport(svc, addr, start, end, int(count))
+                edges[(svc, addr)] = (first, last, as_utc(before) if before is not None else None)
+            cur.execute(self._q(GAPS, filters=filters), params)
+            gaps: list[tuple[tuple[str, str], datetime, datetime, bool]] = [
+                ((svc, addr), as_utc(prev), as_utc(nxt), False) for svc, addr, prev, nxt in cur.fetchall()]
+            for key, (first, last, before) in edges.items():
+                if before is not None and (first - before).total_seconds() > gap:
+                    gaps.append((key, before, first, False))  # began before the window: clipped below
+                if (end - last).total_seconds() > gap:
+                    gaps.append((key, last, end, True))
+            for key, start, stop, ongoing in sorted(gaps, key=lambda g: (g[0], g[1])):
+                report = pairs[key]
+                start = max(start, since)
+                if key[0] == BACKEND:  # a host's own heartbeat missing: that host (or its backend) was down
+                    report.outages.append(Span(start, stop, ongoing))
+                else:
+                    self._classify(cur, report, start, stop, ongoing, gap)
+            if any(svc != BACKEND for svc, _ in pairs):
+                cur.execute(self._q(REPORTERS, filters=where("s.")), params)
+                for svc, addr, hosts in cur.fetchall():
+                    if (svc, addr) in pairs:
+                        pairs[(svc, addr)].reporters = int(hosts)
+                for key, report in pairs.items():
+                    if key[0] != BACKEND and report.reporters is None:
+                        report.reporters = 0
+            return list(pairs.values())
+
+        return list(self._read(work, seconds))
+
+    def _classify(self, cur: Any, report: PairReport, start: datetime, stop: datetime, ongoing: bool,
+                  gap: float) -> None:
+        """Split a server's gap into outage (some daemon alive, reporting 后端) and no data (none was)."""
+        cur.execute(self._q(ALIVE), {"backend": BACKEND, "start": self._param(start), "end": self._param(stop)})
+        alive = [as_utc(r[0]) for r in cur.fetchall()]
+        runs: list[list[datetime]] = []
+        for moment in alive:
+            if runs and (moment - runs[-1][-1]).total_seconds() <= gap:
+                runs[-1].append(moment)
+            else:
+                runs.append([moment])
+        cursor = start
+        for run in runs:
+            run_start = start if (run[0] - start).total_seconds() <= gap else run[0]
+            run_end = stop if (stop - run[-1]).total_seconds() <= gap else run[-1]
+            if run_start > cursor:
+                report.no_data.append(Span(cursor, run_start))
+            report.outages.append(Span(run_start, run_end, ongoing and run_end == stop))
+            cursor = run_end
+        if cursor < stop:
+            report.no_data.append(Span(cursor, stop))
+
+    # -- prune ------------------------------------------------------------------------------
+
+    def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None]) -> Optional[int]:
+        """Delete rows older than `cutoff` in batches; None if another prune holds the lock."""
+        conn = self.conn
+        conn.autocommit = True
+        conn.set_session(readonly=False, autocommit=True)
+        with deadline(self.timeout), conn.cursor() as cur:
+            self._describe(cur)
+            cur.execute(PRUNE_LOCK, (f"heartbeatd-prune:{self.name}",))
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute(self._q(PRUNE_PAIRS))
+            pairs = cur.fetchall()
+        removed = 0
+        key = sql.SQL("id" if self.has_id else "ctid")
+        when = self._param(cutoff)
+        for service, ip in pairs:
+            while True:
+                with deadline(self.timeout), conn.cursor() as cur:
+                    if dry_run:
+                        cur.execute(self._q(PRUNE_COUNT), (service, ip, when))
+                        removed += int(cur.fetchone()[0])
+                        break
+                    cur.execute(self._q(PRUNE_BATCH_SQL, key=key), (service, ip, when, PRUNE_BATCH))
+                    removed += cur.rowcount
+                progress(removed)
+                if cur.rowcount < PRUNE_BATCH:
+                    break
+        return removed
+
+
+def parse_when(text: str, now: datetime) -> datetime:
+    """`24h`, `7d`, `90m` (that long before now), or a date/time in UTC such as `2026-11-01`."""
+    from heartbeatd.config import parse_duration
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return now - timedelta(seconds=seconds)
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a duration (24h, 7d) or a date (2026-11-01): {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

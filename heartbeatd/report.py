@@ -1,0 +1,105 @@
+"""How `heartbeatd report` shows what the ledger found: text with a timeline, json, csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from datetime import datetime, timezone
+from typing import Any, Sequence, TextIO
+
+from heartbeatd.ledger import PairReport, Span
+
+UP, DOWN, NO_DATA = "=", "X", "."
+
+
+def iso(value: datetime) -> str:
+    """`2026-11-27T19:10:32Z`."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def human(seconds: float) -> str:
+    """`45s`, `12m30s`, `3h05m`, `2d04h`."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _span(span: Span) -> dict[str, Any]:
+    return {"start": iso(span.start), "end": iso(span.end), "duration_seconds": round(span.seconds, 1),
+            "ongoing": span.ongoing}
+
+
+def _summary(pair: PairReport) -> dict[str, Any]:
+    return {"service": pair.service, "ip": pair.ip,
+            "uptime_percent": None if pair.uptime is None else round(pair.uptime, 3),
+            "outages": len(pair.outages), "downtime_seconds": round(pair.downtime, 1),
+            "longest_seconds": round(pair.longest, 1), "no_data_seconds": round(pair.no_data_seconds, 1),
+            "heartbeats": pair.heartbeats, "observed_from": iso(pair.observed_from), "reporters": pair.reporters}
+
+
+def timeline(pair: PairReport, since: datetime, until: datetime, width: int) -> str:
+    """One cell per slot: `=` up, `X` down (any outage in the slot), `.` no data."""
+    slot = (until - since) / width
+    cells = []
+    for n in range(width):
+        start, end = since + slot * n, since + slot * (n + 1)
+
+        def touches(spans: Sequence[Span]) -> bool:
+            return any(s.start < end and s.end > start for s in spans)
+
+        if touches(pair.outages):
+            cells.append(DOWN)
+        elif end <= pair.observed_from or touches(pair.no_data):
+            cells.append(NO_DATA)
+        else:
+            cells.append(UP)
+    return "".join(cells)
+
+
+def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: float, form: str, out: TextIO) -> None:
+    """Print the report in one of the three forms."""
+    if form == "json":
+        json.dump({"since": iso(since), "until": iso(until), "gap_seconds": gap, "pairs": [
+            {**_summary(p), "outage_list": [_span(s) for s in p.outages], "no_data_list": [_span(s) for s in p.no_data]}
+            for p in pairs]}, out, ensure_ascii=False)
+        out.write("\n")
+        return
+    if form == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["kind", "service", "ip", "start", "end", "duration_seconds", "ongoing", "uptime_percent",
+                         "outages", "downtime_seconds", "longest_seconds", "no_data_seconds", "heartbeats", "reporters"])
+        for p in pairs:
+            s = _summary(p)
+            writer.writerow(["summary", p.service, p.ip, iso(p.observed_from), iso(until), "", "",
+                             s["uptime_percent"], s["outages"], s["downtime_seconds"], s["longest_seconds"],
+                             s["no_data_seconds"], p.heartbeats, "" if p.reporters is None else p.reporters])
+            for kind, spans in (("outage", p.outages), ("no_data", p.no_data)):
+                for span in spans:
+                    d = _span(span)
+                    writer.writerow([kind, p.service, p.ip, d["start"], d["end"], d["duration_seconds"],
+                                     str(span.ongoing).lower()] + [""] * 7)
+        return
+    width = max(20, shutil.get_terminal_size((100, 24)).columns - 4)
+    out.write(f"{iso(since)} .. {iso(until)}   gap > {gap:g}s is an outage   "
+              f"timeline: {UP} up  {DOWN} down  {NO_DATA} no data (no daemon was reporting)\n")
+    if not pairs:
+        out.write("no heartbeats in this window\n")
+    for p in pairs:
+        uptime = "n/a" if p.uptime is None else f"{p.uptime:.3f}%"
+        who = "" if p.reporters is None else f"  reported by {p.reporters} host(s)"
+        out.write(f"\n{p.service} {p.ip}  uptime {uptime}  outages {len(p.outages)}  down {human(p.downtime)}"
+                  f"  longest {human(p.longest)}  no data {human(p.no_data_seconds)}{who}\n")
+        out.write(f"  {timeline(p, since, until, width)}\n")
+        for span in p.outages:
+            end = "ongoing" if span.ongoing else iso(span.end)
+            out.write(f"  down     {iso(span.start)} .. {end}  {human(span.seconds)}\n")
+        for span in p.no_data:
+            out.write(f"  no data  {iso(span.start)} .. {iso(span.end)}  {human(span.seconds)}\n")
+
+
