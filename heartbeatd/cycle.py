@@ -19,6 +19,7 @@ log = logging.getLogger("heartbeatd.daemon")
 REPLAY_BATCH = 500  # rows per backfill statement: one short transaction, well within the timeout
 REPEAT_EVERY = 60.0  # seconds between repeats of the same failure in the log
 FAILURE_LINES = {BACKEND: "后端检查失败: %s", REDIS: "Redis连接测试失败: %s", POSTGRES: "数据库连接测试失败: %s"}
+_KEYS = {service: (f"down:{service}", f"error:{service}") for service in FAILURE_LINES}  # Repeats keys
 
 
 class RedisCheck(Protocol):
@@ -184,16 +185,17 @@ class CycleRunner:
             log.info("记录心跳成功 - 服务: %s, IP: %s", row.service, row.ip)
         if outcome.recorded and not outcome.write_error and self._repeats.cleared("write"):
             log.warning("心跳写入恢复 - table %s accepts rows again", ".".join(self.config.table))
-        unwritten = [r for r in rows if r not in outcome.recorded and r not in outcome.rejected]
+        done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
+        unwritten = [r for r in rows if id(r) not in done]
         self._keep(outcome, unwritten)
         return outcome
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:
         for result in results:
-            key = f"down:{result.service}"
+            key, error_key = _KEYS[result.service]
             if result.ok:
                 times = self._repeats.cleared(key)
-                self._repeats.cleared(f"error:{result.service}")
+                self._repeats.cleared(error_key)
                 if times:
                     log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip, times)
                 continue
@@ -202,7 +204,7 @@ class CycleRunner:
             if line:
                 # The same failure, whatever the figures in it (a time-out's share, a row count).
                 kind = re.sub(r"[0-9.]+", "#", result.error or "")
-                self._repeats.failed(f"error:{result.service}", logging.ERROR, line, result.error, kind=kind)
+                self._repeats.failed(error_key, logging.ERROR, line, result.error, kind=kind)
 
     def _write(self, conn: Any, batch: Batch, dedupe: bool
                ) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:

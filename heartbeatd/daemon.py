@@ -56,12 +56,12 @@ class Daemon(CycleRunner):
 
     def _stop_pending(self) -> bool:
         """Look at the signal queue without waiting; keep what was there for the nap."""
-        while True:
+        while not self._events.empty():
             try:
                 self._deferred.append(self._events.get_nowait())
             except queue.Empty:
                 break
-        return any(s in (signal.SIGTERM, signal.SIGINT) for s in self._deferred)
+        return bool(self._deferred) and any(s in (signal.SIGTERM, signal.SIGINT) for s in self._deferred)
 
     def safe_cycle(self) -> Optional[CycleOutcome]:
         """run_cycle, but a bug in it is logged and the loop goes on."""

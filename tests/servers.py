@@ -93,6 +93,21 @@ class PgServer:
             with open(self.data / "pg_hba.conf", "a") as hba:
                 hba.write("host all all samenet trust\n")
         self.log = self.root / "server.log"
+        self.extra_opts = ""  # more `-c name=value` server settings
+
+    def enable_tls_and_scram(self, user: str, password: str) -> None:
+        """A self-signed certificate, ssl=on, and `user` that must log in with SCRAM over TLS."""
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                        "-keyout", str(self.data / "server.key"), "-out", str(self.data / "server.crt")],
+                       check=True, capture_output=True)
+        for name in ("server.key", "server.crt"):
+            _chown_postgres(self.data / name)
+        (self.data / "server.key").chmod(0o600)
+        self.extra_opts += " -c ssl=on -c password_encryption=scram-sha-256"
+        with open(self.data / "pg_hba.conf", "w") as hba:
+            hba.write("local all all trust\nhost all postgres 127.0.0.1/32 trust\n"
+                      f"hostssl all {user} 127.0.0.1/32 scram-sha-256\nhostnossl all {user} 127.0.0.1/32 trust\n")
+        self._tls_user = (user, password)
 
     def make_standby_of(self, primary: "PgServer") -> "PgServer":
         """Replace this (not yet started) cluster with a streaming standby of `primary` (pg_basebackup -R)."""
@@ -115,7 +130,7 @@ class PgServer:
     def start(self) -> "PgServer":
         """Start (or restart) and wait until it accepts connections."""
         opts = (f"-p {self.port} -c listen_addresses={self.host} -k {self.root} -c fsync=off "
-                f"-c timezone={self.timezone} -c log_timezone={self.timezone}")
+                f"-c timezone={self.timezone} -c log_timezone={self.timezone} {self.extra_opts}")
         subprocess.run(
             _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                           "-o", opts, "-w", "-t", "60", "start"], self.netns),

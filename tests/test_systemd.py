@@ -43,11 +43,12 @@ def deb() -> Path:
     return path
 
 
-def test_unit_exposure_is_at_most_1_5() -> None:
+@pytest.mark.parametrize("unit", ["heartbeatd.service", "packaging/heartbeatd-prune.service"])
+def test_unit_exposure_is_at_most_1_5(unit: str) -> None:
     need("systemd-analyze")
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(TOP / "heartbeatd.service")],
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(TOP / unit)],
                             capture_output=True, text=True, env=dict(os.environ, SYSTEMD_COLORS="0"))
-    found = re.search(r"Overall exposure level for heartbeatd.service: ([0-9.]+)", result.stdout)
+    found = re.search(rf"Overall exposure level for {Path(unit).name}: ([0-9.]+)", result.stdout)
     assert found, result.stdout + result.stderr
     assert float(found.group(1)) <= 1.5, result.stdout
 
@@ -65,7 +66,8 @@ def test_unit_declares_what_operators_rely_on() -> None:
 def test_package_contents_and_lintian(deb: Path) -> None:
     need("lintian")
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
-    for entry in ("./usr/bin/heartbeatd", "./lib/systemd/system/heartbeatd.service", "./usr/share/heartbeatd/schema.sql"):
+    for entry in ("./usr/bin/heartbeatd", "./lib/systemd/system/heartbeatd.service", "./usr/share/heartbeatd/schema.sql",
+                  "./lib/systemd/system/heartbeatd-prune.service", "./lib/systemd/system/heartbeatd-prune.timer"):
         assert entry in listing, entry
     assert re.search(r"-rw-r----- root/root .* \./etc/heartbeatd/heartbeatd.env", listing)
     fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True, check=True).stdout
@@ -110,8 +112,8 @@ def test_end_to_end_under_systemd(deb: Path, container: nspawn.Container) -> Non
     try:
         _operate(box, deb, pg, redis)
     except BaseException:
-        print(box.run("systemctl status heartbeatd --no-pager; journalctl -u heartbeatd --no-pager -n 100",
-                      check=False).stdout)
+        print(box.run("systemctl status heartbeatd --no-pager; journalctl -u heartbeatd --no-pager -n 100; "
+                      "journalctl -u heartbeatd-prune --no-pager -n 30", check=False).stdout)
         raise
     finally:
         redis.destroy()
@@ -174,8 +176,10 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
             box.run(f"test -f {doc[7:]}")
     assert box.run("systemctl is-enabled heartbeatd", check=False).stdout.strip() == "disabled"
     assert box.run("systemctl is-active heartbeatd", check=False).stdout.strip() == "inactive"
-    verify = box.run("systemd-analyze verify /lib/systemd/system/heartbeatd.service", check=False)
+    verify = box.run("systemd-analyze verify /lib/systemd/system/heartbeatd.service "
+                     "/lib/systemd/system/heartbeatd-prune.service /lib/systemd/system/heartbeatd-prune.timer", check=False)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+    assert box.run("systemctl is-enabled heartbeatd-prune.timer", check=False).stdout.strip() == "disabled"
 
     # The operator edits the env file, creates the table, starts the service.
     env_file = "/etc/heartbeatd/heartbeatd.env"
@@ -242,8 +246,22 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     assert show("ActiveState") == "failed" and show("NRestarts") == restarts
     assert f"HEARTBEAT_INTERVAL (from {env_file}): not a number: 'soon'" in journal()
 
-    # Fixed again; `systemctl stop` is a clean exit.
+    # Fixed again. Retention: the shipped prune service removes rows older than HEARTBEAT_RETENTION, only those.
     box.run(f"sed -i 's|^HEARTBEAT_INTERVAL=.*|HEARTBEAT_INTERVAL=2|' {env_file}")
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) SELECT '后端', "
+           "'10.9.9.9', now() AT TIME ZONE 'utc' - interval '40 days' + i * interval '1 s', now() "
+           "FROM generate_series(1, 1234) i")
+    recent = pg.sql("SELECT count(*) FROM service_heartbeat WHERE ip_address <> '10.9.9.9'")[0][0]
+    box.run(f"echo 'HEARTBEAT_RETENTION=30d' >> {env_file}")
+    box.run("systemctl start heartbeatd-prune.service", timeout=120)
+    assert pg.sql("SELECT count(*) FROM service_heartbeat WHERE ip_address = '10.9.9.9'") == [(0,)]
+    assert pg.sql("SELECT count(*) FROM service_heartbeat WHERE ip_address <> '10.9.9.9'")[0][0] >= recent
+    pruned = box.run("journalctl -u heartbeatd-prune -o cat --no-pager").stdout
+    assert "removed 1234 row(s) older than" in pruned, pruned
+    box.run("systemctl enable --now heartbeatd-prune.timer")
+    assert box.run("systemctl is-active heartbeatd-prune.timer").stdout.strip() == "active"
+
+    # `systemctl stop` is a clean exit.
     box.run("systemctl reset-failed heartbeatd && systemctl start heartbeatd", timeout=60)
     box.run("systemctl stop heartbeatd", timeout=30)
     assert show("ActiveState") == "inactive"

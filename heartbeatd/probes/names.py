@@ -9,6 +9,7 @@ not one per cycle. The drivers are then handed the address, never the name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import threading
@@ -22,6 +23,7 @@ class LookupFailed(Exception):
     """The name could not be resolved (in time)."""
 
 
+@functools.lru_cache(maxsize=64)
 def is_address(host: str) -> bool:
     """True for an IPv4 or IPv6 literal (nothing to look up)."""
     try:

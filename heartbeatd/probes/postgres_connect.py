@@ -19,7 +19,7 @@ import psycopg2.extensions
 from heartbeatd.config import ConfigError, mask, url_password
 from heartbeatd.pgdeadline import deadline
 from heartbeatd.probes import LOOPBACK, POSTGRES, ProbeResult, normalize_ip, peer_ip
-from heartbeatd.probes.names import LookupFailed, Resolver
+from heartbeatd.probes.names import LookupFailed, Resolver, is_address
 
 DEFAULT_PORT = "5432"
 SERVER_ADDRESS = "SELECT host(inet_server_addr())"
@@ -91,18 +91,39 @@ class PostgresProbe:
         self._options = options
         self._resolver = resolver or Resolver()
         self._resolved: dict[str, list[str]] = {}  # what each name last resolved to (for a down row's IP)
+        self._dsns: dict[tuple[str, str, str], str] = {}  # (host, address, port) -> libpq DSN, built once
+        self._fixed: dict[_Host, list[tuple[str, str]]] = {}
+        for host in self._hosts:
+            if _is_socket(host.host) or host.hostaddr or is_address(host.host):
+                self._fixed[host] = self._candidates(host, float("inf"))
 
     def _candidates(self, host: _Host, until: float) -> list[tuple[str, str]]:
         """(label, dsn) for each address of one configured host."""
+        known = self._fixed.get(host)
+        if known is not None:  # an address or a socket: nothing to look up, nothing to rebuild
+            return known
         label = f"{host.host or 'local socket'}:{host.port}"
         if _is_socket(host.host):
-            return [(label, psycopg2.extensions.make_dsn(**self._options, **({"host": host.host} if host.host else {}),
-                                                         port=host.port))]
+            key = (host.host, "", host.port)
+            if key not in self._dsns:
+                self._dsns[key] = psycopg2.extensions.make_dsn(**self._options, **({"host": host.host} if host.host
+                                                                                  else {}), port=host.port)
+            return [(label, self._dsns[key])]
         addresses = [host.hostaddr] if host.hostaddr else self._resolver.lookup(host.host, until)
         self._resolved[host.host] = addresses
-        return [(label if address == host.host else f"{label} ({address})",
-                 psycopg2.extensions.make_dsn(**self._options, host=host.host, hostaddr=address, port=host.port))
+        return [(label if address == host.host else f"{label} ({address})", self._dsn(host, address))
                 for address in addresses]
+
+    def _dsn(self, host: _Host, address: str) -> str:
+        # make_dsn parses and escapes with libpq and regexes: once per address, not once per cycle.
+        key = (host.host, address, host.port)
+        dsn = self._dsns.get(key)
+        if dsn is None:
+            if len(self._dsns) > 64:  # a name whose addresses keep changing must not grow this forever
+                self._dsns.clear()
+            dsn = self._dsns[key] = psycopg2.extensions.make_dsn(**self._options, host=host.host, hostaddr=address,
+                                                                  port=host.port)
+        return dsn
 
     @staticmethod
     def _server_address(conn: Any) -> Optional[str]:
