@@ -199,8 +199,10 @@ class Writer:
         if state is None:
             # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
             with deadline(INDEX_TIMEOUT), conn.cursor() as cur:
+                # The index lives in the table's schema; CREATE INDEX takes its bare name.
                 cur.execute(sql.SQL(PAIR_INDEX).format(
-                    concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""), index=pair, table=self._ident))
+                    concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
+                    index=sql.Identifier(pair_index_name(self.table)), table=self._ident))
             done.append(f"created index {pair_index_name(self.table)}" + (" concurrently" if has_rows else ""))
         self._types = None
         return done

@@ -248,3 +248,22 @@ def test_table_missing_is_one_line(pg: PgServer) -> None:
         result = cli(command, env_for(pg))
         assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
         assert "does not exist" in result.stderr and "heartbeatd init-db" in result.stderr
+
+
+def test_init_db_adds_the_read_index_concurrently_to_a_table_with_rows(pg: PgServer) -> None:
+    from heartbeatd.writer import CREATE_TABLE
+    pg.sql(CREATE_TABLE.format(table="service_heartbeat", index="service_heartbeat_service_name_report_time_idx"),
+           db=pg.dbname)  # a 1.0 table: only the (service_name, report_time) index
+    seed_old_and_new(pg, 1000, 10)
+    first = cli(["init-db"], env_for(pg))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0] == "created index service_heartbeat_service_ip_time_idx concurrently"
+    assert pg.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = 'service_heartbeat_service_ip_time_idx'::regclass",
+                  db=pg.dbname) == [(True,)]
+    # An interrupted CONCURRENTLY build leaves an invalid index: init-db replaces it.
+    pg.sql("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'service_heartbeat_service_ip_time_idx'::regclass",
+           db=pg.dbname)
+    again = cli(["init-db"], env_for(pg))
+    assert again.stdout.splitlines()[0] == "created index service_heartbeat_service_ip_time_idx concurrently"
+    third = cli(["init-db"], env_for(pg))
+    assert third.stdout.startswith("table service_heartbeat and its indexes are ready")
