@@ -27,7 +27,7 @@ SELECT t.typname, EXISTS (SELECT 1 FROM pg_catalog.pg_attribute i
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attname = 'report_time' AND NOT a.attisdropped"""
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
-LATEST = """\
+PAIRS = """\
 WITH RECURSIVE pairs AS (
     (SELECT service_name, ip_address FROM {t} ORDER BY service_name, ip_address LIMIT 1)
     UNION ALL
@@ -36,6 +36,8 @@ WITH RECURSIVE pairs AS (
          WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
          ORDER BY service_name, ip_address LIMIT 1) n
 )
+"""
+LATEST = PAIRS + """\
 SELECT p.service_name, p.ip_address, l.report_time
   FROM pairs p, LATERAL (SELECT report_time FROM {t}
                           WHERE service_name = p.service_name AND ip_address = p.ip_address
@@ -69,16 +71,7 @@ SELECT s.service_name, s.ip_address, count(DISTINCT b.ip_address)
  WHERE s.service_name <> %(backend)s AND s.report_time >= %(since)s AND s.report_time < %(until)s
    AND b.report_time >= %(since)s AND b.report_time < %(until)s {filters}
  GROUP BY 1, 2"""
-PRUNE_PAIRS = """\
-WITH RECURSIVE pairs AS (
-    (SELECT service_name, ip_address FROM {t} ORDER BY service_name, ip_address LIMIT 1)
-    UNION ALL
-    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
-        SELECT service_name, ip_address FROM {t}
-         WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
-         ORDER BY service_name, ip_address LIMIT 1) n
-)
-SELECT service_name, ip_address FROM pairs"""
+PRUNE_PAIRS = PAIRS + "SELECT service_name, ip_address FROM pairs"
 PRUNE_COUNT = "SELECT count(*) FROM {t} WHERE service_name = %s AND ip_address = %s AND report_time < %s"
 # By primary key (ctid on a table without `id`), oldest first, one short transaction per batch.
 PRUNE_BATCH_SQL = """\

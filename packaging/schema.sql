@@ -9,3 +9,5 @@ CREATE TABLE IF NOT EXISTS service_heartbeat (
     created_at   timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')
 );
 CREATE INDEX IF NOT EXISTS service_heartbeat_service_name_report_time_idx ON service_heartbeat (service_name, report_time);
+-- What `heartbeatd status` and `report` read by (init-db builds it CONCURRENTLY on a table with rows):
+CREATE INDEX IF NOT EXISTS service_heartbeat_service_ip_time_idx ON service_heartbeat (service_name, ip_address, report_time);

@@ -34,18 +34,23 @@ from servers import PgServer, RedisServer  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 MINIMAL = r"""
-import logging, resource, sys, time, datetime
+import contextlib, logging, os, resource, sys, time, datetime
 import psycopg2, redis
 dsn, url, cycles, interval, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+if os.environ.get("HB_MINIMAL_DEADLINE"):  # the same loop with heartbeatd's deadline on every libpq wait
+    from heartbeatd.pgdeadline import deadline
+else:
+    deadline = lambda seconds: contextlib.nullcontext()
 logging.basicConfig(level=logging.INFO)
 log = logging.getLogger("minimal")
 r = redis.Redis.from_url(url)
 def cycle():
     r.ping()
-    conn = psycopg2.connect(dsn)
+    with deadline(30):
+        conn = psycopg2.connect(dsn)
     conn.autocommit = True
     now = datetime.datetime.utcnow()
-    with conn.cursor() as cur:
+    with deadline(30), conn.cursor() as cur:
         cur.execute("SELECT host(inet_server_addr())")
         ip = cur.fetchone()[0]
         cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
@@ -123,25 +128,29 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
         notify.close()
         return out
 
-    def minimal_run(cycles: int) -> Path:
-        out = tmp / f"minimal-{cycles}.out"
+    def minimal_run(cycles: int, with_deadline: bool = False) -> Path:
+        out = tmp / f"minimal-{cycles}-{int(with_deadline)}.out"
         subprocess.run([*valgrind, f"--callgrind-out-file={out}", sys.executable, "-c", MINIMAL, pg.url(), redis.url(),
                         str(cycles), str(interval), "0"], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=1800)
+                       stderr=subprocess.DEVNULL, timeout=1800,
+                       env=dict(os.environ, **({"HB_MINIMAL_DEADLINE": "1"} if with_deadline else {})))
         return out
 
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(2) as pool:  # the daemon and the minimal loop side by side (2 cores)
-        runs = {(who, n): pool.submit(fn, n) for n in (short, long)
-                for who, fn in (("daemon", daemon_run), ("minimal", minimal_run))}
+    programs = {"daemon": daemon_run, "minimal": minimal_run,
+                "minimal+deadline": lambda n: minimal_run(n, with_deadline=True)}
+    with ThreadPoolExecutor(2) as pool:  # side by side (2 cores)
+        runs = {(who, n): pool.submit(fn, n) for n in (short, long) for who, fn in programs.items()}
         outs = {key: future.result() for key, future in runs.items()}
     cycles = long - short
-    per_cycle = {who: (_total_ir(outs[(who, long)]) - _total_ir(outs[(who, short)])) / cycles
-                 for who in ("daemon", "minimal")}
+    per_cycle = {who: (_total_ir(outs[(who, long)]) - _total_ir(outs[(who, short)])) / cycles for who in programs}
     print(f"cycles differenced:       {long} - {short} = {cycles}, at {interval:g} s, under callgrind")
     print(f"daemon instructions/cycle:  {per_cycle['daemon']:,.0f}")
     print(f"minimal instructions/cycle: {per_cycle['minimal']:,.0f}")
     print(f"ratio:                      {per_cycle['daemon'] / per_cycle['minimal']:.3f}x (goal <= 1.05x)")
+    print(f"minimal loop with heartbeatd's deadline on every libpq wait: {per_cycle['minimal+deadline']:,.0f} "
+          f"({per_cycle['minimal+deadline'] / per_cycle['minimal']:.3f}x); the daemon against it: "
+          f"{per_cycle['daemon'] / per_cycle['minimal+deadline']:.3f}x")
     functions: dict[str, float] = {}
     for who, sign in (("daemon", 1), ("minimal", -1)):
         long_f, short_f = _per_function(outs[(who, long)]), _per_function(outs[(who, short)])

@@ -215,3 +215,15 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+def daemon_on_env_file(start: Callable[..., DaemonProcess], pg: PgServer, redis: RedisServer, tmp: Path,
+                       interval: float) -> tuple[DaemonProcess, Path, str]:
+    """A real daemon reading an --env-file (so SIGHUP has something to re-read), once it wrote a row."""
+    env_file = tmp / "hb.env"
+    good = (f"DATABASE_URL={db_url(pg)}\nREDIS_URL={redis.url()}\nHEARTBEAT_INTERVAL={interval:g}\n"
+            f"HEARTBEAT_SPOOL_PATH={tmp / 'spool.db'}\n")
+    env_file.write_text(good)
+    proc = start(clean_env(), ["--env-file", str(env_file)])
+    proc.wait_log("记录心跳成功 - 服务: postgres")
+    return proc, env_file, good

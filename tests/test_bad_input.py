@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, cli, db_url, init_table
+from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, init_table
 from heartbeatd.config import load, mask_url
 from servers import PgServer, RedisServer
 
@@ -141,12 +141,7 @@ def test_sqlalchemy_url_works_end_to_end(pg: PgServer, redis_server: RedisServer
 def test_reload_with_a_value_only_a_driver_refuses_keeps_the_daemon(
         pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg)
-    env_file = tmp_path / "hb.env"
-    good = (f"DATABASE_URL={db_url(pg)}\nREDIS_URL={redis_server.url()}\nHEARTBEAT_INTERVAL=0.3\n"
-            f"HEARTBEAT_SPOOL_PATH={tmp_path / 'spool.db'}\n")
-    env_file.write_text(good)
-    proc = daemon(clean_env(), ["--env-file", str(env_file)])
-    proc.wait_log("记录心跳成功 - 服务: postgres", 1)
+    proc, env_file, good = daemon_on_env_file(daemon, pg, redis_server, tmp_path, 0.3)
     for bad, line in [
         (good.replace(db_url(pg), db_url(pg) + "?foo=bar"), 'DATABASE_URL (from '),
         (good.replace(redis_server.url(), redis_server.url() + "?foo=bar"), "REDIS_URL (from "),

@@ -198,3 +198,12 @@ def test_help_says_commands_variables_defaults_statuses_and_env_file() -> None:
     assert "/etc/heartbeatd/heartbeatd.env" in text
     for status in ("64 bad arguments", "69 database unreachable", "70 internal error", "78 bad configuration"):
         assert status in text
+
+
+def test_every_variable_is_documented_in_readme_man_page_and_env_file() -> None:
+    from heartbeatd.config import DEFAULTS
+    top = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "packaging/heartbeatd.8", "packaging/heartbeatd.env"):
+        text = (top / doc).read_text()
+        missing = [name for name in DEFAULTS if name not in text]
+        assert missing == [], (doc, missing)

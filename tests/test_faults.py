@@ -45,6 +45,18 @@ def assert_no_gap_no_duplicate(found: list[tuple[Any, ...]], service: str, inter
     return times
 
 
+def assert_backfilled_whole(proc: DaemonProcess, pg: PgServer, recorded: int) -> tuple[list[tuple[Any, ...]], int]:
+    """After PostgreSQL returned: the backlog is written and every cycle's 后端 and redis row is there once."""
+    proc.wait_log("补写心跳 - ")
+    proc.wait_log("记录心跳成功 - 服务: postgres", recorded)
+    assert proc.stop() == 0
+    found = rows(pg, db="postgres")
+    cycles = statuses(proc, "next in")
+    assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
+    assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)
+    return found, cycles
+
+
 def spooled_rows(path: Path) -> list[tuple[str, str, str]]:
     db = sqlite3.connect(str(path))
     try:
@@ -63,18 +75,11 @@ def test_postgres_stopped_then_restarted_loses_and_duplicates_nothing(
     assert "心跳已缓存" in proc.log()
     assert "记录心跳成功" not in proc.log().split("数据库连接测试失败")[-1]  # spooled rows are not "recorded"
     pg_own.start()
-    proc.wait_log("补写心跳 - ")
-    proc.wait_log("记录心跳成功 - 服务: postgres", 4)
-    assert proc.stop() == 0
-    found = rows(pg_own, db="postgres")
-    cycles = statuses(proc, "next in")
-    backend = assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)
-    assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)
+    found, cycles = assert_backfilled_whole(proc, pg_own, 4)
     late = [r for r in found if (r[3] - r[2]).total_seconds() > INTERVAL]
     assert len(late) >= 2 * 4, "backfilled rows must keep their report_time and show a later created_at"
     assert {r[0] for r in late} == {"后端", "redis"}
     assert all(r[3] > r[2] for r in late)
-    assert len(backend) == cycles
     assert spooled_rows(tmp_path / "spool.db") == []
 
 

@@ -14,11 +14,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, cli, db_url, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, init_table, rows
 from heartbeatd.probes import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
-from test_faults import INTERVAL, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses
+from test_faults import INTERVAL, assert_backfilled_whole, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses
 
 
 @pytest.fixture
@@ -66,13 +66,7 @@ def test_full_disk_keeps_the_spool_and_every_row_arrives_once(
     filler.unlink()
     proc.wait_log("心跳缓存恢复")
     pg_own.start()
-    proc.wait_log("补写心跳 - ")
-    proc.wait_log("记录心跳成功 - 服务: postgres", 2)
-    assert proc.stop() == 0
-    found = rows(pg_own, db="postgres")
-    cycles = statuses(proc, "next in")
-    assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
-    assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)
+    assert_backfilled_whole(proc, pg_own, 2)
     assert spooled_rows(small_fs / "spool.db") == []
 
 
@@ -111,12 +105,7 @@ def test_spool_the_user_cannot_read_is_78_and_kept(tmp_path: Path) -> None:
 def test_reload_to_a_directory_keeps_the_old_configuration(
         pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg)
-    env_file = tmp_path / "hb.env"
-    good = (f"DATABASE_URL={db_url(pg)}\nREDIS_URL={redis_server.url()}\nHEARTBEAT_INTERVAL={INTERVAL}\n"
-            f"HEARTBEAT_SPOOL_PATH={tmp_path / 'spool.db'}\n")
-    env_file.write_text(good)
-    proc = daemon(clean_env(), ["--env-file", str(env_file)])
-    proc.wait_log("记录心跳成功 - 服务: postgres")
+    proc, env_file, good = daemon_on_env_file(daemon, pg, redis_server, tmp_path, INTERVAL)
     (tmp_path / "somedir").mkdir()
     env_file.write_text(good.replace(str(tmp_path / "spool.db"), str(tmp_path / "somedir")))
     proc.signal(signal.SIGHUP)

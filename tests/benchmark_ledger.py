@@ -1,0 +1,124 @@
+"""Ledger benchmark (a script, not a test): status, report and prune at fleet size.
+
+    python tests/benchmark_ledger.py [--hosts 100] [--days 30]
+
+Generates a history in a private PostgreSQL: every host's 后端, redis and postgres rows every
+30 s (100 hosts x 30 days = 25.9 million rows), each host's daemon down 10 minutes a day, Redis
+down 5 minutes a day. Then times, as the commands run them (median of 3): `status`,
+`report --since 24h` and `--since 30d` for everything, and `prune` of everything older than
+7 days; and what the (service_name, ip_address, report_time) index costs each INSERT and in size.
+Targets: status <= 100 ms, report 24h <= 1 s, report 30d <= 5 s, prune >= 500,000 rows/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from servers import PgServer  # noqa: E402
+
+SEED = """
+INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at)
+SELECT s.name, CASE s.name WHEN '后端' THEN '10.60.' || (h / 250) || '.' || (h %% 250 + 1)
+                           WHEN 'redis' THEN '10.1.0.1' ELSE '10.2.0.1' END,
+       t, t
+  FROM generate_series(0, %(hosts)s - 1) h,
+       LATERAL (SELECT %(start)s::timestamp + k * interval '30 s' + h * interval '300 ms' AS t, k
+                  FROM generate_series(0, %(cycles)s - 1) k) c,
+       (VALUES ('后端'), ('redis'), ('postgres')) s(name)
+ WHERE NOT (c.k %% 2880 BETWEEN (h * 29) %% 2860 AND (h * 29) %% 2860 + 19)
+   AND NOT (s.name = 'redis' AND c.k %% 2880 BETWEEN 1000 AND 1009)
+"""
+
+
+def timed(fn, runs: int = 3) -> float:  # type: ignore[no-untyped-def]
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=100)
+    parser.add_argument("--days", type=int, default=30)
+    args = parser.parse_args()
+    pg = PgServer()
+    pg.extra_opts = "-c shared_buffers=1GB -c maintenance_work_mem=1GB -c work_mem=64MB -c max_wal_size=8GB"
+    pg.start()
+    try:
+        from heartbeatd.ledger import Ledger
+        from heartbeatd.writer import CREATE_TABLE, PAIR_INDEX, index_name
+        pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
+        pg.sql("DROP INDEX service_heartbeat_service_name_report_time_idx")
+        now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+        cycles = args.days * 2880
+        start = now - timedelta(seconds=30 * cycles)
+        t0 = time.perf_counter()
+        pg.sql(SEED, {"hosts": args.hosts, "cycles": cycles, "start": start})  # type: ignore[arg-type]
+        pg.sql(f"CREATE INDEX {index_name(('service_heartbeat',))} ON service_heartbeat (service_name, report_time)")
+        pg.sql(PAIR_INDEX.format(concurrently="", index="service_heartbeat_service_ip_time_idx", table="service_heartbeat"))
+        pg.sql("VACUUM ANALYZE service_heartbeat")
+        rows = pg.sql("SELECT count(*) FROM service_heartbeat")[0][0]
+        sizes = pg.sql("SELECT pg_size_pretty(pg_table_size('service_heartbeat')), "
+                       "pg_size_pretty(pg_relation_size('service_heartbeat_service_name_report_time_idx')), "
+                       "pg_size_pretty(pg_relation_size('service_heartbeat_service_ip_time_idx'))")[0]
+        print(f"history: {args.hosts} hosts x {args.days} days = {rows:,} rows, generated in "
+              f"{time.perf_counter() - t0:.0f} s; table {sizes[0]}, (service, report_time) index {sizes[1]}, "
+              f"(service, ip, report_time) index {sizes[2]}; {os.cpu_count()} cores")
+
+        conn = pg.connect()
+        ledger = Ledger(conn, ("service_heartbeat",), 600)
+        now_aware = now.replace(tzinfo=timezone.utc)
+        status = timed(lambda: ledger.latest(timedelta(days=1), 65, now_aware))
+        day = timed(lambda: ledger.report(now_aware - timedelta(days=1), now_aware, 65, now_aware, seconds=600))
+        month = timed(lambda: ledger.report(now_aware - timedelta(days=args.days), now_aware, 65, now_aware,
+                                            seconds=600), runs=1)
+        found = ledger.report(now_aware - timedelta(days=1), now_aware, 65, now_aware, seconds=600)
+        outages = sum(len(p.outages) for p in found)
+        print(f"status (latest per service and IP):   {status * 1000:8.1f} ms  (target <= 100 ms)")
+        print(f"report --since 24h, everything:       {day * 1000:8.1f} ms  (target <= 1000 ms; "
+              f"{len(found)} pairs, {outages} outages)")
+        print(f"report --since {args.days}d, everything:       {month * 1000:8.1f} ms  (target <= 5000 ms)")
+
+        # What the extra index costs an INSERT: the same 3-row INSERTs, with and without it.
+        conn.autocommit = True
+        insert = ("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) VALUES "
+                  "('后端', '10.99.0.1', %s, %s), ('redis', '10.1.0.1', %s, %s), ('postgres', '10.2.0.1', %s, %s)")
+
+        def inserts() -> None:
+            with conn.cursor() as cur:
+                for n in range(2000):
+                    at = now + timedelta(seconds=n)
+                    cur.execute(insert, (at,) * 6)
+
+        with_index = timed(inserts)
+        pg.sql("DROP INDEX service_heartbeat_service_ip_time_idx")
+        without = timed(inserts)
+        print(f"3-row INSERT with the extra index:    {with_index / 2000 * 1e6:8.1f} us, without {without / 2000 * 1e6:.1f} us")
+        pg.sql(PAIR_INDEX.format(concurrently="", index="service_heartbeat_service_ip_time_idx", table="service_heartbeat"))
+
+        before = pg.sql("SELECT count(*) FROM service_heartbeat")[0][0]
+        t0 = time.perf_counter()
+        removed = Ledger(conn, ("service_heartbeat",), 600).prune(now_aware - timedelta(days=7), False, lambda n: None)
+        took = time.perf_counter() - t0
+        assert removed is not None
+        after = pg.sql("SELECT count(*) FROM service_heartbeat")[0][0]
+        assert before - after == removed
+        print(f"prune older than 7d:                  {removed:,} rows in {took:.1f} s = {removed / took:,.0f} rows/s "
+              "(target >= 500,000 rows/s)")
+        conn.close()
+    finally:
+        pg.destroy()
+
+
+if __name__ == "__main__":
+    main()
