@@ -40,7 +40,7 @@ def _summary(pair: PairReport) -> dict[str, Any]:
             "uptime_percent": None if pair.uptime is None else round(pair.uptime, 3),
             "outages": len(pair.outages), "downtime_seconds": round(pair.downtime, 1),
             "longest_seconds": round(pair.longest, 1), "no_data_seconds": round(pair.no_data_seconds, 1),
-            "heartbeats": pair.heartbeats, "observed_from": iso(pair.observed_from), "reporters": pair.reporters}
+            "observed_from": iso(pair.observed_from), "reporters_last_hour": pair.reporters}
 
 
 def timeline(pair: PairReport, since: datetime, until: datetime, width: int) -> str:
@@ -73,17 +73,17 @@ def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: fl
     if form == "csv":
         writer = csv.writer(out)
         writer.writerow(["kind", "service", "ip", "start", "end", "duration_seconds", "ongoing", "uptime_percent",
-                         "outages", "downtime_seconds", "longest_seconds", "no_data_seconds", "heartbeats", "reporters"])
+                         "outages", "downtime_seconds", "longest_seconds", "no_data_seconds", "reporters_last_hour"])
         for p in pairs:
             s = _summary(p)
             writer.writerow(["summary", p.service, p.ip, iso(p.observed_from), iso(until), "", "",
                              s["uptime_percent"], s["outages"], s["downtime_seconds"], s["longest_seconds"],
-                             s["no_data_seconds"], p.heartbeats, "" if p.reporters is None else p.reporters])
+                             s["no_data_seconds"], "" if p.reporters is None else p.reporters])
             for kind, spans in (("outage", p.outages), ("no_data", p.no_data)):
                 for span in spans:
                     d = _span(span)
                     writer.writerow([kind, p.service, p.ip, d["start"], d["end"], d["duration_seconds"],
-                                     str(span.ongoing).lower()] + [""] * 7)
+                                     str(span.ongoing).lower()] + [""] * 6)
         return
     width = max(20, shutil.get_terminal_size((100, 24)).columns - 4)
     out.write(f"{iso(since)} .. {iso(until)}   gap > {gap:g}s is an outage   "
@@ -92,7 +92,7 @@ def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: fl
         out.write("no heartbeats in this window\n")
     for p in pairs:
         uptime = "n/a" if p.uptime is None else f"{p.uptime:.3f}%"
-        who = "" if p.reporters is None else f"  reported by {p.reporters} host(s)"
+        who = "" if p.reporters is None else f"  reported by {p.reporters} host(s) in the last hour"
         out.write(f"\n{p.service} {p.ip}  uptime {uptime}  outages {len(p.outages)}  down {human(p.downtime)}"
                   f"  longest {human(p.longest)}  no data {human(p.no_data_seconds)}{who}\n")
         out.write(f"  {timeline(p, since, until, width)}\n")

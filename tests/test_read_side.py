@@ -119,7 +119,7 @@ def test_report_finds_exactly_the_planted_outages_and_no_data(seeded: PgServer) 
     no_data = (20 * 60 + 20) + (15 * 60 + 20)
     assert redis["no_data_seconds"] == no_data and redis["downtime_seconds"] == 10 * 60 + 20
     assert redis["uptime_percent"] == round(100 * (window - no_data - 620) / (window - no_data), 3)
-    assert redis["reporters"] == 2 and found[f"后端 {A}"]["reporters"] is None
+    assert redis["reporters_last_hour"] == 2 and found[f"后端 {A}"]["reporters_last_hour"] is None
     assert postgres["outages"] == 1 and postgres["downtime_seconds"] == 15 * 60
 
 
@@ -267,3 +267,13 @@ def test_init_db_adds_the_read_index_concurrently_to_a_table_with_rows(pg: PgSer
     assert again.stdout.splitlines()[0] == "created index service_heartbeat_service_ip_time_idx concurrently"
     third = cli(["init-db"], env_for(pg))
     assert third.stdout.startswith("table service_heartbeat and its indexes are ready")
+
+
+def test_prune_and_report_work_on_a_bare_table_without_id(pg: PgServer) -> None:
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50), ip_address varchar(64), report_time timestamp, "
+           "created_at timestamp)", db=pg.dbname)
+    seed_old_and_new(pg, 3000, 20)
+    result = cli(["prune", "--older-than", "30d"], env_for(pg))
+    assert result.returncode == 0 and result.stdout.startswith("removed 3000 row(s)"), result.stdout + result.stderr
+    assert count(pg) == (0, 20)
+    assert cli(["status"], env_for(pg)).returncode == 0
