@@ -148,18 +148,28 @@ class CycleRunner:
         return float("inf")
 
     def run_cycle(self) -> CycleOutcome:
-        """Check the three services, write the healthy ones' rows (or spool them), log."""
+        """Check the three services, write the healthy ones' rows (or spool them), log.
+
+        A pending SIGTERM is seen between steps: the remaining ones are skipped (a service not
+        asked gets no row) and what was found is spooled, so shutdown waits for one step at most.
+        """
         self._alive()  # the nap may have ended just before a ping was due
         report_time = self._wall()
         services = self.services
-        redis_result = services.redis.check()
+        results = [services.redis.check()]
         self._alive()
-        pg_result, conn = services.postgres.check() if not self._stop_pending() else (None, None)
-        self._alive()
-        backend_result = services.backend(pg_result.ip if pg_result else None)
-        self._alive()
-        # Stopping before PostgreSQL was asked: its row is not claimed.
-        outcome = CycleOutcome([backend_result, redis_result] + ([pg_result] if pg_result else []))
+        conn = None
+        if not self._stop_pending():
+            pg_result, conn = services.postgres.check()
+            results.append(pg_result)
+            self._alive()
+            if not self._stop_pending():
+                results.insert(0, services.backend(pg_result.ip))
+                self._alive()
+        if conn is not None and self._stop_pending():
+            conn.close()
+            conn = None
+        outcome = CycleOutcome(results)
         self._log_probes(outcome.results)
         rows = [Row(r.service, r.ip, report_time) for r in outcome.results if r.ok]
         try:
@@ -186,8 +196,7 @@ class CycleRunner:
         if outcome.recorded and not outcome.write_error and self._repeats.cleared("write"):
             log.warning("心跳写入恢复 - table %s accepts rows again", ".".join(self.config.table))
         done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
-        unwritten = [r for r in rows if id(r) not in done]
-        self._keep(outcome, unwritten)
+        self._keep(outcome, [r for r in rows if id(r) not in done])
         return outcome
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:

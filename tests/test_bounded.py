@@ -264,3 +264,30 @@ def test_unreachable_port_in_a_multi_host_url_is_reported_per_host(tmp_path: Pat
         result, conn = probe.check()
     assert conn is None
     assert result.error.count("Connection refused.") == 2 and f"127.0.0.1:{a}: " in result.error  # type: ignore[union-attr]
+
+
+def test_rediss_verifies_the_name_while_connecting_to_the_address_we_resolved(tmp_path: Path) -> None:
+    # A TLS Redis whose certificate names `localhost`: we resolve localhost ourselves, connect to
+    # the address, and redis-py verifies the certificate against the name, within the deadline.
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                               "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"),
+                               "--tls-ca-cert-file", str(tmp_path / "cert.pem"), "--tls-auth-clients", "no",
+                               "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        good = RedisProbe(f"rediss://localhost:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}", TIMEOUT)
+        result = good.check()
+        assert result.ok and result.ip == "127.0.0.1", result
+        good.close()
+        # The same server under a name its certificate does not carry: refused, not trusted.
+        wrong = RedisProbe(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}", TIMEOUT)
+        result = wrong.check()
+        assert not result.ok and "certificate" in (result.error or "").lower(), result
+        wrong.close()
+    finally:
+        server.kill()
+        server.wait()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
+from typing import NamedTuple, Optional
 
 BACKEND = "后端"
 REDIS = "redis"
@@ -13,8 +12,7 @@ POSTGRES = "postgres"
 LOOPBACK = "127.0.0.1"
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(NamedTuple):  # NamedTuple, not a frozen dataclass: several are made every cycle
     """What one check found: the service, its address, whether it is up, how long it took."""
 
     service: str
@@ -47,8 +45,7 @@ def peer_ip(fd: int) -> Optional[str]:
             return None
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One heartbeat for the table: a healthy service, its address, when the check ran (UTC)."""
 
     service: str
