@@ -208,6 +208,9 @@ def cmd_once(config: Config) -> int:
 
 def cmd_rejected(config: Config, retry: bool) -> int:
     """List the rows the table refused, kept aside in the spool; with retry, write them again."""
+    if not config.spool_path.exists():  # do not create an empty spool just to look into it
+        print(f"no spool at {config.spool_path} (HEARTBEAT_SPOOL_PATH): nothing rejected", file=sys.stderr)
+        return EX_OK
     try:
         # No lock: the running daemon holds it, and neither touches the other's rows.
         spool = Spool(config.spool_path, config.spool_max_rows, lock=False)

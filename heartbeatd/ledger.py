@@ -93,16 +93,29 @@ SELECT p.service_name, p.ip_address,
            AND s.report_time >= %(recent)s AND s.report_time < %(until)s)
   FROM pairs p
  WHERE p.service_name <> %(backend)s {filters}"""
-PRUNE_PAIRS = PAIRS + "SELECT service_name, ip_address FROM pairs"
-PRUNE_COUNT = "SELECT count(*) FROM {t} WHERE service_name = %s AND ip_address = %s AND report_time < %s"
-# Oldest first, one short transaction per batch, each row addressed by its physical id: a TID
-# scan deletes ~550,000 rows/s here where the same batches by primary key manage ~290,000 (rows
-# are never updated, so a ctid read in the statement is the row the statement deletes), and a
-# table without `id` works the same.
+# The services, by a loose scan of the (service_name, report_time) index.
+PRUNE_SERVICES = """\
+WITH RECURSIVE services AS (
+    (SELECT service_name FROM {t} ORDER BY service_name LIMIT 1)
+    UNION ALL
+    SELECT n.service_name FROM services s, LATERAL (
+        SELECT service_name FROM {t} WHERE service_name > s.service_name ORDER BY service_name LIMIT 1) n
+)
+SELECT service_name FROM services"""
+PRUNE_COUNT = "SELECT count(*) FROM {t} WHERE service_name = %(s)s AND report_time < %(cutoff)s"
+# Oldest first per service through the (service_name, report_time) index: the heap is laid out
+# by time, so each batch dirties the pages the previous one did (per (service, ip) instead, every
+# old page would be rewritten once per host). Keyset on report_time, so no batch rescans what
+# earlier ones deleted. Each row is addressed by its physical id: a TID scan, about twice as fast
+# as the same batch by primary key (rows are never updated, so a ctid read in the statement is the
+# row it deletes), and a table without `id` works the same.
 PRUNE_BATCH_SQL = """\
-DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM {t} WHERE service_name = %s AND ip_address = %s AND report_time < %s
-     ORDER BY report_time LIMIT %s))"""
+WITH gone AS (
+    DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {t} WHERE service_name = %(s)s AND report_time >= %(after)s AND report_time < %(cutoff)s
+         ORDER BY report_time LIMIT %(n)s))
+    RETURNING report_time)
+SELECT count(*), max(report_time) FROM gone"""
 PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
 
 
@@ -337,22 +350,26 @@ class Ledger:
             cur.execute(PRUNE_LOCK, (f"heartbeatd-prune:{self.name}",))
             if not cur.fetchone()[0]:
                 return None
-            cur.execute(self._q(PRUNE_PAIRS))
-            pairs = cur.fetchall()
+            cur.execute(self._q(PRUNE_SERVICES))
+            services = [r[0] for r in cur.fetchall()]
         removed = 0
         when = self._param(cutoff)
-        for service, ip in pairs:
+        for service in services:
+            after = self._param(datetime(1, 1, 2, tzinfo=UTC))
             while True:
                 with deadline(self.timeout), conn.cursor() as cur:
                     if dry_run:
-                        cur.execute(self._q(PRUNE_COUNT), (service, ip, when))
+                        cur.execute(self._q(PRUNE_COUNT), {"s": service, "cutoff": when})
                         removed += int(cur.fetchone()[0])
                         break
-                    cur.execute(self._q(PRUNE_BATCH_SQL), (service, ip, when, PRUNE_BATCH))
-                    removed += cur.rowcount
+                    cur.execute(self._q(PRUNE_BATCH_SQL), {"s": service, "after": after, "cutoff": when,
+                                                           "n": PRUNE_BATCH})
+                    count, last = cur.fetchone()
+                removed += int(count)
                 progress(removed)
-                if cur.rowcount < PRUNE_BATCH:
+                if count < PRUNE_BATCH:
                     break
+                after = last
         return removed
 
 

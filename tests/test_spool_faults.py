@@ -271,3 +271,19 @@ def test_overruns_are_throttled(pg: PgServer, redis_server: RedisServer, tmp_pat
         proc.wait_for(lambda: statuses(proc, "next in") >= 30, what="30 overrunning cycles")
         assert proc.stop() == 0
     assert proc.log().count("心跳周期超时") == 1
+
+
+def test_reload_to_a_new_spool_path_carries_the_backlog_over(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    proc, env_file, good = daemon_on_env_file(daemon, pg_own, redis_server, tmp_path, INTERVAL)
+    pg_own.stop()
+    proc.wait_for(lambda: statuses(proc, "postgres down") >= 3, what="rows spooled in the first spool")
+    env_file.write_text(good.replace(str(tmp_path / "spool.db"), str(tmp_path / "moved" / "spool.db")))
+    proc.signal(signal.SIGHUP)
+    proc.wait_log("心跳缓存已迁移 - ")
+    assert spooled_rows(tmp_path / "spool.db") == []
+    assert len(spooled_rows(tmp_path / "moved" / "spool.db")) >= 6
+    pg_own.start()
+    assert_backfilled_whole(proc, pg_own, 2)
+    assert spooled_rows(tmp_path / "moved" / "spool.db") == []
