@@ -95,8 +95,8 @@ class PgServer:
         self.log = self.root / "server.log"
         self.extra_opts = ""  # more `-c name=value` server settings
 
-    def enable_tls_and_scram(self, user: str, password: str) -> None:
-        """A self-signed certificate, ssl=on, and `user` that must log in with SCRAM over TLS."""
+    def enable_tls_and_scram(self, user: str, over_tls: str, without_tls: str) -> None:
+        """A self-signed certificate, ssl=on, and how `user` logs in with and without TLS (trust, scram-sha-256)."""
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
                         "-keyout", str(self.data / "server.key"), "-out", str(self.data / "server.crt")],
                        check=True, capture_output=True)
@@ -106,8 +106,7 @@ class PgServer:
         self.extra_opts += " -c ssl=on -c password_encryption=scram-sha-256"
         with open(self.data / "pg_hba.conf", "w") as hba:
             hba.write("local all all trust\nhost all postgres 127.0.0.1/32 trust\n"
-                      f"hostssl all {user} 127.0.0.1/32 scram-sha-256\nhostnossl all {user} 127.0.0.1/32 trust\n")
-        self._tls_user = (user, password)
+                      f"hostssl all {user} 127.0.0.1/32 {over_tls}\nhostnossl all {user} 127.0.0.1/32 {without_tls}\n")
 
     def make_standby_of(self, primary: "PgServer") -> "PgServer":
         """Replace this (not yet started) cluster with a streaming standby of `primary` (pg_basebackup -R)."""
