@@ -251,7 +251,8 @@ def _ledger(config: Config) -> tuple[Optional[Ledger], int]:
     if conn is None:
         print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
         return None, EX_UNAVAILABLE
-    return Ledger(conn, config.table, config.timeout), EX_OK
+    probe = PostgresProbe(config.database_url, config.timeout)
+    return Ledger(conn, config.table, config.timeout, helper=lambda: probe.check()[1]), EX_OK
 
 
 def _stale_after(config: Config) -> float:

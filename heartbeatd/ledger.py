@@ -8,6 +8,7 @@ fleet. A gap in a server's rows is an outage only while some daemon was alive to
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
@@ -182,12 +183,16 @@ class PairReport:
 class Ledger:
     """Reads (and prunes) the heartbeat table on a connection it is handed."""
 
-    def __init__(self, conn: Any, table: Sequence[str], timeout: float) -> None:
+    def __init__(self, conn: Any, table: Sequence[str], timeout: float,
+                 helper: Optional[Callable[[], Any]] = None) -> None:
         self.conn = conn
+        # A second connection for reading in parallel, on the same snapshot (None: read alone).
+        self._helper = helper
         self.table = tuple(table)
         self.timeout = timeout
         self._t = sql.Identifier(*self.table)
         self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
+        self._timeout_ms = 1000
 
     @property
     def name(self) -> str:
@@ -203,11 +208,13 @@ class Ledger:
     def _read(self, work: Callable[[Any], Any], seconds: Optional[float] = None) -> Any:
         """One read-only transaction under the deadline (works on a hot standby too)."""
         limit = seconds or self.timeout
+        self._timeout_ms = max(1, int(limit * 1000))
         self.conn.autocommit = False
-        self.conn.set_session(readonly=True)
+        # Repeatable read: one snapshot for every statement, which a helper connection can share.
+        self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         try:
             with deadline(limit), self.conn.cursor() as cur:
-                cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(limit * 1000)),))
+                cur.execute("SET LOCAL statement_timeout = %s", (self._timeout_ms,))
                 cur.execute("SET LOCAL TimeZone = 'UTC'")
                 self._describe(cur)
                 return work(cur)
@@ -263,13 +270,23 @@ class Ledger:
                 start = since if before is not None else first
                 pairs[(svc, addr)] = PairReport(svc, addr, start, end)
                 edges[(svc, addr)] = (first, last, as_utc(before) if before is not None else None)
-            # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots.
-            cur.execute(self._q(GAPS, filters=filters + sql.SQL(" AND p.service_name = %(backend)s")), params)
-            gaps: list[tuple[tuple[str, str], datetime, datetime, bool]] = [
-                ((svc, addr), as_utc(prev), as_utc(nxt), False) for svc, addr, prev, nxt in cur.fetchall()]
+            # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots. With
+            # many hosts, half of the 后端 rows are read on a second connection meanwhile.
+            hosts = sorted(addr for svc, addr in pairs if svc == BACKEND)
+            backend_gaps = filters + sql.SQL(" AND p.service_name = %(backend)s AND p.ip_address = ANY(%(hosts)s)")
+            side = self._beside(cur, self._q(GAPS, filters=backend_gaps),
+                                dict(params, hosts=hosts[::2], timeout_ms=self._timeout_ms)) \
+                if len(hosts) >= 8 else None
+            mine = hosts[1::2] if side is not None else hosts
+            cur.execute(self._q(GAPS, filters=backend_gaps), dict(params, hosts=mine))
+            found = cur.fetchall()
             for key, (first, last, _) in edges.items():
                 if key[0] != BACKEND:
-                    gaps += [(key, prev, nxt, False) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
+                    found += [(key[0], key[1], prev, nxt) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
+            if side is not None:
+                found += side.result()
+            gaps: list[tuple[tuple[str, str], datetime, datetime, bool]] = [
+                ((svc, addr), as_utc(prev), as_utc(nxt), False) for svc, addr, prev, nxt in found]
             for key, (first, last, before) in edges.items():
                 if before is not None and (first - before).total_seconds() > gap:
                     gaps.append((key, before, first, False))  # began before the window: clipped below
@@ -293,6 +310,20 @@ class Ledger:
             return list(pairs.values())
 
         return list(self._read(work, seconds))
+
+    def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
+        """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""
+        if self._helper is None:
+            return None
+        try:
+            cur.execute("SELECT pg_export_snapshot()")
+            snapshot = cur.fetchone()[0]
+            helper = self._helper()  # connected here: the deadline's state belongs to this thread
+        except Exception:  # noqa: BLE001 - no helper (a standby that cannot export, no free slot): read alone
+            return None
+        if helper is None:
+            return None
+        return _Beside(helper, snapshot, query, params)
 
     def _server_gaps(self, cur: Any, key: tuple[str, str], first: datetime, last: datetime,
                      gap: float) -> list[tuple[datetime, datetime]]:
@@ -371,6 +402,38 @@ class Ledger:
                     break
                 after = last
         return removed
+
+
+class _Beside(threading.Thread):
+    """One query on a second connection, in the same snapshot, while the first goes on."""
+
+    def __init__(self, conn: Any, snapshot: str, query: sql.Composed, params: dict[str, Any]) -> None:
+        super().__init__(name="ledger helper", daemon=True)
+        self.conn, self.snapshot, self.query, self.params = conn, snapshot, query, params
+        self.rows: list[Any] = []
+        self.error: Optional[BaseException] = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
+            with self.conn.cursor() as cur:
+                cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
+                cur.execute("SET LOCAL TimeZone = 'UTC'")
+                cur.execute("SET LOCAL statement_timeout = %s", (self.params["timeout_ms"],))
+                cur.execute(self.query, self.params)
+                self.rows = cur.fetchall()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+            self.error = exc
+        finally:
+            self.conn.close()
+
+    def result(self) -> list[Any]:
+        """The rows, once the query is done; its error raised here if it failed."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.rows
 
 
 def parse_when(text: str, now: datetime) -> datetime:

@@ -77,7 +77,7 @@ def main() -> None:
               f"(service, ip, report_time) index {sizes[2]}; {os.cpu_count()} cores")
 
         conn = pg.connect()
-        ledger = Ledger(conn, ("service_heartbeat",), 600)
+        ledger = Ledger(conn, ("service_heartbeat",), 600, helper=pg.connect)  # as `heartbeatd report` reads
         now_aware = now.replace(tzinfo=timezone.utc)
         status = timed(lambda: ledger.latest(timedelta(days=1), 65, now_aware))
         day = timed(lambda: ledger.report(now_aware - timedelta(days=1), now_aware, 65, now_aware, seconds=600))

@@ -277,3 +277,38 @@ def test_prune_and_report_work_on_a_bare_table_without_id(pg: PgServer) -> None:
     assert result.returncode == 0 and result.stdout.startswith("removed 3000 row(s)"), result.stdout + result.stderr
     assert count(pg) == (0, 20)
     assert cli(["status"], env_for(pg)).returncode == 0
+
+
+def test_a_fleet_report_read_on_two_connections_finds_the_same(pg: PgServer) -> None:
+    from heartbeatd.ledger import Ledger
+    init_table(pg)
+    hosts = [f"10.0.1.{n}" for n in range(1, 11)]
+    rows = []
+    for n, host in enumerate(hosts):
+        for k in range(240):  # two hours every 30 s; host n down for 3 minutes from (n + 1) x 10 minutes
+            at = timedelta(seconds=30 * k + n)
+            if not ((n + 1) * 10 * M <= at < (n + 1) * 10 * M + 3 * M):
+                rows += [("后端", host, T0 + at), ("redis", REDIS, T0 + at)]
+    conn = pg.connect(pg.dbname)
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                        "VALUES (%s, %s, %s, %s)", [(s, ip, t, t) for s, ip, t in rows])
+    helpers: list[object] = []
+
+    def helper() -> object:
+        helpers.append(pg.connect(pg.dbname))
+        return helpers[-1]
+
+    since, until = (T0 - H).replace(tzinfo=timezone.utc), (T0 + 2 * H).replace(tzinfo=timezone.utc)
+    alone = Ledger(conn, ("service_heartbeat",), 60).report(since, until, 65, until)
+    paired = Ledger(conn, ("service_heartbeat",), 60, helper=helper).report(since, until, 65, until)
+    assert len(helpers) == 1, "the second connection was used"
+    def outages(found: list) -> dict:  # type: ignore[type-arg]
+        return {(p.service, p.ip): [(s.start, s.end) for s in p.outages] for p in found}
+    assert outages(paired) == outages(alone)
+    for n, host in enumerate(hosts):
+        start = T0 + (n + 1) * 10 * M + timedelta(seconds=n) - timedelta(seconds=30)
+        assert outages(paired)[("后端", host)] == [(start.replace(tzinfo=timezone.utc),
+                                                   (start + 3 * M + timedelta(seconds=30)).replace(tzinfo=timezone.utc))]
+    assert outages(paired)[("redis", REDIS)] == []  # always some host writing redis rows
+    conn.close()
