@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
 
+import psycopg2
 from psycopg2 import sql
 
 from heartbeatd.pgdeadline import deadline
@@ -193,6 +194,7 @@ class Ledger:
         self._t = sql.Identifier(*self.table)
         self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
         self._timeout_ms = 1000
+        self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
 
     @property
     def name(self) -> str:
@@ -205,15 +207,22 @@ class Ledger:
     def _q(self, text: str, **parts: sql.Composable) -> sql.Composed:
         return sql.SQL(text).format(t=self._t, **parts)
 
-    def _read(self, work: Callable[[Any], Any], seconds: Optional[float] = None) -> Any:
+    def _read(self, work: Callable[[Any], Any], seconds: Optional[float] = None, export: bool = False) -> Any:
         """One read-only transaction under the deadline (works on a hot standby too)."""
         limit = seconds or self.timeout
         self._timeout_ms = max(1, int(limit * 1000))
         self.conn.autocommit = False
         # Repeatable read: one snapshot for every statement, which a helper connection can share.
         self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        self._snapshot = None
         try:
             with deadline(limit), self.conn.cursor() as cur:
+                if export and self._helper is not None:
+                    try:  # first, and not in a savepoint: PostgreSQL exports from neither a subtransaction
+                        cur.execute("SELECT pg_export_snapshot()")
+                        self._snapshot = cur.fetchone()[0]
+                    except psycopg2.Error:  # a server that cannot export: read alone, in a new transaction
+                        self.conn.rollback()
                 cur.execute("SET LOCAL statement_timeout = %s", (self._timeout_ms,))
                 cur.execute("SET LOCAL TimeZone = 'UTC'")
                 self._describe(cur)
@@ -309,17 +318,16 @@ class Ledger:
                         report.reporters = 0
             return list(pairs.values())
 
-        return list(self._read(work, seconds))
+        return list(self._read(work, seconds, export=True))
 
     def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
         """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""
-        if self._helper is None:
+        snapshot = self._snapshot
+        if self._helper is None or snapshot is None:
             return None
         try:
-            cur.execute("SELECT pg_export_snapshot()")
-            snapshot = cur.fetchone()[0]
             helper = self._helper()  # connected here: the deadline's state belongs to this thread
-        except Exception:  # noqa: BLE001 - no helper (a standby that cannot export, no free slot): read alone
+        except Exception:  # noqa: BLE001 - no free connection slot, say: read alone
             return None
         if helper is None:
             return None

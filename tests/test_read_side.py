@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from conftest import clean_env, cli, db_url, init_table
@@ -306,6 +307,12 @@ def test_a_fleet_report_read_on_two_connections_finds_the_same(pg: PgServer) -> 
     def outages(found: list) -> dict:  # type: ignore[type-arg]
         return {(p.service, p.ip): [(s.start, s.end) for s in p.outages] for p in found}
     assert outages(paired) == outages(alone)
+
+    def no_slot() -> object:
+        raise psycopg2.OperationalError("FATAL: sorry, too many clients already")
+
+    assert outages(Ledger(conn, ("service_heartbeat",), 60, helper=no_slot).report(since, until, 65, until)) == \
+        outages(alone)  # no second connection to be had: it reads alone
     for n, host in enumerate(hosts):
         start = T0 + (n + 1) * 10 * M + timedelta(seconds=n) - timedelta(seconds=30)
         assert outages(paired)[("后端", host)] == [(start.replace(tzinfo=timezone.utc),
