@@ -272,8 +272,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     try:
         found = ledger.latest(timedelta(seconds=window), _stale_after(config), now)
     except (LookupError, psycopg2.Error) as exc:
-        print(f"heartbeatd: status failed: {reason(exc)}", file=sys.stderr)
-        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+        return _read_failed("status", exc)
     finally:
         ledger.conn.close()
     stale = [f for f in found if not f.fresh]
@@ -308,8 +307,7 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
     try:
         found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
     except (LookupError, psycopg2.Error) as exc:
-        print(f"heartbeatd: report failed: {reason(exc)}", file=sys.stderr)
-        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+        return _read_failed("report", exc)
     finally:
         ledger.conn.close()
     report_out.write(found, since, min(until, now), gap, args.format, sys.stdout)
@@ -337,27 +335,30 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         if tty:
             print(f"\rpruning: {removed} row(s) removed so far", end="", file=sys.stderr, flush=True)
 
-    removed = 0
     try:
-        result = ledger.prune(cutoff, args.dry_run, progress)
+        removed = ledger.prune(cutoff, args.dry_run, progress)
     except KeyboardInterrupt:
-        print(f"\nheartbeatd: prune interrupted; what was removed stays removed, run it again to go on",
+        print("\nheartbeatd: prune interrupted; what was removed stays removed, run it again to go on",
               file=sys.stderr)
         return 130
     except (LookupError, psycopg2.Error) as exc:
-        print(f"heartbeatd: prune failed: {reason(exc)}", file=sys.stderr)
-        return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
+        return _read_failed("prune", exc)
     finally:
         ledger.conn.close()
     if tty:
         print(file=sys.stderr)
-    if result is None:
+    if removed is None:
         print("another heartbeatd prune is running on this table; nothing done")
         return EX_OK
-    removed = result
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {removed} row(s) older than {naive_utc(cutoff)} UTC from {ledger.name}")
     return EX_OK
+
+
+def _read_failed(command: str, exc: BaseException) -> int:
+    """One line; 1 when the table is missing (LookupError), 69 when the database failed us."""
+    print(f"heartbeatd: {command} failed: {reason(exc)}", file=sys.stderr)
+    return EX_DOWN if isinstance(exc, LookupError) else EX_UNAVAILABLE
 
 
 def _usage(message: str) -> int:
