@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, cli, db_url, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, init_table, rows
 from heartbeatd.pgdeadline import deadline
 from heartbeatd.probes import Row
 from heartbeatd.probes.postgres_connect import PostgresProbe

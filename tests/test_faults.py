@@ -11,11 +11,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 
 from conftest import DaemonProcess, clean_env, db_url, init_table, rows
 from heartbeatd.probes import Row
-from heartbeatd.spool import Spool, SpoolUnavailable
+from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
 
 INTERVAL = 0.3

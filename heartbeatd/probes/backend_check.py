@@ -19,7 +19,6 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from heartbeatd.config import ConfigError
-from heartbeatd.probes import BACKEND, ProbeResult
 from heartbeatd.probes.names import LookupFailed, Resolver
 
 UNIT = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|target|mount|timer|path|scope|slice)$")
