@@ -11,8 +11,10 @@ daemon CPU per cycle <= 1.1x the minimal loop, RSS <= 40 MB and flat.
 
 --callgrind counts instructions instead of seconds: each program runs under valgrind for a short
 and a long number of cycles and the two totals are differenced, so start-up cancels out. The
-counts repeat whatever else the machine does. It prints instructions per cycle for both, their
-ratio (goal <= 1.05x), and the functions where the daemon's extra instructions go.
+counts repeat whatever else the machine does (every program gets the same fixed PYTHONHASHSEED:
+Python's random one moved them by about 3 %). It prints instructions per cycle for both, their
+ratio (goal <= 1.05x), the same loop with heartbeatd's libpq deadline and with its logging set-up
+for comparison, and the functions where the two programs' instructions differ.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ if os.environ.get("HB_MINIMAL_DEADLINE"):  # the same loop with heartbeatd's dea
 else:
     deadline = lambda seconds: contextlib.nullcontext()
 logging.basicConfig(level=logging.INFO)
+if os.environ.get("HB_MINIMAL_LEAN_LOGGING"):  # logging set up as heartbeatd.logsetup.setup() does it
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
 log = logging.getLogger("minimal")
 r = redis.Redis.from_url(url)
 def cycle():
@@ -104,9 +109,13 @@ def _per_function(out_file: Path) -> dict[str, int]:
     return found
 
 
-def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float) -> None:
+def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float,
+              hash_seed: str = "0") -> None:
     """Instructions per cycle of the daemon and the minimal loop, start-up differenced away."""
-    env = dict(os.environ, DATABASE_URL=pg.url(), REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(interval),
+    # One fixed hash seed for every program: with Python's random one, how often dict lookups
+    # collide changes from run to run, and so did the counts (by about 3 %).
+    seeded = dict(os.environ, PYTHONHASHSEED=hash_seed)
+    env = dict(seeded, DATABASE_URL=pg.url(), REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(interval),
                HEARTBEAT_TIMEOUT="30", HEARTBEAT_BACKEND_IP="10.0.0.1")
     valgrind = ["valgrind", "--tool=callgrind", "--quiet"]
 
@@ -134,13 +143,14 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
         subprocess.run([*valgrind, f"--callgrind-out-file={out}", sys.executable, "-c", MINIMAL, pg.url(), redis.url(),
                         str(cycles), str(interval), "0"], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=1800,
-                       env=dict(os.environ, **({variant: "1"} if variant else {})))
+                       env=dict(seeded, **({variant: "1"} if variant else {})))
         return out
 
     from concurrent.futures import ThreadPoolExecutor
     programs = {"daemon": daemon_run, "minimal": minimal_run,
                 "minimal+deadline": lambda n: minimal_run(n, "HB_MINIMAL_DEADLINE"),
-                "minimal-select": lambda n: minimal_run(n, "HB_MINIMAL_NO_SELECT")}
+                "minimal-select": lambda n: minimal_run(n, "HB_MINIMAL_NO_SELECT"),
+                "minimal+logging": lambda n: minimal_run(n, "HB_MINIMAL_LEAN_LOGGING")}
     with ThreadPoolExecutor(2) as pool:  # side by side (2 cores)
         runs = {(who, n): pool.submit(fn, n) for n in (short, long) for who, fn in programs.items()}
         outs = {key: future.result() for key, future in runs.items()}
@@ -153,6 +163,9 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
     print(f"minimal loop with heartbeatd's deadline on every libpq wait: {per_cycle['minimal+deadline']:,.0f} "
           f"({per_cycle['minimal+deadline'] / per_cycle['minimal']:.3f}x); the daemon against it: "
           f"{per_cycle['daemon'] / per_cycle['minimal+deadline']:.3f}x")
+    print(f"minimal loop with heartbeatd's logging settings (no caller lookup per record): "
+          f"{per_cycle['minimal+logging']:,.0f} ({per_cycle['minimal+logging'] / per_cycle['minimal']:.3f}x); "
+          f"the daemon against it: {per_cycle['daemon'] / per_cycle['minimal+logging']:.3f}x")
     print(f"the SELECT inet_server_addr() round trip costs the client "
           f"{per_cycle['minimal'] - per_cycle['minimal-select']:,.0f} instructions a cycle "
           f"({(per_cycle['minimal'] / per_cycle['minimal-select'] - 1) * 100:.1f}% of the minimal loop)")
@@ -161,8 +174,12 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
         long_f, short_f = _per_function(outs[(who, long)]), _per_function(outs[(who, short)])
         for name in set(long_f) | set(short_f):
             functions[name] = functions.get(name, 0.0) + sign * (long_f.get(name, 0) - short_f.get(name, 0)) / cycles
+    ranked = sorted(functions.items(), key=lambda item: -item[1])
     print("where the daemon's extra instructions go (per cycle, daemon minus minimal loop, top 12):")
-    for name, extra in sorted(functions.items(), key=lambda item: -item[1])[:12]:
+    for name, extra in ranked[:12]:
+        print(f"  {extra:>12,.0f}  {name[:110]}")
+    print("and where the minimal loop spends more (top 4):")
+    for name, extra in reversed(ranked[-4:]):
         print(f"  {extra:>12,.0f}  {name[:110]}")
 
 
