@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import select
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -26,24 +25,26 @@ class DeadlineExceeded(psycopg2.OperationalError):
     """A libpq wait ran past the step's deadline; the connection must be discarded."""
 
 
-def _wait(conn: Any) -> None:
-    # Called for every libpq wait of every connection: kept lean, it runs several times a cycle.
-    while True:
-        state = conn.poll()
-        if state == POLL_OK:
-            return
-        fd = conn.fileno()
-        remaining = None if _deadline is None else _deadline - time.monotonic()
+def _wait(conn: Any, _ok: int = POLL_OK, _read: int = POLL_READ, _write: int = POLL_WRITE,
+          _select: Callable[..., Any] = select.select, _now: Callable[[], float] = time.monotonic) -> None:
+    # Called for every libpq wait of every connection, about ten polls a cycle: kept lean (the
+    # defaults bind what it calls; the per-cycle instruction count in the README is its measure).
+    state = conn.poll()
+    while state != _ok:
+        end = _deadline
+        remaining = None if end is None else end - _now()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(f"timed out after {round(_timeout, 2):g}s")
-        if state == POLL_READ:
-            ready = select.select((fd,), (), (), remaining)[0]
-        elif state == POLL_WRITE:
-            ready = select.select((), (fd,), (), remaining)[1]
+        # fileno() each time: while connecting, libpq moves on to the next address on a new socket.
+        if state == _read:
+            ready = _select((conn.fileno(),), (), (), remaining)[0]
+        elif state == _write:
+            ready = _select((), (conn.fileno(),), (), remaining)[1]
         else:  # pragma: no cover - psycopg2 documents only the three states
             raise psycopg2.OperationalError(f"bad poll state {state!r}")
         if not ready:
             raise DeadlineExceeded(f"timed out after {round(_timeout, 2):g}s")
+        state = conn.poll()
 
 
 def install() -> None:
@@ -51,14 +52,21 @@ def install() -> None:
     ext.set_wait_callback(_wait)
 
 
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Bound every libpq wait inside the block to `seconds` from now, in total."""
-    global _deadline, _timeout
-    install()
-    saved = (_deadline, _timeout)
-    _deadline, _timeout = time.monotonic() + seconds, seconds
-    try:
-        yield
-    finally:
-        _deadline, _timeout = saved
+class deadline:  # noqa: N801 - used as `with deadline(seconds):`, like a function
+    """Bound every libpq wait inside the block to `seconds` from now, in total (blocks nest)."""
+
+    __slots__ = ("_seconds", "_saved")
+    _saved: tuple[Optional[float], float]  # the enclosing block's deadline, set by __enter__
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        global _deadline, _timeout
+        install()
+        self._saved = (_deadline, _timeout)
+        _deadline, _timeout = time.monotonic() + self._seconds, self._seconds
+
+    def __exit__(self, *exc: object) -> None:
+        global _deadline, _timeout
+        _deadline, _timeout = self._saved
