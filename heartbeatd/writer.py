@@ -10,7 +10,7 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import Row, utcnow
+from heartbeatd.probes import Row, to_naive_utc, utcnow
 
 CREATE_TABLE = """\
 CREATE TABLE IF NOT EXISTS {table} (
@@ -118,8 +118,9 @@ class Writer:
         self.timeout = timeout
         self._ident = sql.Identifier(*self.table)
         self._clock = clock
-        # column -> "timestamp" | "timestamptz"; looked up once, again only after an error.
-        self._types: Optional[dict[str, str]] = None
+        # Whether report_time and created_at are `timestamp` (naive UTC) rather than `timestamptz`
+        # (the aware instant): looked up once, again only after an error.
+        self._naive: Optional[tuple[bool, bool]] = None
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
         self._queries: dict[tuple[int, bool], str] = {}
@@ -132,13 +133,7 @@ class Writer:
     def _missing_table(self) -> WriteError:
         return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", kind="missing table")
 
-    def _adapt(self, column: str, value: datetime) -> datetime:
-        # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
-        # on the server's or the session's TimeZone.
-        assert self._types is not None
-        return value if self._types.get(column) == "timestamptz" else value.replace(tzinfo=None)
-
-    def _lookup(self, cur: Any) -> dict[str, str]:
+    def _lookup(self, cur: Any) -> tuple[bool, bool]:
         cur.execute(COLUMN_TYPES, (self._ident.as_string(cur),))
         types = {name: typ for name, typ in cur.fetchall()}
         if not types:
@@ -146,7 +141,7 @@ class Writer:
         missing = [c for c in REQUIRED if c not in types]
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
-        return types
+        return types["report_time"] != "timestamptz", types["created_at"] != "timestamptz"
 
     def _query(self, cur: Any, count: int, dedupe: bool) -> str:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
@@ -167,16 +162,19 @@ class Writer:
             return
         try:
             with deadline(self.timeout), conn.cursor() as cur:
-                if self._types is None:
-                    self._types = self._lookup(cur)
-                created = self._clock()
+                if self._naive is None:
+                    self._naive = self._lookup(cur)
+                # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither
+                # depends on the server's or the session's TimeZone.
+                naive_report, naive_created = self._naive
+                created = to_naive_utc(self._clock()) if naive_created else self._clock()
                 params: list[Any] = []
                 for row in rows:
-                    params += [row.service, row.ip, self._adapt("report_time", row.report_time),
-                               self._adapt("created_at", created)]
+                    params += (row.service, row.ip, to_naive_utc(row.report_time) if naive_report else row.report_time,
+                               created)
                 cur.execute(self._query(cur, len(rows), dedupe), params)
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
-            self._types = None  # the table may have changed: look its columns up again
+            self._naive = None  # the table may have changed: look its columns up again
             if isinstance(exc, WriteError):
                 raise
             if isinstance(exc, psycopg2.errors.UndefinedTable):
@@ -204,5 +202,5 @@ class Writer:
                     concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
                     index=sql.Identifier(pair_index_name(self.table)), table=self._ident))
             done.append(f"created index {pair_index_name(self.table)}" + (" concurrently" if has_rows else ""))
-        self._types = None
+        self._naive = None
         return done

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from conftest import clean_env, cli, db_url, init_table, rows
+from heartbeatd.probes import to_naive_utc
 from heartbeatd.writer import CREATE_TABLE, index_name
 from servers import PgServer, RedisServer, free_port
 
@@ -93,6 +94,30 @@ def test_timestamptz_table_gets_aware_utc(pg: PgServer, redis_server: RedisServe
     for row in found:
         assert row[2].utcoffset() is not None
         assert before <= row[2] <= row[3] < before + timedelta(minutes=1)
+
+
+def test_each_time_column_gets_its_own_kind(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    # report_time `timestamp`, created_at `timestamptz`: naive UTC in one, the aware instant in the other.
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamptz NOT NULL)", db=pg.dbname)
+    before = datetime.now(timezone.utc)
+    result = cli(["once"], env_for(pg, redis_server, TZ=SHANGHAI), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = rows(pg)
+    assert len(found) == 3
+    for _service, _ip, report_time, created_at in found:
+        assert report_time.tzinfo is None and created_at.utcoffset() is not None
+        assert before <= report_time.replace(tzinfo=timezone.utc) <= created_at < before + timedelta(minutes=1)
+
+
+def test_to_naive_utc_is_the_same_instant() -> None:
+    shanghai = timezone(timedelta(hours=8))
+    for value in (datetime(2026, 12, 1, 3, 4, 5, 678901, tzinfo=timezone.utc),
+                  datetime(2026, 12, 1, 0, 30, tzinfo=shanghai),  # the day before in UTC
+                  datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5)))):
+        assert to_naive_utc(value) == value.astimezone(timezone.utc).replace(tzinfo=None)
+    assert to_naive_utc(datetime(2026, 12, 1, 0, 30, tzinfo=shanghai)) == datetime(2026, 11, 30, 16, 30)
+    assert to_naive_utc(datetime(2026, 12, 1, 1, 2, 3)) == datetime(2026, 12, 1, 1, 2, 3)  # naive: taken as UTC
 
 
 def test_schema_qualified_table(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
