@@ -28,7 +28,7 @@ def _session_leaves_nothing(tmp: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp))
     # A database test (initdb template, private servers) and a real-daemon test (notify socket, spool).
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_ledger.py::test_timestamptz_table_gets_aware_utc",
+                             "tests/test_ledger.py::test_each_time_column_gets_utc_of_its_kind",
                              "tests/test_daemon.py::test_ready_comes_before_dependencies_answer"],
                             cwd=TOP, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -7,6 +7,8 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from conftest import clean_env, cli, db_url, init_table, rows
 from heartbeatd.probes import to_naive_utc
 from heartbeatd.writer import CREATE_TABLE, index_name
@@ -83,31 +85,23 @@ def test_bare_existing_table_without_id_or_defaults(pg: PgServer, redis_server: 
     assert all(before <= r[2] <= r[3] < before + timedelta(minutes=1) for r in found)
 
 
-def test_timestamptz_table_gets_aware_utc(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("report_type, created_type", [("timestamptz", "timestamptz"), ("timestamp", "timestamptz")])
+def test_each_time_column_gets_utc_of_its_kind(pg: PgServer, redis_server: RedisServer, tmp_path: Path,
+                                               report_type: str, created_type: str) -> None:
+    # timestamptz gets the aware instant, timestamp naive UTC, column by column (the server is in Shanghai).
     pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
-           "report_time timestamptz NOT NULL, created_at timestamptz NOT NULL)", db=pg.dbname)
+           f"report_time {report_type} NOT NULL, created_at {created_type} NOT NULL)", db=pg.dbname)
     before = datetime.now(timezone.utc)
     result = cli(["once"], env_for(pg, redis_server, TZ=SHANGHAI), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     found = rows(pg)
     assert len(found) == 3
-    for row in found:
-        assert row[2].utcoffset() is not None
-        assert before <= row[2] <= row[3] < before + timedelta(minutes=1)
-
-
-def test_each_time_column_gets_its_own_kind(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
-    # report_time `timestamp`, created_at `timestamptz`: naive UTC in one, the aware instant in the other.
-    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
-           "report_time timestamp NOT NULL, created_at timestamptz NOT NULL)", db=pg.dbname)
-    before = datetime.now(timezone.utc)
-    result = cli(["once"], env_for(pg, redis_server, TZ=SHANGHAI), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    found = rows(pg)
-    assert len(found) == 3
-    for _service, _ip, report_time, created_at in found:
-        assert report_time.tzinfo is None and created_at.utcoffset() is not None
-        assert before <= report_time.replace(tzinfo=timezone.utc) <= created_at < before + timedelta(minutes=1)
+    for _service, _ip, *times in found:
+        instants = []
+        for kind, value in zip((report_type, created_type), times):
+            assert (value.utcoffset() is not None) == (kind == "timestamptz"), (kind, value)
+            instants.append(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+        assert before <= instants[0] <= instants[1] < before + timedelta(minutes=1)
 
 
 def test_to_naive_utc_is_the_same_instant() -> None:
