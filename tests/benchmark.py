@@ -109,6 +109,12 @@ def _per_function(out_file: Path) -> dict[str, int]:
     return found
 
 
+def _short(name: str) -> str:
+    """`Python/ceval.c:_PyEval_EvalFrameDefault [libpython3.11.so.1.0]`: no build directory, no object's path."""
+    name = re.sub(r"^.*?/Python-[0-9.]+/", "", name)
+    return re.sub(r" \[(?:[^]]*/)?([^]/]+)\]$", r" [\1]", name)
+
+
 def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float,
               hash_seed: str = "0") -> None:
     """Instructions per cycle of the daemon and the minimal loop, start-up differenced away."""
@@ -177,10 +183,10 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
     ranked = sorted(functions.items(), key=lambda item: -item[1])
     print("where the daemon's extra instructions go (per cycle, daemon minus minimal loop, top 12):")
     for name, extra in ranked[:12]:
-        print(f"  {extra:>12,.0f}  {name[:110]}")
+        print(f"  {extra:>12,.0f}  {_short(name)}")
     print("and where the minimal loop spends more (top 4):")
     for name, extra in reversed(ranked[-4:]):
-        print(f"  {extra:>12,.0f}  {name[:110]}")
+        print(f"  {extra:>12,.0f}  {_short(name)}")
 
 
 def main() -> None:
