@@ -73,4 +73,4 @@ def to_naive_utc(value: datetime) -> datetime:
 
 def naive_utc(value: datetime) -> str:
     """`2026-11-27 19:10:32`: how the table shows a report_time (naive UTC)."""
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
+    return to_naive_utc(value).isoformat(sep=" ", timespec="seconds")
