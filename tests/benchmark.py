@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgServer, RedisServer  # noqa: E402
+from servers import PgServer, RedisServer, remove_template  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -253,7 +253,11 @@ def main() -> None:
     finally:
         pg.destroy()
         redis.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        remove_template()  # the run's initdb template: a benchmark leaves nothing in the temp dir either

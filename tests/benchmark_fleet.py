@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgBouncer, PgServer, RedisServer  # noqa: E402
+from servers import PgBouncer, PgServer, RedisServer, remove_template  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 USER, PASSWORD = "hb_fleet", "fleet-pw-1"
@@ -66,7 +66,8 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float) -> dict[str
         if mode == "direct":
             url = pg.url() + "?sslmode=disable"
         elif mode == "pgbouncer":
-            bouncer = PgBouncer(pg, host="127.0.0.1").start()
+            bouncer = PgBouncer(pg, host="127.0.0.1")
+            bouncer.start()
             url = bouncer.url()
         else:
             pg.sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
@@ -144,4 +145,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        remove_template()  # the run's initdb template: a benchmark leaves nothing in the temp dir either

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgServer  # noqa: E402
+from servers import PgServer, remove_template  # noqa: E402
 
 SEED = """
 INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at)
@@ -122,4 +122,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        remove_template()  # the run's initdb template: a benchmark leaves nothing in the temp dir either

@@ -20,8 +20,9 @@ def utc() -> datetime:
 def test_pgbouncer_rows_carry_the_server_and_outages_behind_it_are_down(
         pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg_own)
-    bouncer = PgBouncer(pg_own, host="127.0.0.3").start()
+    bouncer = PgBouncer(pg_own, host="127.0.0.3")
     try:
+        bouncer.start()  # inside the try: a PgBouncer that fails to start leaves no directory behind
         env = clean_env(DATABASE_URL=bouncer.url(), REDIS_URL=redis_server.url(), HEARTBEAT_INTERVAL=str(INTERVAL),
                         HEARTBEAT_TIMEOUT="0.5", HEARTBEAT_SPOOL_PATH=str(tmp_path / "spool.db"))
         proc = daemon(env)
