@@ -115,12 +115,11 @@ def _short(name: str) -> str:
     return re.sub(r" \[(?:[^]]*/)?([^]/]+)\]$", r" [\1]", name)
 
 
-def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float,
-              hash_seed: str = "0") -> None:
+def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float) -> None:
     """Instructions per cycle of the daemon and the minimal loop, start-up differenced away."""
     # One fixed hash seed for every program: with Python's random one, how often dict lookups
     # collide changes from run to run, and so did the counts (by about 3 %).
-    seeded = dict(os.environ, PYTHONHASHSEED=hash_seed)
+    seeded = dict(os.environ, PYTHONHASHSEED="0")
     env = dict(seeded, DATABASE_URL=pg.url(), REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(interval),
                HEARTBEAT_TIMEOUT="30", HEARTBEAT_BACKEND_IP="10.0.0.1")
     valgrind = ["valgrind", "--tool=callgrind", "--quiet"]
