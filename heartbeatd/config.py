@@ -32,6 +32,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 INTERVAL_RANGE = (0.01, 86400.0)
 TIMEOUT_RANGE = (0.01, 600.0)
 SPOOL_MAX_ROWS_LIMIT = 10_000_000
+# Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
+# connect, the INSERT. The watchdog is pinged between them.
+BLOCKING_STEPS = 3
 # Files in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) that replace a variable.
 CREDENTIALS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 _IDENT = re.compile(r"^[^\x00\"]{1,63}$")
@@ -311,6 +314,10 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     log_level = get("HEARTBEAT_LOG_LEVEL").upper()
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    # Checked here, so at start and on every reload alike: a reload must not get the daemon killed.
+    watchdog = _watchdog_problem(timeout, environ)
+    if watchdog:
+        problems.append(watchdog)
     if problems:
         secrets = [p for p in (url_password(database_url), url_password(redis_url)) if p]
         raise ConfigError([mask(_name_source(p, sources), secrets) for p in problems])
@@ -329,6 +336,27 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         retention=retention,
         sources=tuple(sorted(sources.items())),
     )
+
+
+def watchdog_period(environ: Mapping[str, str], pid: Optional[int] = None) -> Optional[float]:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None if not ours to ping."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner and owner != str(pid if pid is not None else os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+def _watchdog_problem(timeout: float, environ: Mapping[str, str]) -> Optional[str]:
+    """The rule between HEARTBEAT_TIMEOUT and systemd's watchdog: one cycle must fit in half of it."""
+    period = watchdog_period(environ)
+    if period is None or BLOCKING_STEPS * timeout <= period:
+        return None
+    return (f"HEARTBEAT_TIMEOUT={timeout:g} lets one cycle block up to {BLOCKING_STEPS * timeout:g}s, more than "
+            f"half of WATCHDOG_USEC={environ['WATCHDOG_USEC']} ({period:g}s): raise WatchdogSec= or lower "
+            "HEARTBEAT_TIMEOUT")
 
 
 def _name_source(problem: str, sources: Mapping[str, str]) -> str:

@@ -6,12 +6,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 from heartbeatd.config import Config
-from heartbeatd.probes import BACKEND, POSTGRES, REDIS, ProbeResult, Row, naive_utc
+from heartbeatd.probes import BACKEND, LOOPBACK, POSTGRES, REDIS, ProbeResult, Row, naive_utc
 from heartbeatd.spool import SpoolWriteFailed
-from heartbeatd.writer import Batch, WriteError, write_split
+from heartbeatd.writer import Batch, Refused, WriteError, write_split
 
 # Operators grep for `heartbeatd.daemon:` in these lines (the README's failure table): the name stays.
 log = logging.getLogger("heartbeatd.daemon")
@@ -19,7 +19,8 @@ log = logging.getLogger("heartbeatd.daemon")
 REPLAY_BATCH = 500  # rows per backfill statement: one short transaction, well within the timeout
 REPEAT_EVERY = 60.0  # seconds between repeats of the same failure in the log
 FAILURE_LINES = {BACKEND: "后端检查失败: %s", REDIS: "Redis连接测试失败: %s", POSTGRES: "数据库连接测试失败: %s"}
-_KEYS = {service: (f"down:{service}", f"error:{service}") for service in FAILURE_LINES}  # Repeats keys
+
+T = TypeVar("T")
 
 
 class RedisCheck(Protocol):
@@ -133,6 +134,7 @@ class CycleRunner:
     config: Config
     services: Services
     _repeats: Repeats
+    _last_ip: dict[str, str]  # each service's address in its last result: a failed check's row of the log
     _clock: Callable[[], float]
     _wall: Callable[[], datetime]
 
@@ -147,6 +149,44 @@ class CycleRunner:
         """Monotonic time by which backfill should stop so the next cycle starts on time."""
         return float("inf")
 
+    def _checked(self, service: str, check: Callable[[], T], failed: Callable[[ProbeResult], T]) -> T:
+        """The one boundary of a check: whatever it raises becomes that service's failed result."""
+        start = self._clock()
+        try:
+            return check()
+        except Exception as exc:  # noqa: BLE001 - one check's bug must not cost the other services' rows
+            log.debug("the %s check raised", service, exc_info=True)
+            error = f"internal error in the check: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            return failed(ProbeResult(service, self._last_ip.get(service, LOOPBACK), False,
+                                      self._clock() - start, error))
+
+    def _probe_all(self) -> tuple[list[ProbeResult], Optional[Any]]:
+        """Redis, then PostgreSQL (its connection kept for the writes), then 后端; stops early on SIGTERM."""
+        services = self.services
+        results = [self._checked(REDIS, services.redis.check, lambda failed: failed)]
+        self._alive()
+        conn = None
+        if not self._stop_pending():
+            pg_result, conn = self._checked(POSTGRES, services.postgres.check, lambda failed: (failed, None))
+            results.append(pg_result)
+            self._alive()
+            if not self._stop_pending():
+                results.insert(0, self._checked(BACKEND, lambda: services.backend(pg_result.ip), lambda failed: failed))
+                self._alive()
+        for result in results:
+            self._last_ip[result.service] = result.ip
+        if conn is not None and self._stop_pending():
+            self._close(conn)
+            conn = None
+        return results, conn
+
+    @staticmethod
+    def _close(conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not end the cycle
+            pass
+
     def run_cycle(self) -> CycleOutcome:
         """Check the three services, write the healthy ones' rows (or spool them), log.
 
@@ -155,53 +195,57 @@ class CycleRunner:
         """
         self._alive()  # the nap may have ended just before a ping was due
         report_time = self._wall()
-        services = self.services
-        results = [services.redis.check()]
-        self._alive()
-        conn = None
-        if not self._stop_pending():
-            pg_result, conn = services.postgres.check()
-            results.append(pg_result)
-            self._alive()
-            if not self._stop_pending():
-                results.insert(0, services.backend(pg_result.ip))
-                self._alive()
-        if conn is not None and self._stop_pending():
-            conn.close()
-            conn = None
+        results, conn = self._probe_all()
         outcome = CycleOutcome(results)
         self._log_probes(outcome.results)
         rows = [Row(r.service, r.ip, report_time) for r in outcome.results if r.ok]
         try:
             if conn is not None:
-                # Live rows first: a backlog the table refuses must never hold today's heartbeats back.
-                written, refused = self._write(conn, [(0, r) for r in rows], dedupe=False)
-                outcome.recorded = [row for _, row in written]
-                outcome.rejected = [row for _, row, _ in refused]
-                self._set_aside(refused)
-                self._alive()
-                self._replay(conn)
+                self._write_cycle(conn, rows, outcome)
         except WriteError as exc:
             outcome.write_error = str(exc)
             self._repeats.failed("write", logging.ERROR, "记录心跳失败 - %s", exc, kind=exc.kind)
         finally:
             if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # noqa: BLE001 - closing a broken connection must not end the cycle
-                    pass
+                self._close(conn)
         self._alive()
         for row in outcome.recorded:
             log.info("记录心跳成功 - 服务: %s, IP: %s", row.service, row.ip)
         if outcome.recorded and not outcome.write_error and self._repeats.cleared("write"):
             log.warning("心跳写入恢复 - table %s accepts rows again", ".".join(self.config.table))
         done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
-        self._keep(outcome, [r for r in rows if id(r) not in done])
+        kept = [r for r in rows if id(r) not in done]
+        self._keep(outcome, kept)
+        if not kept and outcome.recorded:
+            self._repeats.cleared("spool")  # the episode is over: the next one starts its own lines
         return outcome
+
+    def _write_cycle(self, conn: Any, rows: list[Row], outcome: CycleOutcome) -> None:
+        """The live rows, then the backlog; rows are set aside only if the table took others meanwhile.
+
+        A table that refuses every row (a NOT NULL column added without a default) is the table's
+        fault, not the rows': they stay spooled, and WriteError says so once a minute.
+        """
+        until = self._replay_until()
+        # Live rows first: a backlog the table refuses must never hold today's heartbeats back.
+        written, refused = self._write(conn, [(0, r) for r in rows], dedupe=False, until=until)
+        outcome.recorded = [row for _, row in written]
+        self._alive()
+        replayed = self._replay(conn, until, first_unsplit=not written)
+        taken = bool(written) or replayed
+        if not refused:
+            if taken:
+                self._repeats.cleared("rejected")
+            return
+        if not taken:
+            why = refused[0][2].split(" DETAIL: ")[0]
+            raise WriteError(f"table {'.'.join(self.config.table)} refuses every row: {why}; the rows stay in the "
+                             "local spool and are tried again every cycle", kind=f"refuses every row: {why}")
+        outcome.rejected = self._set_aside(refused)
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:
         for result in results:
-            key, error_key = _KEYS[result.service]
+            key, error_key = f"down:{result.service}", f"error:{result.service}"
             if result.ok:
                 times = self._repeats.cleared(key)
                 self._repeats.cleared(error_key)
@@ -209,20 +253,25 @@ class CycleRunner:
                     log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip, times)
                 continue
             self._repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
-            line = FAILURE_LINES.get(result.service)
-            if line:
-                # The same failure, whatever the figures in it (a time-out's share, a row count).
-                kind = re.sub(r"[0-9.]+", "#", result.error or "")
-                self._repeats.failed(error_key, logging.ERROR, line, result.error, kind=kind)
+            line = FAILURE_LINES.get(result.service, "检查失败: %s")
+            # The same failure, whatever the figures in it (a time-out's share, a row count).
+            kind = re.sub(r"[0-9.]+", "#", result.error or "")
+            self._repeats.failed(error_key, logging.ERROR, line, result.error, kind=kind)
 
-    def _write(self, conn: Any, batch: Batch, dedupe: bool
-               ) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:
-        return write_split(self.services.writer, conn, batch, dedupe, between=self._alive)
+    def _write(self, conn: Any, batch: Batch, dedupe: bool, until: float, split: bool = True
+               ) -> tuple[list[tuple[int, Row]], list[Refused]]:
+        # Splitting a refused batch goes on until `until`, but for at least one timeout: a batch
+        # always makes progress, and a slow server cannot stretch a split over many cycles.
+        until = max(until, self._clock() + self.config.timeout)
+        return write_split(self.services.writer, conn, batch, dedupe, between=self._alive, split=split,
+                           until=until, clock=self._clock)
 
-    def _set_aside(self, refused: Sequence[tuple[int, Row, str]]) -> None:
-        """Rows the table refused: kept aside in the spool, each logged once with the reason."""
-        if not refused:
-            return
+    def _set_aside(self, refused: Sequence[Refused]) -> list[Row]:
+        """Rows the table refused while it took others: kept aside in the spool, logged with the reason.
+
+        Returns the rows of this cycle (id 0) now set aside; any the spool could not record stay
+        where they were (a live one is spooled as usual) and are tried again.
+        """
         table = ".".join(self.config.table)
         for _, row, why in refused:
             # Once per row, and a flood of rows refused for the same reason is one line a minute.
@@ -234,31 +283,43 @@ class CycleRunner:
             )
         spool = self.services.spool
         if spool is None:  # `once`: nothing is spooled, its output says "rejected"
-            return
+            return [row for i, row, _ in refused if i == 0]
         try:
             spool.reject(refused)
         except SpoolWriteFailed as exc:
             self._repeats.failed("spool-write", logging.ERROR, "心跳缓存不可写 - %s", exc, kind="reject")
+            return []
+        return [row for i, row, _ in refused if i == 0]
 
-    def _replay(self, conn: Any) -> None:
-        """Write the spooled backlog, oldest first, in batches, within a bounded share of the cycle."""
+    def _replay(self, conn: Any, until: float, first_unsplit: bool) -> bool:
+        """Write the spooled backlog, oldest first, in batches, within a bounded share of the cycle.
+
+        With `first_unsplit` (the table took none of this cycle's rows) the first batch is tried
+        whole: refused whole, the table refuses everything and the backlog stays as it is. Returns
+        whether the table took any row.
+        """
         spool = self.services.spool
         if spool is None:
-            return
+            return False
         spool.recount_rejected()
         if spool.count == 0:
-            return
+            return False
         # A bounded share of the cycle, ending early enough that a last batch (at most one timeout)
         # does not push back the next start; but always one batch, so a backlog always drains.
-        budget_end = min(self._clock() + max(self.config.timeout, self.config.interval / 2), self._replay_until())
-        first = True
+        budget_end = min(self._clock() + max(self.config.timeout, self.config.interval / 2), until)
+        first, taken = True, False
         while spool.count and (first or self._clock() < budget_end) and not self._stop_pending():
-            first = False
             batch = spool.oldest(REPLAY_BATCH)
             if not batch:
                 break
-            written, refused = self._write(conn, batch, dedupe=True)
-            self._set_aside(refused)
+            whole = first and first_unsplit
+            first = False
+            written, refused = self._write(conn, batch, dedupe=True, until=budget_end, split=not whole)
+            if whole and refused:
+                break  # the table refuses this cycle's rows and the backlog's: nothing is set aside
+            taken = taken or bool(written)
+            if refused:
+                self._set_aside(refused)
             try:
                 spool.delete([i for i, _ in written])
             except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them
@@ -270,7 +331,10 @@ class CycleRunner:
                     "补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",
                     len(rows), naive_utc(rows[0].report_time), naive_utc(rows[-1].report_time), spool.count,
                 )
+            elif not refused:
+                break  # out of time before the table said anything about this batch
             self._alive()
+        return taken
 
     def _keep(self, outcome: CycleOutcome, rows: list[Row]) -> None:
         """Rows that did not reach the table go to the spool (when there is one)."""

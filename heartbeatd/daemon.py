@@ -43,6 +43,7 @@ class Daemon(CycleRunner):
         self._events: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._deferred: list[int] = []  # signals seen by _stop_pending mid-cycle, handled by the nap
         self._repeats = Repeats(clock)
+        self._last_ip: dict[str, str] = {}
         self._next = clock()  # monotonic time of the next cycle start
 
     # -- what a cycle asks of the loop ------------------------------------------------------
@@ -107,6 +108,9 @@ class Daemon(CycleRunner):
             services = self._build(new, self.services)
         except (ConfigError, SpoolUnavailable) as exc:
             log.error("重新加载配置失败 - keeping the old configuration: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a reload never ends the daemon
+            log.debug("the reload raised", exc_info=True)
+            log.error("重新加载配置失败 - keeping the old configuration: %s: %s", type(exc).__name__, exc)
         else:
             self.services.close(keep_spool=services.spool is self.services.spool)
             self.services, self.config = services, new

@@ -121,6 +121,10 @@ SELECT count(*), max(report_time) FROM gone"""
 PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
 
 
+class TableMissing(Exception):
+    """The table (or its report_time column) is not there: the operator runs `heartbeatd init-db`."""
+
+
 def as_utc(value: datetime) -> datetime:
     """A report_time from either column type as an aware UTC datetime."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -235,7 +239,7 @@ class Ledger:
         cur.execute(COLUMN_TYPE, (self._t.as_string(cur),))
         found = cur.fetchone()
         if found is None:
-            raise LookupError(f"table {self.name} does not exist (or has no report_time column): "
+            raise TableMissing(f"table {self.name} does not exist (or has no report_time column): "
                               "run `heartbeatd init-db`")
         self.naive = found[0] != "timestamptz"
 

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Mapping, Optional
 
 import sdnotify
 
-
-def watchdog_period(environ: Mapping[str, str], pid: Optional[int] = None) -> Optional[float]:
-    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None if not ours to ping."""
-    usec = environ.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
-        return None
-    owner = environ.get("WATCHDOG_PID", "")
-    if owner and owner != str(pid if pid is not None else os.getpid()):
-        return None
-    return int(usec) / 2e6
+from heartbeatd.config import watchdog_period
 
 
 class Notifier:

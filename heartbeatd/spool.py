@@ -14,8 +14,8 @@ What can go wrong with a file, and what each means here:
 
 from __future__ import annotations
 
-import collections
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -72,6 +72,21 @@ def _row(service: str, ip: str, report_time: str) -> Row:
     return Row(service, ip, datetime.fromisoformat(report_time))
 
 
+def _parse(found: Sequence[tuple[int, str, str, str]]) -> tuple[list[tuple[int, Row]], list[tuple[str, int]]]:
+    """File rows as (id, Row), and (reason, id) for those that cannot be read back (set aside, never fatal)."""
+    rows: list[tuple[int, Row]] = []
+    unreadable: list[tuple[str, int]] = []
+    for i, service, ip, when in found:
+        try:
+            row = _row(service, ip, when)
+            if not isinstance(service, str) or not isinstance(ip, str) or row.report_time.tzinfo is None:
+                raise ValueError("not a heartbeat of this daemon's")
+            rows.append((i, row))
+        except (TypeError, ValueError) as exc:
+            unreadable.append((f"unreadable in the spool: {exc}", i))
+    return rows, unreadable
+
+
 def check_path(path: Path) -> None:
     """Refuse a path that cannot be this daemon's spool (a directory, a file we may not use)."""
     directory = path.parent if str(path.parent) else Path(".")
@@ -106,8 +121,11 @@ class Spool:
         self._now = now
         check_path(path)
         self._lock_fd = self._lock() if lock else None
-        # Rows the file could not take (full disk, EIO): retried at every append, replayed too.
-        self._memory: collections.deque[Row] = collections.deque()
+        # Rows the file could not take (full disk, EIO): retried at every append, replayed too. Each
+        # has its own id (< 0, never reused), so that writing or refusing some of them, in any
+        # order, removes exactly those.
+        self._memory: dict[int, Row] = {}
+        self._memory_ids = itertools.count(-1, -1)
         self.write_error: Optional[str] = None  # why the file cannot be written right now
         self._db: Optional[sqlite3.Connection] = None
         self._inode: Optional[tuple[int, int]] = None
@@ -115,6 +133,10 @@ class Spool:
         self.rejected = 0  # rows the table refused, kept aside in the file
         try:
             self._db = self._open_or_reset()
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk or EIO at start is not a configuration problem: rows wait in memory and
+            # the file is opened again at every write, as after the same failure later on.
+            self.write_error = f"open: {_reason(exc)}"
         except BaseException:
             self.close()
             raise
@@ -204,17 +226,25 @@ class Spool:
         self._db = None
         log.error("心跳缓存文件丢失 - %s no longer names the open spool (deleted or replaced); "
                   "reopening it there with the %d row(s) the old file held", self.path, len(held))
-        check_path(self.path)
-        db = self._open_or_reset()
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(INSERT, held)
+        try:
+            check_path(self.path)
+            db = self._open_or_reset()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(INSERT, held)
+        except BaseException:
+            # The old file's rows must not go with it: held in memory (refused ones too, to be
+            # refused and set aside again) until a file takes them.
+            self._disk = 0
+            rows, _ = _parse([(0, s, ip, t) for s, ip, t, _ in held])
+            for _, row in rows:
+                self._memory[next(self._memory_ids)] = row
+            raise
         self._db = db
         self._recount()
 
     def _recount(self) -> None:
-        assert self._db is not None
-        counts = self._db.execute("SELECT count(*) - count(rejected), count(rejected) FROM spool").fetchone()
+        counts = self._database().execute("SELECT count(*) - count(rejected), count(rejected) FROM spool").fetchone()
         self._disk, self.rejected = int(counts[0]), int(counts[1])
 
     def _failed(self, exc: BaseException, what: str) -> str:
@@ -250,7 +280,7 @@ class Spool:
         Beyond the bound the rows written longest ago are dropped. `write_error` says whether the
         file took them.
         """
-        held = list(self._memory) + list(rows)
+        held = list(self._memory.values()) + list(rows)
         if not held:
             return 0
         try:
@@ -266,11 +296,12 @@ class Spool:
         except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
             self.write_error = self._failed(exc, "write") if isinstance(exc, (sqlite3.Error, _Damaged)) \
                 else _reason(exc)
-            self._memory.extend(rows)
+            for row in rows:
+                self._memory[next(self._memory_ids)] = row
             limit = min(self.max_rows, MEMORY_MAX_ROWS)
             dropped = max(0, len(self._memory) - limit)
-            for _ in range(dropped):
-                self._memory.popleft()
+            for key in list(itertools.islice(self._memory, dropped)):  # the oldest held
+                del self._memory[key]
             return dropped
         self.write_error = None
         self._memory.clear()
@@ -283,22 +314,27 @@ class Spool:
         if self._disk:
             try:
                 db = self._database()
-                found = [(i, _row(s, ip, t)) for i, s, ip, t in
-                         db.execute(PENDING + " ORDER BY id LIMIT ?", (limit,)).fetchall()]
+                found, unreadable = _parse(db.execute(PENDING + " ORDER BY id LIMIT ?", (limit,)).fetchall())
+                if unreadable:  # a row this daemon cannot read back is set aside, never a failed cycle
+                    log.error("心跳缓存错误 - %d row(s) in %s cannot be read back (%s); kept aside with the "
+                              "rejected rows", len(unreadable), self.path, unreadable[0][0])
+                    with db:
+                        db.execute("BEGIN IMMEDIATE")
+                        db.executemany("UPDATE spool SET rejected = ? WHERE id = ?", unreadable)
+                    self._recount()
             except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
                 if isinstance(exc, (sqlite3.Error, _Damaged)):
                     log.error("心跳缓存错误 - cannot read %s: %s", self.path, self._failed(exc, "read"))
                     if self._db is not None:  # set aside and started anew: what it held is no longer ours
                         self._disk = 0
-        for n, row in enumerate(list(self._memory)[: max(0, limit - len(found))]):
-            found.append((-1 - n, row))
+        found += itertools.islice(self._memory.items(), max(0, limit - len(found)))
         return found
 
     def delete(self, ids: Sequence[int]) -> None:
         """Forget rows now known to be in the table; a failure leaves them for a later (deduplicated) replay."""
-        in_memory = sum(1 for i in ids if i < 0)
-        for _ in range(in_memory):
-            self._memory.popleft()
+        for i in ids:
+            if i < 0:
+                self._memory.pop(i, None)
         on_disk = [(i,) for i in ids if i > 0]
         if not on_disk:
             return
@@ -317,7 +353,6 @@ class Spool:
 
         Ids are those `oldest` gave (> 0 in the file, < 0 in memory), or 0 for a row never spooled.
         """
-        from_memory = sum(1 for i, _, _ in rejected if i < 0)
         new = [(r.service, r.ip, r.report_time.isoformat(), why) for i, r, why in rejected if i <= 0]
         try:
             db = self._database()
@@ -331,16 +366,18 @@ class Spool:
             # Memory rows stay where they are and are tried again; the others are not lost either.
             reason = self._failed(exc, "write") if isinstance(exc, (sqlite3.Error, _Damaged)) else _reason(exc)
             raise SpoolWriteFailed(reason) from exc
-        for _ in range(from_memory):
-            self._memory.popleft()
+        for i, _, _ in rejected:
+            if i < 0:
+                self._memory.pop(i, None)
 
     def recount_rejected(self) -> None:
         """Read the rejected count again (`heartbeatd rejected --retry` may have changed it)."""
         if self.rejected:
             try:
                 self._recount()
-            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable):
-                pass
+            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+                if isinstance(exc, (sqlite3.Error, _Damaged)):
+                    self._failed(exc, "read")
 
     # -- what `heartbeatd rejected` uses ---------------------------------------------------------
 
@@ -352,20 +389,45 @@ class Spool:
             "WHERE rejected IS NOT NULL ORDER BY id").fetchall()]
 
     def take_over(self, old: "Spool") -> int:
-        """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload)."""
+        """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload).
+
+        Rows leave the old file only once this file holds them: if it cannot (a full disk), this
+        raises SpoolUnavailable and both spools are as they were.
+        """
         waiting = [row for _, row in old.oldest(old.count)] if old.count else []
-        refused = old.rejected_rows() if old.rejected else []
+        try:
+            refused = old.rejected_rows() if old.rejected else []
+        except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+            raise SpoolUnavailable(f"cannot read the rows set aside in {old.path}: {_reason(exc)}") from exc
         self.append(waiting)
-        if refused:
-            self.reject([(0, row, why) for _, row, why in refused])
-        if old._db is not None:
-            with old._db:
-                old._db.execute("BEGIN IMMEDIATE")
-                old._db.execute("DELETE FROM spool")
+        if self.write_error is None and refused:
+            try:
+                self.reject([(0, row, why) for _, row, why in refused])
+            except SpoolWriteFailed as exc:
+                self.write_error = str(exc)
+        if self.write_error is not None:
+            self._memory.clear()
+            raise SpoolUnavailable(f"{self.path} cannot take the {len(waiting) + len(refused)} row(s) held by "
+                                   f"{old.path} ({self.write_error})")
+        old._memory.clear()
+        try:
+            with old._database() as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM spool")
+            old._disk = old.rejected = 0
+        except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+            # Both files hold them now; a replay from either writes each row once (deduplicated).
+            log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", self.path, old.path, _reason(exc))
         return len(waiting) + len(refused)
 
     def close(self) -> None:
-        """Close the SQLite file and release the lock."""
+        """Put rows held in memory into the file if it takes them now, close it and release the lock."""
+        if self._memory:
+            self.append([])
+            if self._memory:
+                log.error("心跳缓存不可写 - %s cannot be written (%s); %d row(s) held in memory only are lost",
+                          self.path, self.write_error, len(self._memory))
+                self._memory.clear()
         if self._db is not None:
             self._db.close()
             self._db = None

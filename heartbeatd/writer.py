@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
@@ -84,14 +85,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 Batch = Sequence[tuple[int, Row]]  # rows with the caller's ids (spool ids, or 0 for live rows)
+Refused = tuple[int, Row, str]  # a row the table refused, with the reason
 
 
 def write_split(writer: "Writer | Any", conn: Any, batch: Batch, dedupe: bool,
-                between: Callable[[], None] = lambda: None) -> tuple[list[tuple[int, Row]], list[tuple[int, Row, str]]]:
+                between: Callable[[], None] = lambda: None, split: bool = True, until: float = float("inf"),
+                clock: Callable[[], float] = time.monotonic) -> tuple[list[tuple[int, Row]], list[Refused]]:
     """Write a batch; one the table refuses for a data reason is split until the refused rows stand alone.
 
-    Returns (written, refused with the reason). Any other failure raises WriteError. `between`
-    runs between the statements of a split (the daemon pings its watchdog there).
+    Returns (written, refused with the reason); rows in neither were not tried (no split once
+    `clock()` passes `until`: they stay where they are). Without `split` a refused batch is
+    refused whole. Any other failure raises WriteError. `between` runs between the statements of
+    a split (the daemon pings its watchdog there).
     """
     if not batch:
         return [], []
@@ -101,12 +106,14 @@ def write_split(writer: "Writer | Any", conn: Any, batch: Batch, dedupe: bool,
     except WriteError as exc:
         if not exc.data_error:
             raise
-        if len(batch) == 1:
-            return [], [(batch[0][0], batch[0][1], str(exc))]
+        if len(batch) == 1 or not split:
+            return [], [(i, row, str(exc)) for i, row in batch]
+    if clock() >= until:
+        return [], []
     between()
     half = len(batch) // 2
-    first_ok, first_bad = write_split(writer, conn, batch[:half], dedupe, between)
-    second_ok, second_bad = write_split(writer, conn, batch[half:], dedupe, between)
+    first_ok, first_bad = write_split(writer, conn, batch[:half], dedupe, between, split, until, clock)
+    second_ok, second_bad = write_split(writer, conn, batch[half:], dedupe, between, split, until, clock)
     return first_ok + second_ok, first_bad + second_bad
 
 

@@ -141,7 +141,7 @@ def test_postgres_down_spools_then_backfills_oldest_first(tmp_path: Path) -> Non
     assert daemon.services.spool.count == 0
 
 
-def test_unexpected_exception_in_a_cycle_is_logged_and_survived(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_check_that_raises_is_that_checks_failure_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     daemon = make(tmp_path, clock)
 
@@ -149,6 +149,25 @@ def test_unexpected_exception_in_a_cycle_is_logged_and_survived(tmp_path: Path, 
         raise ZeroDivisionError("bug")
 
     daemon.services.backend = broken
+    with caplog.at_level(logging.ERROR):
+        outcome = daemon.safe_cycle()
+    assert outcome is not None and [(r.service, r.ok) for r in outcome.results] == [
+        (BACKEND, False), (REDIS, True), (POSTGRES, True)]
+    assert outcome.results[0].error == "internal error in the check: ZeroDivisionError: bug"
+    assert [r.service for r in outcome.recorded] == [REDIS, POSTGRES]
+    pg = daemon.services.postgres
+    assert isinstance(pg, FakePostgres) and all(c.closed for c in pg.conns)
+    assert "后端检查失败: internal error in the check: ZeroDivisionError: bug" in caplog.text
+
+
+def test_unexpected_exception_in_a_cycle_is_logged_and_survived(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    daemon = make(tmp_path, clock)
+
+    def broken(conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
+        raise ZeroDivisionError("bug")  # outside every check: the cycle itself fails, the loop goes on
+
+    daemon.services.writer.write = broken  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR):
         for _ in range(5):
             assert daemon.safe_cycle() is None

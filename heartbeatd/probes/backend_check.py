@@ -16,11 +16,13 @@ import ssl
 import subprocess
 import time
 from typing import Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from heartbeatd.config import ConfigError
 from heartbeatd.probes.names import LookupFailed, Resolver
 
+# What may stand unencoded in a request target (RFC 3986 pchar, `/`, `?`, and `%` of an existing escape).
+_TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"
 UNIT = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|target|mount|timer|path|scope|slice)$")
 SYSTEMCTL = ("/usr/bin/systemctl", "/bin/systemctl")
 
@@ -44,7 +46,17 @@ def validate(spec: str) -> Optional[str]:
         return f"tcp:// needs a port, got {spec!r}"
     if parts.username or parts.password:
         return "no user or password in the URL: the check only reads an open endpoint"
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        return f"host {parts.hostname!r} is not a valid host name"
     return None
+
+
+def request_target(path: str, query: str) -> str:
+    """The path and query as sent: anything outside ASCII's URL characters percent-encoded (UTF-8)."""
+    target = (path or "/") + (f"?{query}" if query else "")
+    return quote(target, safe=_TARGET_SAFE)
 
 
 def _left(deadline: float) -> float:
@@ -74,7 +86,7 @@ class BackendCheck:
             self._scheme = parts.scheme
             self._host = parts.hostname or ""
             self._port = parts.port or (443 if parts.scheme == "https" else 80)
-            self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._path = request_target(parts.path, parts.query)
             self._run = self._tcp if parts.scheme == "tcp" else self._http
 
     def run(self) -> Optional[str]:
@@ -118,7 +130,7 @@ class BackendCheck:
             if self._scheme == "https":
                 # Verified against the name in the URL, not the address we connected to.
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
-            host = self._host if ":" not in self._host else f"[{self._host}]"
+            host = self._host.encode("idna").decode("ascii") if ":" not in self._host else f"[{self._host}]"
             request = (f"GET {self._path} HTTP/1.1\r\nHost: {host}:{self._port}\r\nUser-Agent: heartbeatd\r\n"
                        "Accept: */*\r\nConnection: close\r\n\r\n")
             sock.settimeout(_left(deadline))
