@@ -219,10 +219,14 @@ def cmd_rejected(config: Config, retry: bool) -> int:
         return _config_error([f"HEARTBEAT_SPOOL_PATH: {exc}"])
     try:
         refused = spool.rejected_rows()
+        readable = {i for i, _, _ in refused}
+        unreadable = [r for r in spool.rejected_raw() if r[0] not in readable]
         if not retry or not refused:
             for _, row, why in refused:
                 print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\t{why}")
-            print(f"{len(refused)} rejected row(s) in {spool.path}", file=sys.stderr)
+            for _, service, ip, when, why in unreadable:  # as stored: it could not be read back
+                print(f"{service}\t{ip}\t{when}\t{why}")
+            print(f"{len(refused) + len(unreadable)} rejected row(s) in {spool.path}", file=sys.stderr)
             return EX_OK
         result, conn = PostgresProbe(config.database_url, config.timeout).check()
         if conn is None:

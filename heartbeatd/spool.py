@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS spool (
     UNIQUE (service_name, ip_address, report_time)
 )"""
 INSERT = "INSERT OR IGNORE INTO spool (service_name, ip_address, report_time, rejected) VALUES (?, ?, ?, ?)"
+SET_ASIDE = ("INSERT INTO spool (service_name, ip_address, report_time, rejected) VALUES (?, ?, ?, ?) "
+             "ON CONFLICT (service_name, ip_address, report_time) DO UPDATE SET rejected = excluded.rejected")
 PENDING = "SELECT id, service_name, ip_address, report_time FROM spool WHERE rejected IS NULL"
 # SQLite primary result codes that mean "this file is damaged" (extended codes carry them in the low byte).
 DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -155,8 +157,11 @@ class Spool:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise SpoolUnavailable(f"{self.path} is in use by another heartbeatd (PID {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # who holds it, for the refusal line of a second daemon; the lock holds without it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk
+            pass
         return fd
 
     def _open(self) -> sqlite3.Connection:
@@ -359,8 +364,7 @@ class Spool:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("UPDATE spool SET rejected = ? WHERE id = ?", [(why, i) for i, _, why in rejected if i > 0])
-                db.executemany("INSERT INTO spool (service_name, ip_address, report_time, rejected) VALUES (?, ?, ?, ?) "
-                               "ON CONFLICT (service_name, ip_address, report_time) DO UPDATE SET rejected = excluded.rejected", new)
+                db.executemany(SET_ASIDE, new)
             self._recount()
         except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
             # Memory rows stay where they are and are tried again; the others are not lost either.
@@ -381,12 +385,19 @@ class Spool:
 
     # -- what `heartbeatd rejected` uses ---------------------------------------------------------
 
-    def rejected_rows(self) -> list[tuple[int, Row, str]]:
-        """Every row the table refused, with the reason, first written first."""
+    def rejected_raw(self) -> list[tuple[int, str, str, str, str]]:
+        """Every row set aside, as stored (id, service, ip, report_time text, reason), first written first."""
         db = self._database()
-        return [(i, _row(s, ip, t), why) for i, s, ip, t, why in db.execute(
+        return [tuple(r) for r in db.execute(
             "SELECT id, service_name, ip_address, report_time, rejected FROM spool "
             "WHERE rejected IS NOT NULL ORDER BY id").fetchall()]
+
+    def rejected_rows(self) -> list[tuple[int, Row, str]]:
+        """Every row the table refused that can be read back, with the reason, first written first."""
+        raw = self.rejected_raw()
+        why = {i: reason for i, _, _, _, reason in raw}
+        readable, _ = _parse([(i, s, ip, t) for i, s, ip, t, _ in raw])
+        return [(i, row, why[i]) for i, row in readable]
 
     def take_over(self, old: "Spool") -> int:
         """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload).
@@ -396,15 +407,19 @@ class Spool:
         """
         waiting = [row for _, row in old.oldest(old.count)] if old.count else []
         try:
-            refused = old.rejected_rows() if old.rejected else []
+            refused = old.rejected_raw() if old.rejected else []
         except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
             raise SpoolUnavailable(f"cannot read the rows set aside in {old.path}: {_reason(exc)}") from exc
         self.append(waiting)
         if self.write_error is None and refused:
             try:
-                self.reject([(0, row, why) for _, row, why in refused])
-            except SpoolWriteFailed as exc:
-                self.write_error = str(exc)
+                with self._database() as db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany(SET_ASIDE, [(s, ip, t, why) for _, s, ip, t, why in refused])
+                self._recount()
+            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
+                self.write_error = self._failed(exc, "write") if isinstance(exc, (sqlite3.Error, _Damaged)) \
+                    else _reason(exc)
         if self.write_error is not None:
             self._memory.clear()
             raise SpoolUnavailable(f"{self.path} cannot take the {len(waiting) + len(refused)} row(s) held by "

@@ -227,3 +227,28 @@ def daemon_on_env_file(start: Callable[..., DaemonProcess], pg: PgServer, redis:
     proc = start(clean_env(), ["--env-file", str(env_file)])
     proc.wait_log("记录心跳成功 - 服务: postgres")
     return proc, env_file, good
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs of this test's own, to fill up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros until the file system is full."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

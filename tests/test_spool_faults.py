@@ -13,36 +13,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, fill, init_table, rows
 from heartbeatd.probes import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
 from test_faults import INTERVAL, assert_backfilled_whole, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs of this test's own, to fill up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write zeros until the file system is full."""
-    filler = directory / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def test_full_disk_keeps_the_spool_and_every_row_arrives_once(

@@ -1,0 +1,323 @@
+"""Nothing lost, round three: the faults a compound-fault soak found, each forced on a real daemon.
+
+Each test fails on heartbeatd 1.1.1 (the line above it says how) and checks what the operator
+sees: the log line, STATUS, the exit status, the rows in the table and in the spool.
+"""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, fill, init_table, rows
+from heartbeatd.probes import Row
+from heartbeatd.spool import Spool
+from servers import PgServer, RedisServer
+from test_faults import INTERVAL, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses
+
+
+def rejected_in(path: Path) -> list[tuple[str, str, str]]:
+    db = sqlite3.connect(str(path))
+    try:
+        return db.execute("SELECT service_name, ip_address, report_time FROM spool WHERE rejected IS NOT NULL").fetchall()
+    finally:
+        db.close()
+
+
+def status_without(proc: DaemonProcess, *words: str) -> bool:
+    """The last STATUS is a cycle's and says none of `words`."""
+    last = proc.notices("STATUS=")
+    return bool(last) and "next in" in last[-1][1] and not any(word in last[-1][1] for word in words)
+
+
+def drained(proc: DaemonProcess) -> bool:
+    """The last STATUS says nothing is spooled, held in memory or set aside."""
+    return status_without(proc, "spooled", "in memory", "rejected", "cycle failed")
+
+
+# 1.1.1: every row of those cycles set aside (STATUS `N rejected`), none written after the fix.
+def test_a_table_that_refuses_every_row_keeps_them_spooled_and_writes_them_once_fixed(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg)
+    proc = daemon(env_for(pg, redis_server, tmp_path))
+    proc.wait_log("记录心跳成功 - 服务: postgres", 2)
+    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN host text NOT NULL DEFAULT 'x'", db=pg.dbname)
+    pg.sql("ALTER TABLE service_heartbeat ALTER COLUMN host DROP DEFAULT", db=pg.dbname)
+    proc.wait_log("refuses every row")
+    before = statuses(proc, "spooled")
+    proc.wait_for(lambda: statuses(proc, "spooled") >= before + 6, what="six cycles refused whole")
+    pg.sql("ALTER TABLE service_heartbeat DROP COLUMN host", db=pg.dbname)
+    proc.wait_log("心跳写入恢复 - table service_heartbeat accepts rows again")
+    proc.wait_for(lambda: drained(proc), what="the backlog written")
+    assert proc.stop() == 0
+    lines = [line for _, line in proc.lines if "记录心跳失败" in line]
+    assert len(lines) == 1, lines  # one line a minute, not one a cycle
+    assert lines[0].startswith("ERROR:heartbeatd.daemon:记录心跳失败 - table service_heartbeat refuses every row: "
+                               'null value in column "host"'), lines[0]
+    assert "心跳被拒绝" not in proc.log()
+    assert not any("rejected" in s for _, s in proc.notices("STATUS="))
+    cycles = statuses(proc, "next in")
+    found = rows(pg)
+    assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
+    assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)
+    assert spooled_rows(tmp_path / "spool.db") == []
+
+
+# 1.1.1: `AssertionError` from Spool._recount every cycle (`心跳周期异常`), the backlog never replayed,
+# the rows held in memory lost at SIGTERM.
+def test_full_disk_set_aside_rows_and_outages_together_never_fail_a_cycle(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, small_fs: Path,
+        daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    pg_own.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_redis CHECK (service_name <> 'redis')")
+    spool = small_fs / "spool.db"
+    env = env_for(pg_own, redis_server, tmp_path, HEARTBEAT_SPOOL_PATH=str(spool))
+    proc = daemon(env)
+    proc.wait_for(lambda: statuses(proc, "rejected") >= 2, what="redis rows set aside")
+    filler = fill(small_fs)
+    proc.wait_for(lambda: statuses(proc, "in memory only") >= 3, what="rows held in memory")
+    pg_own.stop()
+    proc.wait_for(lambda: statuses(proc, "postgres down") >= 3, what="cycles with PostgreSQL down")
+    pg_own.start()
+    pg_own.sql("ALTER TABLE service_heartbeat DROP CONSTRAINT no_redis")
+    filler.unlink()
+    proc.wait_for(lambda: status_without(proc, "spooled", "in memory"), what="the backlog written")
+    assert "心跳周期异常" not in proc.log() and "Traceback" not in proc.log()
+    assert not any("cycle failed" in s for _, s in proc.notices("STATUS="))
+    assert proc.stop() == 0
+    cycles = statuses(proc, "next in")
+    found = rows(pg_own, db="postgres")
+    assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
+    # Every redis heartbeat is in the table or set aside in the spool: none lost, none twice.
+    written = {r[2] for r in found if r[0] == "redis"}
+    aside = {datetime.fromisoformat(t).replace(tzinfo=None) for s, _, t in rejected_in(spool) if s == "redis"}
+    assert not written & aside and len(written) + len(aside) == cycles, (len(written), len(aside), cycles)
+    retry = cli(["rejected", "--retry"], env, cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert len([r for r in rows(pg_own, db="postgres") if r[0] == "redis"]) == cycles
+
+
+# 1.1.1: while the file cannot be written, memory rows are removed by count from the front: a
+# refused row is dropped without being set aside and a written one stays (and live refused rows
+# the file cannot take are dropped outright).
+def test_rows_held_in_memory_are_removed_by_identity(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, small_fs: Path,
+        daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    spool = small_fs / "spool.db"
+    env = env_for(pg_own, redis_server, tmp_path, HEARTBEAT_SPOOL_PATH=str(spool))
+    proc = daemon(env)
+    proc.wait_log("记录心跳成功 - 服务: postgres", 2)
+    filler = fill(small_fs)
+    pg_own.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_redis CHECK (service_name <> 'redis') NOT VALID")
+    proc.wait_for(lambda: statuses(proc, "in memory only") >= 2, what="refused redis rows held in memory")
+    pg_own.stop()
+    proc.wait_for(lambda: statuses(proc, "postgres down") >= 3, what="cycles with PostgreSQL down")
+    pg_own.start()
+    proc.wait_log("补写心跳 - ")
+    proc.wait_for(lambda: statuses(proc, "postgres up") >= 3, what="cycles after PostgreSQL returned")
+    filler.unlink()
+    proc.wait_for(lambda: status_without(proc, "in memory"), what="the memory rows in the file")
+    pg_own.sql("ALTER TABLE service_heartbeat DROP CONSTRAINT no_redis")
+    proc.wait_for(lambda: status_without(proc, "spooled", "in memory"), what="the backlog written")
+    assert proc.stop() == 0
+    assert "心跳周期异常" not in proc.log()
+    retry = cli(["rejected", "--retry"], env, cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    cycles = statuses(proc, "next in")
+    found = rows(pg_own, db="postgres")
+    assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
+    assert len(assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)) == cycles
+    assert spooled_rows(spool) == []
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    paths: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        _Health.paths.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def health() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    _Health.paths = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+# 1.1.1: `once` exits 70 (internal error: UnicodeEncodeError); under `run` no redis or postgres row
+# is written or spooled and a PostgreSQL connection is left open.
+def test_a_non_ascii_backend_check_path_is_sent_percent_encoded(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, health: int) -> None:
+    init_table(pg)
+    env = env_for(pg, redis_server, tmp_path, HEARTBEAT_BACKEND_CHECK=f"http://127.0.0.1:{health}/健康?q=状态 ok")
+    assert cli(["check-config"], env, cwd=tmp_path).returncode == 0
+    once = cli(["once"], env, cwd=tmp_path)
+    assert once.returncode == 0, once.stdout + once.stderr
+    assert [line.split("\t")[-1] for line in once.stdout.splitlines()] == ["recorded"] * 3
+    assert _Health.paths == ["/%E5%81%A5%E5%BA%B7?q=%E7%8A%B6%E6%80%81%20ok"]
+
+
+BROKEN_CHECK = """
+import sys
+from heartbeatd.probes import backend_check
+def broken(self, deadline):
+    raise KeyError("a bug in the check")
+backend_check.BackendCheck._http = broken
+from heartbeatd.cli import main
+argv = sys.argv[1:]
+raise SystemExit(main(argv[argv.index("heartbeatd") + 1:]))  # after the fixture's `python -m heartbeatd`
+"""
+
+
+# 1.1.1: the exception leaves the cycle: no redis or postgres row, the connection left open.
+def test_a_check_that_raises_costs_only_its_own_row(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, health: int,
+        daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg)
+    env = env_for(pg, redis_server, tmp_path, HEARTBEAT_BACKEND_CHECK=f"http://127.0.0.1:{health}/")
+    proc = daemon(env, prefix=[sys.executable, "-c", BROKEN_CHECK, "--"])
+    proc.wait_for(lambda: statuses(proc, "后端 down, redis up, postgres up") >= 5, what="five cycles")
+    assert proc.stop() == 0
+    found = rows(pg)
+    assert not [r for r in found if r[0] == "后端"]
+    assert len([r for r in found if r[0] == "redis"]) >= 5 and len([r for r in found if r[0] == "postgres"]) >= 5
+    lines = [line for _, line in proc.lines if "后端检查失败" in line]
+    assert lines == ["ERROR:heartbeatd.daemon:后端检查失败: internal error in the check: KeyError: 'a bug in the check'"]
+    assert "心跳周期异常" not in proc.log()
+
+
+# 1.1.1: a spool row whose report_time cannot be read back fails every cycle (ValueError), and the
+# rows behind it are never replayed.
+def test_a_spool_row_that_cannot_be_read_back_is_set_aside(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg)
+    t0 = datetime.now(timezone.utc) - timedelta(hours=1)
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append([Row("后端", "10.9.9.9", t0 + timedelta(seconds=30 * i)) for i in range(3)]
+                 + [Row("mystery", "10.9.9.9", t0)])
+    spool.close()
+    db = sqlite3.connect(str(tmp_path / "spool.db"))
+    db.execute("INSERT INTO spool (service_name, ip_address, report_time) VALUES ('后端', '10.9.9.9', 'yesterday')")
+    db.commit()
+    db.close()
+    env = env_for(pg, redis_server, tmp_path)
+    proc = daemon(env)
+    proc.wait_log("补写心跳 - ")
+    proc.wait_for(lambda: statuses(proc, "1 rejected") >= 3, what="the unreadable row set aside")
+    assert proc.stop() == 0
+    assert "心跳周期异常" not in proc.log()
+    assert "cannot be read back (unreadable in the spool: Invalid isoformat string: 'yesterday')" in proc.log()
+    found = rows(pg)
+    assert len([r for r in found if r[1] == "10.9.9.9"]) == 4  # the three 后端 rows and the mystery one
+    listed = cli(["rejected"], env, cwd=tmp_path)
+    assert listed.returncode == 0 and "unreadable in the spool" in listed.stdout, listed.stdout + listed.stderr
+
+
+# 1.1.1: `take_over` raises out of the reload (exit 70) or deletes the old file's rows when the new
+# spool could only hold them in memory; a reload may set a timeout the watchdog kills the daemon for.
+def test_a_reload_never_ends_the_daemon_and_rows_leave_a_file_only_once_durable(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, small_fs: Path,
+        daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    env_file = tmp_path / "hb.env"
+    good = (f"DATABASE_URL={db_url(pg_own)}\nREDIS_URL={redis_server.url()}\nHEARTBEAT_INTERVAL=0.6\n"
+            f"HEARTBEAT_TIMEOUT=0.3\nHEARTBEAT_SPOOL_PATH={tmp_path / 'spool.db'}\n")
+    env_file.write_text(good)
+    proc = daemon(clean_env(), ["--env-file", str(env_file)], watchdog_usec=2_000_000)
+    proc.wait_log("记录心跳成功 - 服务: postgres")
+    pg_own.stop()
+    proc.wait_for(lambda: statuses(proc, "postgres down") >= 3, what="a backlog in the first spool")
+    fill(small_fs)
+    env_file.write_text(good.replace(str(tmp_path / "spool.db"), str(small_fs / "spool.db")))
+    proc.signal(signal.SIGHUP)
+    proc.wait_log(f"重新加载配置失败 - keeping the old configuration: {small_fs / 'spool.db'} cannot take the ")
+    held = len(spooled_rows(tmp_path / "spool.db"))
+    assert held >= 6
+    # The watchdog rule of the start, on reload: 3 x 0.5 s > 2 s / 2.
+    env_file.write_text(good.replace("HEARTBEAT_TIMEOUT=0.3", "HEARTBEAT_TIMEOUT=0.5"))
+    proc.signal(signal.SIGHUP)
+    proc.wait_log("重新加载配置失败 - keeping the old configuration: HEARTBEAT_TIMEOUT=0.5 lets one cycle block up "
+                  "to 1.5s, more than half of WATCHDOG_USEC=2000000 (1s)")
+    seen = statuses(proc, "postgres down")
+    proc.wait_for(lambda: statuses(proc, "postgres down") >= seen + 2, what="cycles after the refused reloads")
+    assert len(spooled_rows(tmp_path / "spool.db")) > held  # the old spool is still the one in use
+    pg_own.start()
+    proc.wait_for(lambda: drained(proc), what="the backlog written")
+    assert proc.proc.poll() is None and proc.stop() == 0
+    cycles = statuses(proc, "next in")
+    found = rows(pg_own, db="postgres")
+    assert len(assert_no_gap_no_duplicate(found, "后端", 0.6, cycles)) == cycles
+    assert "配置已重新加载" not in proc.log()
+
+
+# 1.1.1: the throttling keys of the spool and of set-aside rows are never cleared, so a later
+# episode's first line is `(repeated 1 times in the last …s)`, or, within a minute, no line at all.
+def test_each_episode_starts_its_own_log_story(
+        pg_own: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg_own)
+    proc = daemon(env_for(pg_own, redis_server, tmp_path))
+    proc.wait_log("记录心跳成功 - 服务: postgres")
+    for episode in (1, 2):
+        pg_own.stop()
+        proc.wait_log("心跳已缓存 - ", episode)
+        pg_own.start()
+        proc.wait_for(lambda: status_without(proc, "spooled"), what=f"the end of spool episode {episode}")
+        pg_own.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_redis CHECK (service_name <> 'redis') NOT VALID")
+        proc.wait_log("心跳被拒绝 - 服务: redis", episode)
+        pg_own.sql("ALTER TABLE service_heartbeat DROP CONSTRAINT no_redis")
+        before = statuses(proc, "next in")
+        proc.wait_for(lambda: statuses(proc, "next in") >= before + 3, what="cycles without a refusal")
+    assert proc.stop() == 0
+    for text in ("心跳已缓存 - ", "心跳被拒绝 - 服务: redis"):
+        lines = [line for _, line in proc.lines if text in line]
+        assert len(lines) == 2 and not any("(repeated" in line for line in lines), lines
+
+
+LEDGER_BUG = """
+import sys
+from heartbeatd import ledger
+def broken(self, *args, **kwargs):
+    return {}["a bug in the ledger"]
+ledger.Ledger.latest = broken
+from heartbeatd.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+# 1.1.1: the KeyError is caught with the database errors: `status failed: …`, exit 1.
+def test_a_bug_in_a_read_command_is_an_internal_error(pg: PgServer, tmp_path: Path) -> None:
+    init_table(pg)
+    for level in ("INFO", "DEBUG"):
+        env = clean_env(DATABASE_URL=db_url(pg), HEARTBEAT_LOG_LEVEL=level)
+        result = subprocess.run([sys.executable, "-c", LEDGER_BUG, "status"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 70, result.stderr
+        lines = result.stderr.splitlines()
+        assert "ERROR:heartbeatd.cli:internal error: KeyError: 'a bug in the ledger'" in lines, lines
+        assert ("Traceback" in result.stderr) == (level == "DEBUG")
+        assert len(lines) == (2 if level == "DEBUG" else 1), lines
+    # The expected failures keep their one line and status.
+    missing = cli(["status"], clean_env(DATABASE_URL=db_url(pg).replace(pg.dbname, "postgres"),
+                                        HEARTBEAT_TABLE="no_such_table"), cwd=tmp_path)
+    assert missing.returncode == 1 and missing.stderr.startswith("heartbeatd: status failed: table no_such_table")
+    down = cli(["status"], clean_env(DATABASE_URL="postgresql://127.0.0.1:1/x"), cwd=tmp_path)
+    assert down.returncode == 69
