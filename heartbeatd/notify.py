@@ -10,6 +10,9 @@ import sdnotify
 from heartbeatd.config import watchdog_period
 
 
+WATCHDOG_AIM = 0.9  # of WATCHDOG_USEC/2: the idle loop's ping comes at 0.45 x WATCHDOG_USEC
+
+
 class Notifier:
     """Sends READY/WATCHDOG/STATUS/STOPPING/RELOADING datagrams to systemd."""
 
@@ -49,7 +52,11 @@ class Notifier:
             self._send("WATCHDOG=1")
 
     def watchdog_due_in(self) -> Optional[float]:
-        """Seconds until the next WATCHDOG=1 is due, or None without a watchdog."""
+        """Seconds until the next WATCHDOG=1 is due, or None without a watchdog.
+
+        Due a little before the period is up: aimed exactly at WATCHDOG_USEC/2, a ping would
+        arrive a few milliseconds after it whenever the machine is busy.
+        """
         if self.watchdog_period is None:
             return None
-        return max(0.0, self._last_ping + self.watchdog_period - self._clock())
+        return max(0.0, self._last_ping + WATCHDOG_AIM * self.watchdog_period - self._clock())

@@ -13,12 +13,14 @@ class DelayProxy:
     """Forwards 127.0.0.1:port to an upstream; every reply chunk waits `delay` seconds first.
 
     Each round trip of a protocol therefore takes at least `delay`: a handshake of n round trips
-    dribbles in over n x delay. `delay` may be changed while it runs.
+    dribbles in over n x delay. `delay` may be changed while it runs; with `frozen` set it accepts
+    connections and forwards nothing, either way (a host that is frozen, not gone).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, delay: float) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.delay = delay
+        self.frozen = False
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -51,6 +53,9 @@ class DelayProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, fixed: Optional[float]) -> None:
         try:
             while not self._stop.is_set():
+                if self.frozen:
+                    time.sleep(0.05)
+                    continue
                 ready, _, _ = select.select([src], [], [], 0.2)
                 if not ready:
                     continue
