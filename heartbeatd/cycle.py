@@ -241,7 +241,24 @@ class CycleRunner:
             why = refused[0][2].split(" DETAIL: ")[0]
             raise WriteError(f"table {'.'.join(self.config.table)} refuses every row: {why}; the rows stay in the "
                              "local spool and are tried again every cycle", kind=f"refuses every row: {why}")
+        late, refused = self._confirm(conn, refused, dedupe=False, until=until)
+        outcome.recorded += [row for _, row in late]
         outcome.rejected = self._set_aside(refused)
+
+    def _confirm(self, conn: Any, refused: Sequence[Refused], dedupe: bool, until: float
+                 ) -> tuple[list[tuple[int, Row]], list[Refused]]:
+        """Each refused row tried once more, alone, before it is set aside.
+
+        The table may have been fixed between two statements of the attempt (the column dropped
+        after this row was refused and before its neighbour was taken): then the row gets in.
+        """
+        written: list[tuple[int, Row]] = []
+        still: list[Refused] = []
+        for i, row, why in refused:
+            ok, bad = self._write(conn, [(i, row)], dedupe=dedupe, until=until)
+            written += ok
+            still += bad if bad else ([] if ok else [(i, row, why)])
+        return written, still
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:
         for result in results:
@@ -319,6 +336,8 @@ class CycleRunner:
                 break  # the table refuses this cycle's rows and the backlog's: nothing is set aside
             taken = taken or bool(written)
             if refused:
+                late, refused = self._confirm(conn, refused, dedupe=True, until=budget_end)
+                written += late
                 self._set_aside(refused)
             try:
                 spool.delete([i for i, _ in written])

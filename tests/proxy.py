@@ -66,7 +66,7 @@ class DelayProxy:
                 if wait:
                     time.sleep(wait)
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # closed under us by close(): fd -1
             pass
         finally:
             for sock in (src, dst):

@@ -75,6 +75,7 @@ class Life:
     ended: Optional[float] = None
     killed: bool = False  # by the soak, on purpose
     lossy: bool = False  # killed while rows were held in memory only (the spool file full)
+    refused: bool = False  # started while the env file was bad, and so exited (must be 78)
     status: Optional[int] = None
 
 
@@ -199,10 +200,16 @@ class Soak:
 
             def restore() -> None:
                 self.env_file.write_text(self.good_env)
-                while self.daemon.proc.proc.poll() is None and not self.daemon_ready():
-                    time.sleep(0.05)  # a daemon restarted meanwhile reads the good file anyway
-                if self.daemon.proc.proc.poll() is None:
-                    self.daemon.proc.signal(signal.SIGHUP)
+                life = self.daemon
+                while life.proc.proc.poll() is None and not self.daemon_ready():
+                    time.sleep(0.05)
+                if life.proc.proc.poll() is None:
+                    life.proc.signal(signal.SIGHUP)
+                    return
+                # Restarted (after a SIGKILL) while the file was bad: it refused to start, as it must
+                # (78); the operator fixes the file and starts it again.
+                life.status, life.ended, life.refused = life.proc.proc.returncode, now(), True
+                self.spawn()
             return restore
         if kind == "sighup-storm":
             count = self.rng.randint(5, 30)
@@ -348,12 +355,13 @@ def check(soak: Soak) -> list[tuple[bool, str]]:
                                     f"({len(windows)}): {len(inside)} found {[str(i[0]) for i in inside[:5]]}"))
 
     # Exits: only the ones the soak caused; second instances refused with 78.
-    unexpected = [(i, life.status) for i, life in enumerate(soak.lives)
-                  if not life.killed and life is not soak.lives[-1]]
+    unexpected = [(i, life.status) for i, life in enumerate(soak.lives) if life is not soak.lives[-1]
+                  and not life.killed and not (life.refused and life.status == 78)]
     final = soak.lives[-1].status
     seconds = [s for s, _ in soak.second_instances]
     results.append((not unexpected and final == 0 and all(s == 78 for s in seconds),
-                    f"no exit but those asked for: {sum(l.killed for l in soak.lives)} SIGKILLed, final SIGTERM exit "
+                    f"no exit but those asked for: {sum(l.killed for l in soak.lives)} SIGKILLed, "
+                    f"{sum(l.refused for l in soak.lives)} restart(s) into a bad env file refused with 78, final SIGTERM exit "
                     f"{final}, {len(seconds)} second instance(s) exited {sorted(set(seconds))} (max "
                     f"{max((t for _, t in soak.second_instances), default=0):.2f}s), unexpected {unexpected}"))
 

@@ -56,10 +56,11 @@ def assert_backfilled_whole(proc: DaemonProcess, pg: PgServer, recorded: int) ->
     return found, cycles
 
 
-def spooled_rows(path: Path) -> list[tuple[str, str, str]]:
+def spooled_rows(path: Path, where: str = "") -> list[tuple[str, str, str]]:
+    """(service_name, ip_address, report_time) of every row in the spool file (`where`: of some)."""
     db = sqlite3.connect(str(path))
     try:
-        return db.execute("SELECT service_name, ip_address, report_time FROM spool").fetchall()
+        return db.execute(f"SELECT service_name, ip_address, report_time FROM spool {where}").fetchall()
     finally:
         db.close()
 

@@ -200,3 +200,27 @@ def test_watchdog_period_honours_pid() -> None:
     assert watchdog_period({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=42) == 15.0
     assert watchdog_period({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "41"}, pid=42) is None
     assert watchdog_period({}, pid=42) is None
+
+
+class FixedMidAttempt(FakeWriter):
+    """A table that refuses every row until its second statement: fixed while the cycle writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statements = 0
+
+    def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
+        self.statements += 1
+        if self.statements <= 2:
+            raise WriteError('null value in column "host" violates not-null constraint', "23502")
+        super().write(conn, rows, dedupe)
+
+
+def test_a_row_refused_before_the_table_was_fixed_is_tried_again_not_set_aside(tmp_path: Path) -> None:
+    clock = Clock()
+    daemon = make(tmp_path, clock)
+    writer = FixedMidAttempt()
+    daemon.services.writer = writer
+    outcome = daemon.run_cycle()  # 3 rows refused, split: 后端 refused, then (fixed) redis + postgres taken
+    assert [r.service for r in outcome.recorded] == [REDIS, POSTGRES, BACKEND]
+    assert outcome.rejected == [] and daemon.services.spool is not None and daemon.services.spool.rejected == 0

@@ -26,11 +26,7 @@ from test_faults import INTERVAL, assert_no_gap_no_duplicate, env_for, spooled_r
 
 
 def rejected_in(path: Path) -> list[tuple[str, str, str]]:
-    db = sqlite3.connect(str(path))
-    try:
-        return db.execute("SELECT service_name, ip_address, report_time FROM spool WHERE rejected IS NOT NULL").fetchall()
-    finally:
-        db.close()
+    return spooled_rows(path, "WHERE rejected IS NOT NULL")
 
 
 def status_without(proc: DaemonProcess, *words: str) -> bool:
