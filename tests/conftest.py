@@ -244,11 +244,11 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 def fill(directory: Path) -> Path:
     """Write zeros until the file system is full."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
-        try:
+    try:
+        with open(filler, "wb") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError:
-            pass
+    except OSError:  # full (if it was full already, not even the file could be made)
+        pass
     return filler

@@ -112,7 +112,7 @@ class Soak:
         self.redis_proxy = DelayProxy(self.redis.host, self.redis.port, 0.0)
         self.small = self.root / "small"
         self.small.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(self.small)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(self.small)], check=True)
         self.spool = self.small / "spool.db"
         self.env_file = self.root / "hb.env"
         self.good_env = (
@@ -124,6 +124,8 @@ class Soak:
         self.spawn()
 
     def spawn(self) -> None:
+        if self.lives and self.daemon.proc.proc.poll() is None:
+            return  # one daemon at a time: a second one is its own nemesis
         proc = DaemonProcess(self.root, self.env, ["--env-file", str(self.env_file)], watchdog_usec=WATCHDOG_USEC)
         self.lives.append(Life(proc, now()))
 
@@ -191,7 +193,7 @@ class Soak:
             return self.redis.thaw
         if kind == "spool-full":
             filler = fill(self.small)
-            return filler.unlink
+            return lambda: filler.unlink(missing_ok=True)
         if kind == "bad-reload":
             bad = self.rng.choice(BAD_VALUES).format(dir=self.root)
             self.active_detail = bad
@@ -206,6 +208,8 @@ class Soak:
                 if life.proc.proc.poll() is None:
                     life.proc.signal(signal.SIGHUP)
                     return
+                if life.killed:
+                    return  # the kill's own restart follows, and reads the good file
                 # Restarted (after a SIGKILL) while the file was bad: it refused to start, as it must
                 # (78); the operator fixes the file and starts it again.
                 life.status, life.ended, life.refused = life.proc.proc.returncode, now(), True
@@ -324,8 +328,7 @@ def check(soak: Soak) -> list[tuple[bool, str]]:
     # with rows held in memory only because the spool's disk was full, since that disk filled).
     down: list[tuple[float, float]] = []
     for before, after in zip(soak.lives, soak.lives[1:]):
-        assert before.ended is not None
-        lost_from = before.ended
+        lost_from = before.ended or after.started
         if before.lossy:
             full = [f.start for f in soak.faults if f.kind == "spool-full" and f.start <= before.ended]
             lost_from = max(full) if full else before.started
