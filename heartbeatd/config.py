@@ -293,7 +293,9 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     _check_database_url(database_url, problems)
     _check_redis_url(redis_url, problems)
     interval = _seconds("HEARTBEAT_INTERVAL", get("HEARTBEAT_INTERVAL"), INTERVAL_RANGE[0], INTERVAL_RANGE[1], problems)
+    before = len(problems)
     timeout = _seconds("HEARTBEAT_TIMEOUT", get("HEARTBEAT_TIMEOUT"), TIMEOUT_RANGE[0], TIMEOUT_RANGE[1], problems)
+    timeout_ok = len(problems) == before
     backend_ip = get("HEARTBEAT_BACKEND_IP") or None
     if backend_ip:
         try:
@@ -315,7 +317,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     # Checked here, so at start and on every reload alike: a reload must not get the daemon killed.
-    watchdog = _watchdog_problem(timeout, environ)
+    watchdog = _watchdog_problem(timeout, environ) if timeout_ok else None
     if watchdog:
         problems.append(watchdog)
     if problems:

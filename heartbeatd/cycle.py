@@ -48,7 +48,7 @@ class RowSpool(Protocol):
     def oldest(self, limit: int) -> list[tuple[int, Row]]: ...
     def delete(self, ids: Sequence[int]) -> None: ...
     def reject(self, rejected: Sequence[tuple[int, Row, str]]) -> None: ...
-    def recount_rejected(self) -> None: ...
+    def refresh(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -134,6 +134,7 @@ class CycleRunner:
     config: Config
     services: Services
     _repeats: Repeats
+    _spool_failed_now = False
     _last_ip: dict[str, str]  # each service's address in its last result: a failed check's row of the log
     _clock: Callable[[], float]
     _wall: Callable[[], datetime]
@@ -148,6 +149,11 @@ class CycleRunner:
     def _replay_until(self) -> float:
         """Monotonic time by which backfill should stop so the next cycle starts on time."""
         return float("inf")
+
+    def _spool_failed(self, msg: str, *args: Any, kind: str) -> None:
+        """The spool file could not be changed: one line a minute; the episode ends with a cycle without."""
+        self._spool_failed_now = True
+        self._repeats.failed("spool-write", logging.ERROR, msg, *args, kind=kind)
 
     def _checked(self, service: str, check: Callable[[], T], failed: Callable[[ProbeResult], T]) -> T:
         """The one boundary of a check: whatever it raises becomes that service's failed result."""
@@ -218,6 +224,11 @@ class CycleRunner:
         self._keep(outcome, kept)
         if not kept and outcome.recorded:
             self._repeats.cleared("spool")  # the episode is over: the next one starts its own lines
+        spool = self.services.spool
+        failed_now, self._spool_failed_now = self._spool_failed_now, False
+        if spool is not None and not failed_now and not spool.in_memory and spool.write_error is None \
+                and self._repeats.cleared("spool-write"):
+            log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")
         return outcome
 
     def _write_cycle(self, conn: Any, rows: list[Row], outcome: CycleOutcome) -> None:
@@ -231,19 +242,20 @@ class CycleRunner:
         written, refused = self._write(conn, [(0, r) for r in rows], dedupe=False, until=until)
         outcome.recorded = [row for _, row in written]
         self._alive()
-        replayed = self._replay(conn, until, first_unsplit=not written)
+        replayed, replay_refused = self._replay(conn, until, first_unsplit=not written)
         taken = bool(written) or replayed
         if not refused:
-            if taken:
-                self._repeats.cleared("rejected")
+            if taken and not replay_refused:
+                self._repeats.cleared("rejected")  # a cycle that set nothing aside ends the episode
             return
         if not taken:
             why = refused[0][2].split(" DETAIL: ")[0]
-            raise WriteError(f"table {'.'.join(self.config.table)} refuses every row: {why}; the rows stay in the "
-                             "local spool and are tried again every cycle", kind=f"refuses every row: {why}")
+            kept = "; the rows stay in the local spool and are tried again every cycle" if self.services.spool else ""
+            raise WriteError(f"table {'.'.join(self.config.table)} refuses every row: {why}{kept}",
+                             kind=f"refuses every row: {why}")
         late, refused = self._confirm(conn, refused, dedupe=False, until=until)
         outcome.recorded += [row for _, row in late]
-        outcome.rejected = self._set_aside(refused)
+        outcome.rejected = self._set_aside(refused) or []
 
     def _confirm(self, conn: Any, refused: Sequence[Refused], dedupe: bool, until: float
                  ) -> tuple[list[tuple[int, Row]], list[Refused]]:
@@ -254,10 +266,14 @@ class CycleRunner:
         """
         written: list[tuple[int, Row]] = []
         still: list[Refused] = []
-        for i, row, why in refused:
+        until = max(until, self._clock() + self.config.timeout)
+        for i, row, _ in refused:
+            if self._clock() >= until:
+                break  # the rest stay where they were (a live row is spooled), tried again next cycle
             ok, bad = self._write(conn, [(i, row)], dedupe=dedupe, until=until)
             written += ok
-            still += bad if bad else ([] if ok else [(i, row, why)])
+            still += bad
+            self._alive()
         return written, still
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:
@@ -283,11 +299,11 @@ class CycleRunner:
         return write_split(self.services.writer, conn, batch, dedupe, between=self._alive, split=split,
                            until=until, clock=self._clock)
 
-    def _set_aside(self, refused: Sequence[Refused]) -> list[Row]:
+    def _set_aside(self, refused: Sequence[Refused]) -> Optional[list[Row]]:
         """Rows the table refused while it took others: kept aside in the spool, logged with the reason.
 
-        Returns the rows of this cycle (id 0) now set aside; any the spool could not record stay
-        where they were (a live one is spooled as usual) and are tried again.
+        Returns the rows of this cycle (id 0) now set aside, or None if the spool could not record
+        them: they stay where they were (a live one is spooled as usual) and are tried again.
         """
         table = ".".join(self.config.table)
         for _, row, why in refused:
@@ -304,27 +320,27 @@ class CycleRunner:
         try:
             spool.reject(refused)
         except SpoolWriteFailed as exc:
-            self._repeats.failed("spool-write", logging.ERROR, "心跳缓存不可写 - %s", exc, kind="reject")
-            return []
+            self._spool_failed("心跳缓存不可写 - %s", exc, kind="file")
+            return None
         return [row for i, row, _ in refused if i == 0]
 
-    def _replay(self, conn: Any, until: float, first_unsplit: bool) -> bool:
+    def _replay(self, conn: Any, until: float, first_unsplit: bool) -> tuple[bool, bool]:
         """Write the spooled backlog, oldest first, in batches, within a bounded share of the cycle.
 
         With `first_unsplit` (the table took none of this cycle's rows) the first batch is tried
         whole: refused whole, the table refuses everything and the backlog stays as it is. Returns
-        whether the table took any row.
+        whether the table took any row, and whether it refused any.
         """
         spool = self.services.spool
         if spool is None:
-            return False
-        spool.recount_rejected()
+            return False, False
+        spool.refresh()
         if spool.count == 0:
-            return False
+            return False, False
         # A bounded share of the cycle, ending early enough that a last batch (at most one timeout)
         # does not push back the next start; but always one batch, so a backlog always drains.
         budget_end = min(self._clock() + max(self.config.timeout, self.config.interval / 2), until)
-        first, taken = True, False
+        first, taken, refused_any = True, False, False
         while spool.count and (first or self._clock() < budget_end) and not self._stop_pending():
             batch = spool.oldest(REPLAY_BATCH)
             if not batch:
@@ -334,15 +350,17 @@ class CycleRunner:
             written, refused = self._write(conn, batch, dedupe=True, until=budget_end, split=not whole)
             if whole and refused:
                 break  # the table refuses this cycle's rows and the backlog's: nothing is set aside
-            taken = taken or bool(written)
+            recorded = True
             if refused:
                 late, refused = self._confirm(conn, refused, dedupe=True, until=budget_end)
                 written += late
-                self._set_aside(refused)
+                refused_any = refused_any or bool(refused)
+                recorded = not refused or self._set_aside(refused) is not None
+            taken = taken or bool(written)
             try:
                 spool.delete([i for i, _ in written])
             except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them
-                self._repeats.failed("spool-write", logging.ERROR, "心跳缓存不可写 - %s", exc, kind="delete")
+                self._spool_failed("心跳缓存不可写 - %s", exc, kind="file")
                 break
             if written:
                 rows = [row for _, row in written]
@@ -352,8 +370,10 @@ class CycleRunner:
                 )
             elif not refused:
                 break  # out of time before the table said anything about this batch
+            if not recorded:
+                break  # the spool cannot set them aside now: the same rows would come back at once
             self._alive()
-        return taken
+        return taken, refused_any
 
     def _keep(self, outcome: CycleOutcome, rows: list[Row]) -> None:
         """Rows that did not reach the table go to the spool (when there is one)."""
@@ -367,10 +387,9 @@ class CycleRunner:
                 "心跳缓存已满 - dropped the %d oldest row(s) (HEARTBEAT_SPOOL_MAX_ROWS=%d)", dropped, spool.max_rows
             )
         if spool.write_error:
-            self._repeats.failed(
-                "spool-write", logging.ERROR,
+            self._spool_failed(
                 "心跳缓存不可写 - %s cannot be written (%s); %d row(s) held in memory only, retried every cycle",
-                getattr(spool, "path", "spool"), spool.write_error, spool.in_memory, kind="append",
+                getattr(spool, "path", "spool"), spool.write_error, spool.in_memory, kind="file",
             )
         elif self._repeats.cleared("spool-write"):
             log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")

@@ -105,6 +105,7 @@ class Daemon(CycleRunner):
             if self._reload_config is None:
                 raise ConfigError(["nothing to reload from"])
             new = self._reload_config()
+            self._alive()  # building may read a large spool (a new path takes the old one's rows)
             services = self._build(new, self.services)
         except (ConfigError, SpoolUnavailable) as exc:
             log.error("重新加载配置失败 - keeping the old configuration: %s", exc)
@@ -118,6 +119,7 @@ class Daemon(CycleRunner):
             # A shorter new interval takes effect now, not after the old one has run out.
             self._next = min(self._next, self._clock() + new.interval)
             log.info("配置已重新加载 - interval %gs, timeout %gs", new.interval, new.timeout)
+        self._alive()
         self.notifier.ready()
 
     def request(self, signum: int) -> None:

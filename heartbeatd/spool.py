@@ -20,7 +20,7 @@ import logging
 import os
 import sqlite3
 import stat
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -81,10 +81,11 @@ def _parse(found: Sequence[tuple[int, str, str, str]]) -> tuple[list[tuple[int, 
     for i, service, ip, when in found:
         try:
             row = _row(service, ip, when)
-            if not isinstance(service, str) or not isinstance(ip, str) or row.report_time.tzinfo is None:
+            if not isinstance(service, str) or not isinstance(ip, str) or row.report_time.tzinfo is None \
+                    or "\ufffd" in service + ip:  # text that was not UTF-8 (see _open's text_factory)
                 raise ValueError("not a heartbeat of this daemon's")
-            rows.append((i, row))
-        except (TypeError, ValueError) as exc:
+            rows.append((i, row._replace(report_time=row.report_time.astimezone(timezone.utc))))
+        except (TypeError, ValueError, OverflowError) as exc:
             unreadable.append((f"unreadable in the spool: {exc}", i))
     return rows, unreadable
 
@@ -166,6 +167,8 @@ class Spool:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT)
+        # Text that is not UTF-8 (a row another program wrote) must not fail every read of the file.
+        db.text_factory = lambda raw: raw.decode("utf-8", "replace")
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -374,8 +377,15 @@ class Spool:
             if i < 0:
                 self._memory.pop(i, None)
 
-    def recount_rejected(self) -> None:
-        """Read the rejected count again (`heartbeatd rejected --retry` may have changed it)."""
+    def refresh(self) -> None:
+        """Before a replay: open the file if it could not be opened (a full disk at start), and read
+        the rejected count again (`heartbeatd rejected --retry` may have changed it)."""
+        if self._db is None:
+            try:
+                self._database()  # counts what the file holds
+            except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable):
+                pass
+            return
         if self.rejected:
             try:
                 self._recount()
@@ -405,11 +415,17 @@ class Spool:
         Rows leave the old file only once this file holds them: if it cannot (a full disk), this
         raises SpoolUnavailable and both spools are as they were.
         """
-        waiting = [row for _, row in old.oldest(old.count)] if old.count else []
-        try:
-            refused = old.rejected_raw() if old.rejected else []
+        try:  # what the old file holds, read whatever its counters say; an error keeps everything there
+            db = old._database()
+            found = db.execute(PENDING + " ORDER BY id").fetchall()
+            refused = old.rejected_raw()
         except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
-            raise SpoolUnavailable(f"cannot read the rows set aside in {old.path}: {_reason(exc)}") from exc
+            raise SpoolUnavailable(f"cannot read the rows held in {old.path}: {_reason(exc)}") from exc
+        on_disk, unreadable = _parse(found)
+        copied = [i for i, _ in on_disk] + [i for _, i in unreadable] + [r[0] for r in refused]
+        waiting = [row for _, row in on_disk] + list(old._memory.values())
+        by_id = {r[0]: r for r in found}
+        refused += [(i, by_id[i][1], by_id[i][2], by_id[i][3], why) for why, i in unreadable]  # moved as set aside
         self.append(waiting)
         if self.write_error is None and refused:
             try:
@@ -428,8 +444,8 @@ class Spool:
         try:
             with old._database() as db:
                 db.execute("BEGIN IMMEDIATE")
-                db.execute("DELETE FROM spool")
-            old._disk = old.rejected = 0
+                db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in copied])  # only what was copied
+            old._recount()
         except (sqlite3.Error, OSError, _Damaged, SpoolUnavailable) as exc:
             # Both files hold them now; a replay from either writes each row once (deduplicated).
             log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", self.path, old.path, _reason(exc))

@@ -186,6 +186,10 @@ class Writer:
                 raise
             if isinstance(exc, psycopg2.errors.UndefinedTable):
                 raise self._missing_table() from exc
+            if isinstance(exc, (ValueError, OverflowError)):
+                # A value the driver cannot send (a NUL byte, a time out of range): refused by us,
+                # before the server saw it - this row's fault, like a data exception (class 22).
+                raise WriteError(_one_line(exc), "22000", type(exc).__name__) from exc
             raise WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__) from exc
 
     def init_db(self, conn: Any) -> list[str]:

@@ -317,3 +317,26 @@ def test_a_bug_in_a_read_command_is_an_internal_error(pg: PgServer, tmp_path: Pa
     assert missing.returncode == 1 and missing.stderr.startswith("heartbeatd: status failed: table no_such_table")
     down = cli(["status"], clean_env(DATABASE_URL="postgresql://127.0.0.1:1/x"), cwd=tmp_path)
     assert down.returncode == 69
+
+
+def test_a_value_the_driver_cannot_send_is_that_rows_refusal(pg: PgServer) -> None:
+    """A NUL byte (a row another program put in the spool) is refused like a data exception, not a failed write."""
+    from heartbeatd.writer import Writer, WriteError, write_split
+    init_table(pg)
+    conn = pg.connect(pg.dbname)
+    try:
+        now = datetime.now(timezone.utc)
+        batch = [(1, Row("后端", "10.0.0.1", now)), (2, Row("后端", "10.0.\x000.2", now)), (3, Row("redis", "10.0.0.3", now))]
+        written, refused = write_split(Writer(("service_heartbeat",), 5), conn, batch, dedupe=True)
+        assert [i for i, _ in written] == [1, 3] and [i for i, _, _ in refused] == [2]
+        with pytest.raises(WriteError) as caught:
+            Writer(("service_heartbeat",), 5).write(conn, [batch[1][1]])
+        assert caught.value.data_error
+    finally:
+        conn.close()
+
+
+def test_a_stray_percent_in_a_backend_check_url_is_sent_as_a_literal() -> None:
+    from heartbeatd.probes.backend_check import request_target
+    assert request_target("/健康", "q=100%") == "/%E5%81%A5%E5%BA%B7?q=100%25"
+    assert request_target("/a%20b", "") == "/a%20b"  # an existing escape stays as it is

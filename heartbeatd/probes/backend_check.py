@@ -56,6 +56,7 @@ def validate(spec: str) -> Optional[str]:
 def request_target(path: str, query: str) -> str:
     """The path and query as sent: anything outside ASCII's URL characters percent-encoded (UTF-8)."""
     target = (path or "/") + (f"?{query}" if query else "")
+    target = re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", target)  # a `%` that starts no escape is a literal one
     return quote(target, safe=_TARGET_SAFE)
 
 
