@@ -33,6 +33,7 @@ class PostgresCheck(Protocol):
 
 
 class RowWriter(Protocol):
+    inserted: int  # rows inserted so far (a deduplicated replay of rows already there inserts none)
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None: ...
 
 
@@ -327,8 +328,9 @@ class CycleRunner:
     def _replay(self, conn: Any, until: float, first_unsplit: bool) -> tuple[bool, bool]:
         """Write the spooled backlog, oldest first, in batches, within a bounded share of the cycle.
 
-        With `first_unsplit` (the table took none of this cycle's rows) the first batch is tried
-        whole: refused whole, the table refuses everything and the backlog stays as it is. Returns
+        With `first_unsplit` (the table took none of this cycle's rows) batches are tried whole until
+        the table takes a row: one refused whole means it refuses everything, and the backlog stays
+        as it is. Returns
         whether the table took any row, and whether it refused any.
         """
         spool = self.services.spool
@@ -341,11 +343,15 @@ class CycleRunner:
         # does not push back the next start; but always one batch, so a backlog always drains.
         budget_end = min(self._clock() + max(self.config.timeout, self.config.interval / 2), until)
         first, taken, refused_any = True, False, False
+        # Whether the table took rows is judged by rows inserted, not statements that succeeded:
+        # rows already in the table (a delete from the spool that failed) go through a table that
+        # refuses every new row.
+        inserted_before = self.services.writer.inserted
         while spool.count and (first or self._clock() < budget_end) and not self._stop_pending():
             batch = spool.oldest(REPLAY_BATCH)
             if not batch:
                 break
-            whole = first and first_unsplit
+            whole = first_unsplit and not taken  # until the table has taken a row in this attempt
             first = False
             written, refused = self._write(conn, batch, dedupe=True, until=budget_end, split=not whole)
             if whole and refused:
@@ -356,7 +362,7 @@ class CycleRunner:
                 written += late
                 refused_any = refused_any or bool(refused)
                 recorded = not refused or self._set_aside(refused) is not None
-            taken = taken or bool(written)
+            taken = taken or self.services.writer.inserted > inserted_before
             try:
                 spool.delete([i for i, _ in written])
             except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them

@@ -131,6 +131,7 @@ class Writer:
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
         self._queries: dict[tuple[int, bool], str] = {}
+        self.inserted = 0  # rows inserted since this writer was made
 
     @property
     def name(self) -> str:
@@ -180,6 +181,9 @@ class Writer:
                     params += (row.service, row.ip, to_naive_utc(row.report_time) if naive_report else row.report_time,
                                created)
                 cur.execute(self._query(cur, len(rows), dedupe), params)
+                # Rows the statement inserted: a replay of rows already in the table inserts none,
+                # which is no sign that the table takes rows.
+                self.inserted += max(0, cur.rowcount)
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
             self._naive = None  # the table may have changed: look its columns up again
             if isinstance(exc, WriteError):

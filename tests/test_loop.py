@@ -62,11 +62,13 @@ class FakeWriter:
     def __init__(self) -> None:
         self.written: list[tuple[Row, bool]] = []
         self.error: Optional[str] = None
+        self.inserted = 0
 
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
         if self.error:
             raise WriteError(self.error)
         self.written += [(r, dedupe) for r in rows]
+        self.inserted += len(rows)
 
 
 def make(tmp_path: Path, clock: Clock, interval: str = "30", cost: float = 0.0, spool: bool = True) -> Daemon:

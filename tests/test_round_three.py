@@ -340,3 +340,38 @@ def test_a_stray_percent_in_a_backend_check_url_is_sent_as_a_literal() -> None:
     from heartbeatd.probes.backend_check import request_target
     assert request_target("/健康", "q=100%") == "/%E5%81%A5%E5%BA%B7?q=100%25"
     assert request_target("/a%20b", "") == "/a%20b"  # an existing escape stays as it is
+
+
+# 1.2.0 before this test (the 60-minute soak, seed 7): a backlog row already in the table (its delete
+# from the spool had failed on a full disk) went through a table refusing every new row, inserting
+# nothing, and counted as "the table takes rows": the cycle's live rows were set aside.
+def test_rows_already_in_the_table_are_no_sign_that_it_takes_rows(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg)
+    t0 = datetime.now(timezone.utc) - timedelta(hours=6)
+    # A whole replay batch (500) already in the table, then rows that are not: the first batch
+    # inserts nothing, the next one would insert (and is refused whole, not split and set aside).
+    there = [Row("后端", "10.9.9.9", t0 + timedelta(seconds=30 * i)) for i in range(500)]
+    missing = [Row("后端", "10.9.9.9", t0 + timedelta(seconds=30 * i)) for i in range(500, 503)]
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "SELECT '后端', '10.9.9.9', t, now() FROM unnest(%s::timestamp[]) t",
+           ([r.report_time.replace(tzinfo=None) for r in there],), db=pg.dbname)
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append(there + missing)
+    spool.close()
+    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN host text NOT NULL DEFAULT 'x'", db=pg.dbname)
+    pg.sql("ALTER TABLE service_heartbeat ALTER COLUMN host DROP DEFAULT", db=pg.dbname)
+    proc = daemon(env_for(pg, redis_server, tmp_path))
+    proc.wait_log("refuses every row")
+    proc.wait_for(lambda: statuses(proc, "spooled") >= 4, what="cycles refused whole")
+    assert not any("rejected" in s for _, s in proc.notices("STATUS=")) and "心跳被拒绝" not in proc.log()
+    pg.sql("ALTER TABLE service_heartbeat DROP COLUMN host", db=pg.dbname)
+    proc.wait_for(lambda: drained(proc), what="the backlog written")
+    assert proc.stop() == 0
+    found = rows(pg)
+    assert sorted(r[2] for r in found if r[1] == "10.9.9.9") == [r.report_time.replace(tzinfo=None)
+                                                                 for r in there + missing]
+    cycles = statuses(proc, "next in")
+    own = [r for r in found if r[1] != "10.9.9.9"]
+    assert len(assert_no_gap_no_duplicate(own, "后端", INTERVAL, cycles)) == cycles
+    assert spooled_rows(tmp_path / "spool.db") == []
