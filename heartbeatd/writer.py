@@ -27,7 +27,12 @@ COLUMN_TYPES = """\
 SELECT a.attname, t.typname
   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
-INSERT = "INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {values}"
+# The live rows take the replay's advisory lock too: an INSERT whose client gave up (a backend
+# frozen mid-statement) still holds it when it commits later, so the replay of the same rows
+# waits for it and then sees them, instead of writing them a second time (the soak, seed 7).
+INSERT = """\
+SELECT pg_advisory_xact_lock(hashtext({lock_key}));
+INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {values}"""
 # Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
 # the spool's delete, or a write timed out after the commit): insert only the missing ones. The
 # transaction-scoped advisory lock makes check-and-insert atomic against another writer replaying
