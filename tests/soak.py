@@ -317,8 +317,9 @@ class Soak:
         deadline = time.monotonic() + 3 * INTERVAL
         while len(life.proc.notices("STATUS=")) == seen and time.monotonic() < deadline:
             time.sleep(0.005)
-        life.proc.signal(signal.SIGTERM)
-        life.status = life.proc.stop(15)
+        life.status = life.proc.stop(15)  # one SIGTERM, as systemd sends: a second one could land in
+        # the interpreter's own shutdown, after the daemon's work is done, where Python has put the
+        # default action back, and the exit would read -15
         life.ended = now()
 
 
