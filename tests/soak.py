@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import DaemonProcess, clean_env, fill, init_table  # noqa: E402

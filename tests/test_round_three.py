@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, fill, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, db_url, fill, init_table, rows
 from heartbeatd.probes import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
