@@ -375,3 +375,69 @@ def test_rows_already_in_the_table_are_no_sign_that_it_takes_rows(
     own = [r for r in found if r[1] != "10.9.9.9"]
     assert len(assert_no_gap_no_duplicate(own, "后端", INTERVAL, cycles)) == cycles
     assert spooled_rows(tmp_path / "spool.db") == []
+
+
+# 1.2.0 before this test (the 15-minute soak, seed 7): a live INSERT whose client had given up, its
+# backend frozen before it finished committing, committed after the replay of the same rows had
+# checked the table and written them again. Forced here without a race: a synchronous standby that
+# never comes holds the live INSERT's transaction committed-but-invisible (as PostgreSQL does until
+# the standby confirms; statement_timeout does not end that wait), and SIGSTOP freezes it there
+# while the replay runs.
+def test_a_live_insert_frozen_in_its_commit_is_not_written_twice_by_the_replay(pg_own: PgServer) -> None:
+    import os
+    import time
+
+    import psycopg2
+
+    from heartbeatd.writer import WriteError, Writer
+    init_table(pg_own)
+    pg_own.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    pg_own.sql("SELECT pg_reload_conf()")
+    row = Row("后端", "10.8.8.8", datetime.now(timezone.utc).replace(microsecond=0))
+    live = psycopg2.connect(pg_own.url())
+    live.autocommit = True  # as the daemon's connections are: the INSERT's round trip is its commit
+    # The replays commit without waiting for a standby: only the live INSERT is held.
+    replay_url = pg_own.url() + "?options=-c%20synchronous_commit%3Dlocal"
+    failed: list[BaseException] = []
+
+    def write_live() -> None:
+        try:
+            Writer(("service_heartbeat",), timeout=3.0).write(live, [row])
+        except WriteError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=write_live)
+    thread.start()
+    pid = live.get_backend_pid()
+    deadline = time.monotonic() + 2.0
+    while not pg_own.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event = 'SyncRep'", (pid,)):
+        assert time.monotonic() < deadline, "the live INSERT never reached its commit wait"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGSTOP)  # frozen mid-commit
+    try:
+        thread.join(10)
+        assert failed, "the live write should have timed out on its frozen backend"
+        # The replay of the same rows while the live transaction is still open: it must wait for
+        # that transaction (and time out, writing nothing) rather than see no row and insert one.
+        conn = psycopg2.connect(replay_url)
+        conn.autocommit = True
+        with pytest.raises(WriteError):
+            Writer(("service_heartbeat",), timeout=1.0).write(conn, [row], dedupe=True)
+        conn.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    live.close()
+    # Thawed and no longer waiting for a standby, the live INSERT's commit completes; the next
+    # replay sees its row and inserts none.
+    pg_own.sql("ALTER SYSTEM RESET synchronous_standby_names")
+    pg_own.sql("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while pg_own.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        assert time.monotonic() < deadline, "the thawed backend never ended"
+        time.sleep(0.05)
+    conn = psycopg2.connect(replay_url)
+    conn.autocommit = True
+    Writer(("service_heartbeat",), timeout=3.0).write(conn, [row], dedupe=True)
+    conn.close()
+    assert [(r[0], r[1], r[2]) for r in rows(pg_own, db="postgres")] == [("后端", "10.8.8.8",
+                                                                          row.report_time.replace(tzinfo=None))]
