@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -14,17 +13,14 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, report as report_out
+from heartbeatd import __version__, config as configmod, logsetup, probes, report as report_out, schema
 from heartbeatd.config import Config, ConfigError
-from heartbeatd.cycle import Services
+from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
+from heartbeatd.heartbeat import naive_utc, utcnow
 from heartbeatd.ledger import Ledger, TableMissing, parse_when
 from heartbeatd.notify import Notifier
-from heartbeatd.probes import backend_host, naive_utc, utcnow
-from heartbeatd.probes.backend_check import BackendCheck
-from heartbeatd.probes.names import Resolver
-from heartbeatd.probes.postgres_connect import PostgresProbe, reason
-from heartbeatd.probes.redis_ping import RedisProbe
+from heartbeatd.pg import Connector, DatabaseUnreachable, reason
 from heartbeatd.report import human, iso
 from heartbeatd.spool import Spool, SpoolUnavailable
 from heartbeatd.writer import WriteError, Writer, write_split
@@ -127,27 +123,14 @@ def _spool(config: Config, previous: Optional[Services]) -> Spool:
     return spool
 
 
-def _probes(config: Config) -> tuple[RedisProbe, PostgresProbe, Optional[BackendCheck]]:
-    """The probes; ConfigError, naming the file a value came from, if a driver's parser refuses a URL."""
-    resolver = Resolver()  # one per generation: a lookup that hangs is shared, not repeated
-    try:
-        app = BackendCheck(config.backend_check, config.timeout, resolver) if config.backend_check else None
-        return (RedisProbe(config.redis_url, config.timeout, resolver),
-                PostgresProbe(config.database_url, config.timeout, resolver), app)
-    except ConfigError as exc:
-        raise configmod.with_sources(config, exc) from None
-
-
 def build_services(config: Config, previous: Optional[Services] = None, spool: bool = True) -> Services:
     """The probes, writer and spool for one configuration."""
-    redis, postgres, app = _probes(config)
-    return Services(
-        redis=redis,
-        postgres=postgres,
-        backend=functools.partial(backend_host.check, config.backend_ip, app),
-        writer=Writer(config.table, config.timeout),
-        spool=_spool(config, previous) if spool else None,
-    )
+    found = probes.build(config)
+    try:
+        return Services(found, Writer(config.table, config.timeout), _spool(config, previous) if spool else None)
+    except BaseException:
+        probes.close_all(found)
+        raise
 
 
 def _apply(config: Config) -> None:
@@ -167,15 +150,16 @@ def cmd_check_config(config: Config) -> int:
     return EX_OK
 
 
+def _connect(config: Config) -> Any:
+    """A connection for a command; DatabaseUnreachable (its line printed by main) if none."""
+    return Connector(config.database_url, config.timeout).open()
+
+
 def cmd_init_db(config: Config) -> int:
     """Create the table and index if missing."""
-    result, conn = PostgresProbe(config.database_url, config.timeout).check()
-    if conn is None:
-        print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    writer = Writer(config.table, config.timeout)
+    conn = _connect(config)
     try:
-        done = writer.init_db(conn)
+        done = schema.init_db(conn, config.table, config.timeout)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -183,17 +167,17 @@ def cmd_init_db(config: Config) -> int:
         conn.close()
     for line in done:
         print(line)
-    print(f"table {writer.name} and its indexes are ready in {configmod.mask_url(config.database_url)}")
+    print(f"table {'.'.join(config.table)} and its indexes are ready in {configmod.mask_url(config.database_url)}")
     return EX_OK
 
 
 def cmd_once(config: Config) -> int:
     """One cycle, one line per service; no spool (a manual check leaves nothing behind)."""
-    daemon = Daemon(config, functools.partial(build_services, spool=False), Notifier({}))
+    cycle = Cycle(config, build_services(config, spool=False))
     try:
-        outcome = daemon.run_cycle()
+        outcome = cycle.run()
     finally:
-        daemon.services.close()
+        cycle.close()
     recorded = {row.service for row in outcome.recorded}
     for result in outcome.results:
         state = "up" if result.ok else "down"
@@ -228,10 +212,7 @@ def cmd_rejected(config: Config, retry: bool) -> int:
                 print(f"{service}\t{ip}\t{when}\t{why}")
             print(f"{len(refused) + len(unreadable)} rejected row(s) in {spool.path}", file=sys.stderr)
             return EX_OK
-        result, conn = PostgresProbe(config.database_url, config.timeout).check()
-        if conn is None:
-            print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
-            return EX_UNAVAILABLE
+        conn = _connect(config)
         try:
             written, still = write_split(Writer(config.table, config.timeout), conn,
                                          [(i, row) for i, row, _ in refused], dedupe=True)
@@ -250,14 +231,10 @@ def cmd_rejected(config: Config, retry: bool) -> int:
         spool.close()
 
 
-def _ledger(config: Config) -> tuple[Optional[Ledger], int]:
-    """A Ledger on a fresh connection, or (None, EX_UNAVAILABLE) with the reason printed."""
-    result, conn = PostgresProbe(config.database_url, config.timeout).check()
-    if conn is None:
-        print(f"heartbeatd: database unreachable: {result.error}", file=sys.stderr)
-        return None, EX_UNAVAILABLE
-    probe = PostgresProbe(config.database_url, config.timeout)
-    return Ledger(conn, config.table, config.timeout, helper=lambda: probe.check()[1]), EX_OK
+def _ledger(config: Config) -> Ledger:
+    """A Ledger on a fresh connection (DatabaseUnreachable if none), with a helper for parallel reads."""
+    connector = Connector(config.database_url, config.timeout)
+    return Ledger(connector.open(), config.table, config.timeout, helper=connector.open)
 
 
 def _stale_after(config: Config) -> float:
@@ -270,9 +247,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     window = configmod.parse_duration(args.window)
     if window is None:
         return _usage(f"--window: not a duration such as 1d or 6h: {args.window!r}")
-    ledger, code = _ledger(config)
-    if ledger is None:
-        return code
+    ledger = _ledger(config)
     now = utcnow()
     try:
         found = ledger.latest(timedelta(seconds=window), _stale_after(config), now)
@@ -306,9 +281,7 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
     gap = args.gap if args.gap is not None else _stale_after(config)
     if gap <= 0:
         return _usage("--gap must be > 0")
-    ledger, code = _ledger(config)
-    if ledger is None:
-        return code
+    ledger = _ledger(config)
     try:
         found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
     except READ_FAILURES as exc:
@@ -330,9 +303,7 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         return EX_OK
     else:
         keep = config.retention
-    ledger, code = _ledger(config)
-    if ledger is None:
-        return code
+    ledger = _ledger(config)
     cutoff = utcnow() - timedelta(seconds=keep)
     tty = sys.stderr.isatty()
 
@@ -406,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _apply(config)
     try:
         # The drivers' own parsers judge the URLs before any command runs (no connection is made).
-        _probes(config)[0].close()
+        probes.close_all(probes.build(config))
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
@@ -420,6 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_run(config, args.env_file)
     except ConfigError as exc:  # found by a driver's own parser when the services were built
         return _config_error(exc.problems)
+    except DatabaseUnreachable as exc:
+        print(f"heartbeatd: database unreachable: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - never a traceback on the operator's terminal

@@ -1,4 +1,4 @@
-"""The loop: signals, a fixed-rate monotonic schedule, reload, watchdog; one cycle is in `cycle`."""
+"""The loop: signals, a fixed-rate monotonic schedule, reload, watchdog, STATUS; it holds a `Cycle`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from datetime import datetime
 from typing import Callable, Optional
 
 from heartbeatd.config import Config, ConfigError
-from heartbeatd.cycle import CycleOutcome, CycleRunner, Repeats, Services
+from heartbeatd.cycle import Cycle, CycleOutcome, Services
+from heartbeatd.heartbeat import utcnow
 from heartbeatd.notify import Notifier
-from heartbeatd.probes import utcnow
+from heartbeatd.repeats import Repeats
 from heartbeatd.spool import SpoolUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class Daemon(CycleRunner):
+class Daemon:
     """A single-process daemon with a blocking, signal-aware nap between fixed-rate cycles."""
 
     def __init__(
@@ -32,30 +33,46 @@ class Daemon(CycleRunner):
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.config = config
         self._build = build
-        self.services = build(config, None)
         self.notifier = notifier
         self._reload_config = reload_config
         self._on_config = on_config
         self._clock = clock
         self._wall = wall
         self._events: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._deferred: list[int] = []  # signals seen by _stop_pending mid-cycle, handled by the nap
+        self._deferred: list[int] = []  # signals seen by stop_pending mid-cycle, handled by the nap
         self._repeats = Repeats(clock)
-        self._last_ip: dict[str, str] = {}
         self._next = clock()  # monotonic time of the next cycle start
+        self.cycle = self._cycle(config, build(config, None))
+
+    def _cycle(self, config: Config, services: Services) -> Cycle:
+        """A cycle of these services, keeping the log's story (repeats, last addresses) across reloads."""
+        last_ip = self.cycle.last_ip if hasattr(self, "cycle") else None
+        return Cycle(config, services, loop=self, repeats=self._repeats, clock=self._clock, wall=self._wall,
+                     last_ip=last_ip)
+
+    @property
+    def config(self) -> Config:
+        """The configuration in effect."""
+        return self.cycle.config
+
+    @property
+    def services(self) -> Services:
+        """What the cycle talks to."""
+        return self.cycle.services
 
     # -- what a cycle asks of the loop ------------------------------------------------------
 
-    def _alive(self) -> None:
+    def alive(self) -> None:
+        """WATCHDOG=1 (when due: the notifier keeps the cadence)."""
         self.notifier.watchdog()
 
-    def _replay_until(self) -> float:
+    def replay_until(self) -> float:
+        """The next start less one timeout: a last statement then ends before the next cycle is due."""
         # While a cycle runs, self._next is its own scheduled start.
         return self._next + self.config.interval - self.config.timeout
 
-    def _stop_pending(self) -> bool:
+    def stop_pending(self) -> bool:
         """Look at the signal queue without waiting; keep what was there for the nap."""
         while not self._events.empty():
             try:
@@ -64,10 +81,14 @@ class Daemon(CycleRunner):
                 break
         return bool(self._deferred) and any(s in (signal.SIGTERM, signal.SIGINT) for s in self._deferred)
 
+    def run_cycle(self) -> CycleOutcome:
+        """One cycle of the services in effect."""
+        return self.cycle.run()
+
     def safe_cycle(self) -> Optional[CycleOutcome]:
         """run_cycle, but a bug in it is logged and the loop goes on."""
         try:
-            outcome = self.run_cycle()
+            outcome = self.cycle.run()
         except Exception as exc:  # noqa: BLE001 - the daemon must survive its own bugs
             self._repeats.failed("bug", logging.ERROR, "心跳周期异常 - unexpected error in a cycle: %s", exc,
                                  traceback=True)
@@ -81,7 +102,7 @@ class Daemon(CycleRunner):
         """Sleep until the next start, pinging the watchdog and handling signals; False means stop."""
         while True:
             remaining = self._next - self._clock()
-            if remaining <= 0 and not self._stop_pending():
+            if remaining <= 0 and not self.stop_pending():
                 return True
             due = self.notifier.watchdog_due_in()
             wait = remaining if due is None else min(remaining, due)
@@ -89,7 +110,7 @@ class Daemon(CycleRunner):
                 signum = self._deferred.pop(0) if self._deferred else self._events.get(timeout=wait)
             except queue.Empty:
                 if due is not None and due <= remaining:
-                    self._alive()
+                    self.alive()
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.notifier.stopping()
@@ -105,7 +126,7 @@ class Daemon(CycleRunner):
             if self._reload_config is None:
                 raise ConfigError(["nothing to reload from"])
             new = self._reload_config()
-            self._alive()  # building may read a large spool (a new path takes the old one's rows)
+            self.alive()  # building may read a large spool (a new path takes the old one's rows)
             services = self._build(new, self.services)
         except (ConfigError, SpoolUnavailable) as exc:
             log.error("重新加载配置失败 - keeping the old configuration: %s", exc)
@@ -114,12 +135,12 @@ class Daemon(CycleRunner):
             log.error("重新加载配置失败 - keeping the old configuration: %s: %s", type(exc).__name__, exc)
         else:
             self.services.close(keep_spool=services.spool is self.services.spool)
-            self.services, self.config = services, new
+            self.cycle = self._cycle(new, services)
             self._on_config(new)
             # A shorter new interval takes effect now, not after the old one has run out.
             self._next = min(self._next, self._clock() + new.interval)
             log.info("配置已重新加载 - interval %gs, timeout %gs", new.interval, new.timeout)
-        self._alive()
+        self.alive()
         self.notifier.ready()
 
     def request(self, signum: int) -> None:
@@ -141,7 +162,7 @@ class Daemon(CycleRunner):
                 self._next = self._next_start(self._next, started)
                 left = max(0.0, self._next - self._clock())
                 summary = outcome.summary() if outcome else "cycle failed"
-                self.notifier.status(f"{summary}; next in {left:.3g}s{self.spool_status()}")
+                self.notifier.status(f"{summary}; next in {left:.3g}s{self.cycle.delivery.status()}")
         finally:
             self.services.close()
         return 0

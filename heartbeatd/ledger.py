@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 import psycopg2
 from psycopg2 import sql
 
-from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import BACKEND
+from heartbeatd.heartbeat import BACKEND, as_utc
+from heartbeatd.pg import deadline
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -123,11 +123,6 @@ PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
 
 class TableMissing(Exception):
     """The table (or its report_time column) is not there: the operator runs `heartbeatd init-db`."""
-
-
-def as_utc(value: datetime) -> datetime:
-    """A report_time from either column type as an aware UTC datetime."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -429,7 +424,9 @@ class _Beside(threading.Thread):
     def run(self) -> None:
         try:
             self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
-            with self.conn.cursor() as cur:
+            # This thread's own deadline (a deadline belongs to the thread that set it): the
+            # statement_timeout below, and a little more for the round trips around it.
+            with deadline(self.params["timeout_ms"] / 1000 + 1.0), self.conn.cursor() as cur:
                 cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
                 cur.execute("SET LOCAL TimeZone = 'UTC'")
                 cur.execute("SET LOCAL statement_timeout = %s", (self.params["timeout_ms"],))

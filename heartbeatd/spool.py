@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from heartbeatd.probes import Row, utcnow
+from heartbeatd.heartbeat import Row, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -10,29 +10,16 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import Row, to_naive_utc, utcnow
+from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_utc, utcnow
+from heartbeatd.pg import deadline
+from heartbeatd.schema import column_types
 
-CREATE_TABLE = """\
-CREATE TABLE IF NOT EXISTS {table} (
-    id           bigserial PRIMARY KEY,
-    service_name varchar(50) NOT NULL,
-    ip_address   varchar(64) NOT NULL,
-    report_time  timestamp   NOT NULL,
-    created_at   timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')
-);
-CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);
-"""
-COLUMN_TYPES = """\
-SELECT a.attname, t.typname
-  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
- WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
 # The live rows take the replay's advisory lock too: an INSERT whose client gave up (a backend
 # frozen mid-statement) still holds it when it commits later, so the replay of the same rows
 # waits for it and then sees them, instead of writing them a second time (the soak, seed 7).
 INSERT = """\
 SELECT pg_advisory_xact_lock(hashtext({lock_key}));
-INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {values}"""
+INSERT INTO {table} ({columns}) VALUES {values}"""
 # Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
 # the spool's delete, or a write timed out after the commit): insert only the missing ones. The
 # transaction-scoped advisory lock makes check-and-insert atomic against another writer replaying
@@ -40,11 +27,9 @@ INSERT INTO {table} (service_name, ip_address, report_time, created_at) VALUES {
 # without a unique index on the table.
 INSERT_MISSING = """\
 SELECT pg_advisory_xact_lock(hashtext({lock_key}));
-INSERT INTO {table} (service_name, ip_address, report_time, created_at)
-SELECT v.s, v.i, v.r, v.c FROM (VALUES {values}) AS v (s, i, r, c)
- WHERE NOT EXISTS (SELECT 1 FROM {table} h
-                    WHERE h.service_name = v.s AND h.ip_address = v.i AND h.report_time = v.r)"""
-REQUIRED = ("service_name", "ip_address", "report_time", "created_at")
+INSERT INTO {table} ({columns})
+SELECT {picked} FROM (VALUES {values}) AS v ({columns})
+ WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
 # Sent in the same round trip as the INSERT. When our deadline gives up on a stalled INSERT (a
 # lock, a frozen backend), the server cancels it too instead of committing it much later,
 # behind the back of the replay that will write the same rows.
@@ -64,25 +49,6 @@ class WriteError(Exception):
     def data_error(self) -> bool:
         """The table refused these values (SQLSTATE class 22 data exception, 23 constraint violation)."""
         return self.sqlstate is not None and self.sqlstate[:2] in ("22", "23")
-
-
-def index_name(table: Sequence[str]) -> str:
-    """The name init-db gives the (service_name, report_time) index."""
-    return f"{table[-1]}_service_name_report_time_idx"[:63]
-
-
-def pair_index_name(table: Sequence[str]) -> str:
-    """The name init-db gives the (service_name, ip_address, report_time) index the read side uses."""
-    return f"{table[-1]}_service_ip_time_idx"[:63]
-
-
-# What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
-PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (service_name, ip_address, report_time)"
-INDEX_STATE = """SELECT i.indisvalid FROM pg_catalog.pg_index i
- WHERE i.indexrelid = pg_catalog.to_regclass(%s)"""
-HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
-# Building an index over millions of rows takes minutes, not HEARTBEAT_TIMEOUT; still bounded.
-INDEX_TIMEOUT = 3600.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,16 +89,16 @@ def write_split(writer: "Writer | Any", conn: Any, batch: Batch, dedupe: bool,
 
 
 class Writer:
-    """Inserts rows on a connection it is handed; remembers the time columns' types."""
+    """Inserts rows on a connection it is handed; learns the table's columns and time types once."""
 
     def __init__(self, table: Sequence[str], timeout: float, clock: Callable[[], datetime] = utcnow) -> None:
         self.table = tuple(table)
         self.timeout = timeout
         self._ident = sql.Identifier(*self.table)
         self._clock = clock
-        # Whether report_time and created_at are `timestamp` (naive UTC) rather than `timestamptz`
-        # (the aware instant): looked up once, again only after an error.
-        self._naive: Optional[tuple[bool, bool]] = None
+        # Looked up once, again only after an error: which columns of COLUMNS the table has, and
+        # whether each time column is `timestamp` (naive UTC) rather than `timestamptz`.
+        self._shape: Optional[_Shape] = None
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
         self._queries: dict[tuple[int, bool], str] = {}
@@ -146,24 +112,27 @@ class Writer:
     def _missing_table(self) -> WriteError:
         return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", kind="missing table")
 
-    def _lookup(self, cur: Any) -> tuple[bool, bool]:
-        cur.execute(COLUMN_TYPES, (self._ident.as_string(cur),))
-        types = {name: typ for name, typ in cur.fetchall()}
+    def _lookup(self, cur: Any) -> "_Shape":
+        types = column_types(cur, self._ident)
         if not types:
             raise self._missing_table()
         missing = [c for c in REQUIRED if c not in types]
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
-        return types["report_time"] != "timestamptz", types["created_at"] != "timestamptz"
+        self._queries.clear()  # composed for the columns the table had
+        return _Shape(types)
 
-    def _query(self, cur: Any, count: int, dedupe: bool) -> str:
+    def _query(self, cur: Any, shape: "_Shape", count: int, dedupe: bool) -> str:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
         key = (count, dedupe)
         query = self._queries.get(key)
         if query is None:
-            values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * count)
+            values = sql.SQL(", ").join([sql.SQL(shape.placeholders)] * count)
+            names = [sql.Identifier(c.name) for c in shape.columns]
             query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
                 sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
+                columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
+                same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
             if len(self._queries) < 16:
                 self._queries[key] = query
@@ -175,22 +144,15 @@ class Writer:
             return
         try:
             with deadline(self.timeout), conn.cursor() as cur:
-                if self._naive is None:
-                    self._naive = self._lookup(cur)
-                # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither
-                # depends on the server's or the session's TimeZone.
-                naive_report, naive_created = self._naive
-                created = to_naive_utc(self._clock()) if naive_created else self._clock()
-                params: list[Any] = []
-                for row in rows:
-                    params += (row.service, row.ip, to_naive_utc(row.report_time) if naive_report else row.report_time,
-                               created)
-                cur.execute(self._query(cur, len(rows), dedupe), params)
+                shape = self._shape
+                if shape is None:
+                    shape = self._shape = self._lookup(cur)
+                cur.execute(self._query(cur, shape, len(rows), dedupe), shape.params(rows, self._clock()))
                 # Rows the statement inserted: a replay of rows already in the table inserts none,
                 # which is no sign that the table takes rows.
                 self.inserted += max(0, cur.rowcount)
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
-            self._naive = None  # the table may have changed: look its columns up again
+            self._shape = None  # the table may have changed: look its columns up again
             if isinstance(exc, WriteError):
                 raise
             if isinstance(exc, psycopg2.errors.UndefinedTable):
@@ -201,26 +163,36 @@ class Writer:
                 raise WriteError(_one_line(exc), "22000", type(exc).__name__) from exc
             raise WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__) from exc
 
-    def init_db(self, conn: Any) -> list[str]:
-        """Create the table and its indexes if missing (idempotent); say what was created."""
-        done: list[str] = []
-        pair = sql.Identifier(*self.table[:-1], pair_index_name(self.table))
-        with deadline(self.timeout), conn.cursor() as cur:
-            cur.execute(sql.SQL(CREATE_TABLE).format(table=self._ident, index=sql.Identifier(index_name(self.table))))
-            cur.execute(INDEX_STATE, (pair.as_string(cur),))
-            state = cur.fetchone()
-            if state is not None and not state[0]:  # a CONCURRENTLY build that was interrupted
-                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(pair))
-                state = None
-            cur.execute(sql.SQL(HAS_ROWS).format(table=self._ident))
-            has_rows = bool(cur.fetchone()[0])
-        if state is None:
-            # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
-            with deadline(INDEX_TIMEOUT), conn.cursor() as cur:
-                # The index lives in the table's schema; CREATE INDEX takes its bare name.
-                cur.execute(sql.SQL(PAIR_INDEX).format(
-                    concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
-                    index=sql.Identifier(pair_index_name(self.table)), table=self._ident))
-            done.append(f"created index {pair_index_name(self.table)}" + (" concurrently" if has_rows else ""))
-        self._naive = None
-        return done
+
+# `_Shape.params` sends the required columns in this order, as fast as a tuple can be built: a
+# change to COLUMNS' required part must change it too (an extra column needs no change here).
+assert REQUIRED == ("service_name", "ip_address", "report_time", "created_at"), REQUIRED
+
+
+class _Shape:
+    """What the table has of COLUMNS, and how each value is sent to it."""
+
+    __slots__ = ("types", "columns", "placeholders", "_naive_report", "_naive_created", "_extra")
+
+    def __init__(self, types: dict[str, str]) -> None:
+        self.types = types
+        # Every required column (the Row's key fields, then the write's stamp: `params` below), then
+        # the extras this table has.
+        self.columns = [c for c in COLUMNS if c.kind != "extra"] + [c for c in EXTRA if c.name in types]
+        self.placeholders = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
+        # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
+        # on the server's or the session's TimeZone.
+        self._naive_report = types["report_time"] != "timestamptz"
+        self._naive_created = types["created_at"] != "timestamptz"
+        self._extra = [i for i, c in enumerate(EXTRA) if c.name in types]  # positions in Row.extra
+
+    def params(self, rows: Sequence[Row], now: datetime) -> list[Any]:
+        """The values of every row, in the order of `columns`."""
+        created = to_naive_utc(now) if self._naive_created else now
+        naive, extra = self._naive_report, self._extra
+        params: list[Any] = []
+        for row in rows:
+            params += (row.service, row.ip, to_naive_utc(row.report_time) if naive else row.report_time, created)
+            if extra:
+                params += [row.extra[i] if i < len(row.extra) else None for i in extra]
+        return params

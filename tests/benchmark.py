@@ -39,7 +39,7 @@ import contextlib, logging, os, resource, sys, time, datetime
 import psycopg2, redis
 dsn, url, cycles, interval, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 if os.environ.get("HB_MINIMAL_DEADLINE"):  # the same loop with heartbeatd's deadline on every libpq wait
-    from heartbeatd.pgdeadline import deadline
+    from heartbeatd.pg import deadline
 else:
     deadline = lambda seconds: contextlib.nullcontext()
 logging.basicConfig(level=logging.INFO)
@@ -200,7 +200,7 @@ def main() -> None:
         pg, redis = PgServer().start(), RedisServer().start()
         tmp = Path(tempfile.mkdtemp(prefix="hb-bench-"))
         try:
-            from heartbeatd.writer import CREATE_TABLE, index_name
+            from heartbeatd.schema import CREATE_TABLE, index_name
             pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
             callgrind(pg, redis, tmp, args.short, args.long, max(args.interval, 0.3))
         finally:
@@ -212,7 +212,7 @@ def main() -> None:
     pg, redis = PgServer().start(), RedisServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="hb-bench-"))
     try:
-        from heartbeatd.writer import CREATE_TABLE, index_name
+        from heartbeatd.schema import CREATE_TABLE, index_name
         pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmp / "notify.sock"))

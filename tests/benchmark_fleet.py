@@ -61,7 +61,7 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float) -> dict[str
     tmp = Path(tempfile.mkdtemp(prefix="hb-fleet-"))
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        from heartbeatd.writer import CREATE_TABLE, index_name
+        from heartbeatd.schema import CREATE_TABLE, index_name
         pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
         if mode == "direct":
             url = pg.url() + "?sslmode=disable"

@@ -57,7 +57,7 @@ def main() -> None:
     pg.start()
     try:
         from heartbeatd.ledger import Ledger
-        from heartbeatd.writer import CREATE_TABLE, PAIR_INDEX, index_name
+        from heartbeatd.schema import CREATE_TABLE, PAIR_INDEX, index_name
         pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
         pg.sql("DROP INDEX service_heartbeat_service_name_report_time_idx")
         now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)

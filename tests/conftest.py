@@ -86,7 +86,7 @@ def db_url(server: PgServer, **kw: Any) -> str:
 
 def init_table(server: PgServer, db: Optional[str] = None) -> None:
     """Create the table the way `heartbeatd init-db` does."""
-    from heartbeatd.writer import CREATE_TABLE, PAIR_INDEX
+    from heartbeatd.schema import CREATE_TABLE, PAIR_INDEX
     server.sql(CREATE_TABLE.format(table="service_heartbeat", index="service_heartbeat_service_name_report_time_idx"),
                db=db or getattr(server, "dbname", "postgres"))
     server.sql(PAIR_INDEX.format(concurrently="", index="service_heartbeat_service_ip_time_idx",

@@ -10,13 +10,13 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
 from conftest import DaemonProcess, clean_env, cli, init_table, rows
-from heartbeatd.pgdeadline import deadline
-from heartbeatd.probes import Row
+from heartbeatd.pg import deadline
+from heartbeatd.heartbeat import Row
 from heartbeatd.probes.postgres_connect import PostgresProbe
 from heartbeatd.probes.redis_ping import RedisProbe
 from heartbeatd.spool import Spool
@@ -43,7 +43,10 @@ def slow_pg(pg: PgServer) -> Iterator[DelayProxy]:
     proxy.close()
 
 
-def timed(check: Callable[[], object]) -> tuple[object, float]:
+T = TypeVar("T")
+
+
+def timed(check: Callable[[], T]) -> tuple[T, float]:
     start = time.monotonic()
     result = check()
     return result, time.monotonic() - start
@@ -87,11 +90,13 @@ def test_slow_postgres_connect_and_write_are_each_bounded(pg: PgServer, slow_pg:
     url = f"postgresql://postgres@127.0.0.1:{slow_pg.port}/{pg.dbname}?sslmode=prefer"
     probe = PostgresProbe(url, TIMEOUT)
     slow_pg.delay = 0.6
-    (result, conn), took = timed(probe.check)  # type: ignore[misc]
-    assert conn is None and "timed out after 1s" in result.error, result
+    result, took = timed(probe.check)
+    conn = probe.take_connection()
+    assert conn is None and "timed out after 1s" in (result.error or ""), result
     assert took <= TIMEOUT + SLACK, took
     slow_pg.delay = 0.05
-    (result, conn), _ = timed(probe.check)  # type: ignore[misc]
+    result, _ = timed(probe.check)
+    conn = probe.take_connection()
     assert conn is not None, result
     slow_pg.delay = 0.6  # column lookup + INSERT: two round trips, more than the timeout
     writer = Writer(("service_heartbeat",), TIMEOUT)
@@ -261,8 +266,8 @@ def test_unreachable_port_in_a_multi_host_url_is_reported_per_host(tmp_path: Pat
     a, b = free_port(), free_port()
     probe = PostgresProbe(f"postgresql://127.0.0.1:{a},127.0.0.1:{b}/x", TIMEOUT)
     with deadline(5):
-        result, conn = probe.check()
-    assert conn is None
+        result = probe.check()
+    assert probe.take_connection() is None
     assert result.error.count("Connection refused.") == 2 and f"127.0.0.1:{a}: " in result.error  # type: ignore[union-attr]
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 
 from conftest import DaemonProcess, clean_env, db_url, init_table, rows
-from heartbeatd.probes import Row
+from heartbeatd.heartbeat import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env, cli, db_url, init_table, rows
-from heartbeatd.probes import to_naive_utc
-from heartbeatd.writer import CREATE_TABLE, index_name
+from heartbeatd.heartbeat import to_naive_utc
+from heartbeatd.schema import CREATE_TABLE, index_name
 from servers import PgServer, RedisServer, free_port
 
 SHANGHAI = "Asia/Shanghai"

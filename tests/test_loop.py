@@ -10,10 +10,11 @@ from typing import Any, Optional, Sequence
 import pytest
 
 from heartbeatd.config import load
-from heartbeatd.cycle import Repeats, Services
+from heartbeatd.cycle import Services
 from heartbeatd.daemon import Daemon
 from heartbeatd.notify import Notifier, watchdog_period
-from heartbeatd.probes import BACKEND, POSTGRES, REDIS, ProbeResult, Row
+from heartbeatd.repeats import Repeats
+from heartbeatd.heartbeat import BACKEND, POSTGRES, REDIS, ProbeResult, Row
 from heartbeatd.spool import Spool
 from heartbeatd.writer import WriteError
 
@@ -27,10 +28,12 @@ class Clock:
 
 
 class FakeRedis:
+    service = REDIS
+
     def __init__(self, clock: Clock, cost: float = 0.0) -> None:
         self.clock, self.cost, self.ok = clock, cost, True
 
-    def check(self) -> ProbeResult:
+    def check(self, found: Any = None) -> ProbeResult:
         self.clock.now += self.cost
         return ProbeResult(REDIS, "10.0.0.2", self.ok, self.cost, None if self.ok else "Connection refused")
 
@@ -46,16 +49,41 @@ class FakeConn:
 
 
 class FakePostgres:
+    service = POSTGRES
+
     def __init__(self) -> None:
         self.ok = True
         self.conns: list[FakeConn] = []
+        self._conn: Optional[FakeConn] = None
 
-    def check(self) -> tuple[ProbeResult, Optional[Any]]:
+    def check(self, found: Any = None) -> ProbeResult:
         if not self.ok:
-            return ProbeResult(POSTGRES, "10.0.0.3", False, 0.0, "Connection refused"), None
-        conn = FakeConn()
-        self.conns.append(conn)
-        return ProbeResult(POSTGRES, "10.0.0.3", True, 0.0), conn
+            return ProbeResult(POSTGRES, "10.0.0.3", False, 0.0, "Connection refused")
+        self._conn = FakeConn()
+        self.conns.append(self._conn)
+        return ProbeResult(POSTGRES, "10.0.0.3", True, 0.0)
+
+    def take_connection(self) -> Optional[FakeConn]:
+        conn, self._conn = self._conn, None
+        return conn
+
+    def close(self) -> None:
+        pass
+
+
+class FakeBackend:
+    service = BACKEND
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def check(self, found: Any = None) -> ProbeResult:
+        if self.broken:
+            raise ZeroDivisionError("bug")
+        return ProbeResult(BACKEND, "10.0.0.1", True, 0.0)
+
+    def close(self) -> None:
+        pass
 
 
 class FakeWriter:
@@ -71,14 +99,15 @@ class FakeWriter:
         self.inserted += len(rows)
 
 
-def make(tmp_path: Path, clock: Clock, interval: str = "30", cost: float = 0.0, spool: bool = True) -> Daemon:
+def make(tmp_path: Path, clock: Clock, interval: str = "30", cost: float = 0.0, spool: bool = True,
+         writer: Optional[FakeWriter] = None) -> Daemon:
     config = load({"HEARTBEAT_INTERVAL": interval, "HEARTBEAT_SPOOL_PATH": str(tmp_path / "s.db")}, cwd=tmp_path)
-    redis, pg, writer = FakeRedis(clock, cost), FakePostgres(), FakeWriter()
+    redis, pg, backend = FakeRedis(clock, cost), FakePostgres(), FakeBackend()
+    the_writer = writer or FakeWriter()
     wall = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
 
     def build(c: Any, previous: Optional[Services] = None) -> Services:
-        return Services(redis, pg, lambda ip: ProbeResult(BACKEND, "10.0.0.1", True, 0.0), writer,
-                        Spool(c.spool_path, c.spool_max_rows) if spool else None)
+        return Services([redis, pg, backend], the_writer, Spool(c.spool_path, c.spool_max_rows) if spool else None)
 
     def tick() -> datetime:
         wall[0] = wall[0].replace(second=(wall[0].second + 1) % 60)
@@ -121,14 +150,14 @@ def test_rows_of_a_cycle_and_connection_closed(tmp_path: Path) -> None:
         (BACKEND, "10.0.0.1", False), (REDIS, "10.0.0.2", False), (POSTGRES, "10.0.0.3", False)]
     assert len({r.report_time for r, _ in writer.written}) == 1
     assert outcome.recorded and not outcome.spooled
-    pg = daemon.services.postgres
+    pg = daemon.services.probes[1]
     assert isinstance(pg, FakePostgres) and all(c.closed for c in pg.conns)
 
 
 def test_postgres_down_spools_then_backfills_oldest_first(tmp_path: Path) -> None:
     clock = Clock()
     daemon = make(tmp_path, clock)
-    pg, writer = daemon.services.postgres, daemon.services.writer
+    pg, writer = daemon.services.probes[1], daemon.services.writer
     assert isinstance(pg, FakePostgres) and isinstance(writer, FakeWriter)
     pg.ok = False
     first = daemon.run_cycle()
@@ -147,17 +176,16 @@ def test_a_check_that_raises_is_that_checks_failure_only(tmp_path: Path, caplog:
     clock = Clock()
     daemon = make(tmp_path, clock)
 
-    def broken(ip: Optional[str]) -> ProbeResult:
-        raise ZeroDivisionError("bug")
-
-    daemon.services.backend = broken
+    backend = daemon.services.probes[2]
+    assert isinstance(backend, FakeBackend)
+    backend.broken = True
     with caplog.at_level(logging.ERROR):
         outcome = daemon.safe_cycle()
     assert outcome is not None and [(r.service, r.ok) for r in outcome.results] == [
         (BACKEND, False), (REDIS, True), (POSTGRES, True)]
     assert outcome.results[0].error == "internal error in the check: ZeroDivisionError: bug"
     assert [r.service for r in outcome.recorded] == [REDIS, POSTGRES]
-    pg = daemon.services.postgres
+    pg = daemon.services.probes[1]
     assert isinstance(pg, FakePostgres) and all(c.closed for c in pg.conns)
     assert "后端检查失败: internal error in the check: ZeroDivisionError: bug" in caplog.text
 
@@ -220,9 +248,8 @@ class FixedMidAttempt(FakeWriter):
 
 def test_a_row_refused_before_the_table_was_fixed_is_tried_again_not_set_aside(tmp_path: Path) -> None:
     clock = Clock()
-    daemon = make(tmp_path, clock)
     writer = FixedMidAttempt()
-    daemon.services.writer = writer
+    daemon = make(tmp_path, clock, writer=writer)
     outcome = daemon.run_cycle()  # 3 rows refused, split: 后端 refused, then (fixed) redis + postgres taken
     assert [r.service for r in outcome.recorded] == [REDIS, POSTGRES, BACKEND]
     assert outcome.rejected == [] and daemon.services.spool is not None and daemon.services.spool.rejected == 0

@@ -251,7 +251,7 @@ def test_table_missing_is_one_line(pg: PgServer) -> None:
 
 
 def test_init_db_adds_the_read_index_concurrently_to_a_table_with_rows(pg: PgServer) -> None:
-    from heartbeatd.writer import CREATE_TABLE
+    from heartbeatd.schema import CREATE_TABLE
     pg.sql(CREATE_TABLE.format(table="service_heartbeat", index="service_heartbeat_service_name_report_time_idx"),
            db=pg.dbname)  # a 1.0 table: only the (service_name, report_time) index
     seed_old_and_new(pg, 1000, 10)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import DaemonProcess, clean_env, cli, db_url, fill, init_table, rows
-from heartbeatd.probes import Row
+from heartbeatd.heartbeat import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
 from test_faults import INTERVAL, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import DaemonProcess, clean_env, cli, daemon_on_env_file, db_url, fill, init_table, rows
-from heartbeatd.probes import Row
+from heartbeatd.heartbeat import Row
 from heartbeatd.spool import Spool
 from servers import PgServer, RedisServer
 from test_faults import INTERVAL, assert_backfilled_whole, assert_no_gap_no_duplicate, env_for, spooled_rows, statuses
@@ -113,7 +113,7 @@ REPLAYER = """
 import os, sys
 from datetime import datetime, timedelta, timezone
 import psycopg2
-from heartbeatd.probes import Row
+from heartbeatd.heartbeat import Row
 from heartbeatd.writer import Writer
 t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 rows = [Row(s, "10.7.7.7", t0 + timedelta(seconds=30 * i)) for i in range(3000) for s in ("后端", "redis")]

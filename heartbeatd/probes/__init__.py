@@ -1,33 +1,91 @@
-"""One check per service; each returns a ProbeResult and never raises."""
+"""The checks: one Probe per service, each in its own module, registered in one place.
+
+A probe checks its service within its own deadline (HEARTBEAT_TIMEOUT) and says what it found;
+`checked` is the one boundary around every check: it times it and turns whatever the check
+raises into that service's failed result, so one check's bug costs only its own row. A cycle
+runs the probes in MODULES order: a later one may use what the earlier ones found (后端's
+address comes from PostgreSQL's). Adding a check is a module with a `@register`ed factory and
+its name in MODULES.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import socket
-from datetime import datetime, timezone
-from typing import NamedTuple, Optional
+import time
+from typing import Callable, Mapping, Optional, Protocol
 
-BACKEND = "后端"
-REDIS = "redis"
-POSTGRES = "postgres"
-LOOPBACK = "127.0.0.1"
+from heartbeatd.config import Config, ConfigError, with_sources
+from heartbeatd.heartbeat import LOOPBACK, ProbeResult, normalize_ip
+from heartbeatd.names import Resolver
 
+log = logging.getLogger(__name__)
 
-class ProbeResult(NamedTuple):  # NamedTuple, not a frozen dataclass: several are made every cycle
-    """What one check found: the service, its address, whether it is up, how long it took."""
-
-    service: str
-    ip: str
-    ok: bool
-    latency: float
-    error: Optional[str] = None
+MODULES = ("redis_ping", "postgres_connect", "backend_host")  # the order the checks run in
 
 
-def normalize_ip(address: str) -> str:
-    """An address as the kernel reports it, IPv4-mapped IPv6 (`::ffff:10.0.0.5`) shown as IPv4."""
-    address = address.split("%")[0]
-    if address.startswith("::ffff:") and "." in address:
-        return address[7:]
-    return address
+class Probe(Protocol):
+    """One service's check."""
+
+    service: str  # the service_name its rows carry
+
+    def check(self, found: Mapping[str, ProbeResult]) -> ProbeResult:
+        """Check the service within the timeout; `found` holds what the earlier checks found."""
+
+    def close(self) -> None:
+        """Drop whatever the probe keeps open."""
+
+
+Factory = Callable[[Config, Resolver], Optional[Probe]]  # None: not configured
+_FACTORIES: dict[str, Factory] = {}
+
+
+def register(factory: Factory) -> Factory:
+    """Make a check known (used as a decorator on the module's factory)."""
+    _FACTORIES[factory.__module__] = factory
+    return factory
+
+
+def build(config: Config) -> list[Probe]:
+    """The configured probes, in MODULES order; ConfigError, naming the file a value came from."""
+    resolver = Resolver()  # one per generation: a lookup that hangs is shared, not repeated
+    probes: list[Probe] = []
+    try:
+        for module in MODULES:
+            name = f"{__name__}.{module}"
+            importlib.import_module(name)
+            probe = _FACTORIES[name](config, resolver)
+            if probe is not None:
+                probes.append(probe)
+    except ConfigError as exc:
+        close_all(probes)
+        raise with_sources(config, exc) from None
+    return probes
+
+
+def close_all(probes: list[Probe]) -> None:
+    """Close every probe; one that fails to close does not keep the others open."""
+    for probe in probes:
+        try:
+            probe.close()
+        except Exception:  # noqa: BLE001 - closing must never end the daemon
+            log.debug("closing the %s probe raised", probe.service, exc_info=True)
+
+
+def checked(probe: Probe, found: Mapping[str, ProbeResult], down_ip: str,
+            clock: Callable[[], float] = time.monotonic) -> ProbeResult:
+    """The one boundary of a check: whatever it raises becomes that service's failed result.
+
+    `down_ip` is the address a failed result carries when the check could not say (the last one seen).
+    """
+    start = clock()
+    try:
+        return probe.check(found)
+    except Exception as exc:  # noqa: BLE001 - one check's bug must not cost the other services' rows
+        log.debug("the %s check raised", probe.service, exc_info=True)
+        error = f"internal error in the check: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        return ProbeResult(probe.service, down_ip or LOOPBACK, False, clock() - start, error)
 
 
 def peer_ip(fd: int) -> Optional[str]:
@@ -44,33 +102,3 @@ def peer_ip(fd: int) -> Optional[str]:
         except OSError:
             return None
 
-
-class Row(NamedTuple):
-    """One heartbeat for the table: a healthy service, its address, when the check ran (UTC)."""
-
-    service: str
-    ip: str
-    report_time: datetime  # timezone-aware, UTC
-
-
-def utcnow() -> datetime:
-    """Aware UTC now: the wall clock is only ever used for report_time and created_at."""
-    return datetime.now(timezone.utc)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_NAIVE_EPOCH = datetime(1970, 1, 1)
-
-
-def to_naive_utc(value: datetime) -> datetime:
-    """The same instant as naive UTC wall time, what a `timestamp` column holds (naive: as it is).
-
-    Arithmetic rather than `astimezone(utc).replace(tzinfo=None)`: those parse keyword arguments,
-    and did so for every value written, the largest single cost of a cycle (callgrind).
-    """
-    return value if value.tzinfo is None else _NAIVE_EPOCH + (value - _EPOCH)
-
-
-def naive_utc(value: datetime) -> str:
-    """`2026-11-27 19:10:32`: how the table shows a report_time (naive UTC)."""
-    return to_naive_utc(value).isoformat(sep=" ", timespec="seconds")

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from urllib.parse import quote, urlsplit
 
 from heartbeatd.config import ConfigError
-from heartbeatd.probes.names import LookupFailed, Resolver
+from heartbeatd.names import LookupFailed, Resolver
 
 # What may stand unencoded in a request target (RFC 3986 pchar, `/`, `?`, and `%` of an existing escape).
 _TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"

@@ -11,9 +11,12 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
-from heartbeatd.probes import BACKEND, LOOPBACK, ProbeResult, normalize_ip
+from heartbeatd.config import Config
+from heartbeatd.heartbeat import BACKEND, LOOPBACK, POSTGRES, ProbeResult, normalize_ip
+from heartbeatd.names import Resolver
+from heartbeatd.probes import register
 from heartbeatd.probes.backend_check import BackendCheck
 
 _SIOCGIFADDR = 0x8915
@@ -73,8 +76,29 @@ def host_address(override: Optional[str], postgres_ip: Optional[str]) -> str:
     return default_route_address() or LOOPBACK
 
 
-def check(override: Optional[str], app: Optional[BackendCheck], postgres_ip: Optional[str]) -> ProbeResult:
+class BackendProbe:
     """Up when the daemon runs and, with HEARTBEAT_BACKEND_CHECK, the backend application answers."""
-    start = time.monotonic()
-    error = app.run() if app is not None else None
-    return ProbeResult(BACKEND, host_address(override, postgres_ip), error is None, time.monotonic() - start, error)
+
+    service = BACKEND
+
+    def __init__(self, override: Optional[str], app: Optional[BackendCheck]) -> None:
+        self.override = override
+        self.app = app
+
+    def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
+        """The host's address (found after PostgreSQL's: it may be the source address toward it)."""
+        start = time.monotonic()
+        error = self.app.run() if self.app is not None else None
+        postgres = found.get(POSTGRES)
+        address = host_address(self.override, postgres.ip if postgres is not None else None)
+        return ProbeResult(BACKEND, address, error is None, time.monotonic() - start, error)
+
+    def close(self) -> None:
+        """Nothing is kept open."""
+
+
+@register
+def from_config(config: Config, resolver: Resolver) -> BackendProbe:
+    """后端, with the backend application's check if HEARTBEAT_BACKEND_CHECK is set."""
+    app = BackendCheck(config.backend_check, config.timeout, resolver) if config.backend_check else None
+    return BackendProbe(config.backend_ip, app)

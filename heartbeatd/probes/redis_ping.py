@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from heartbeatd.config import ConfigError, mask
-from heartbeatd.probes import LOOPBACK, REDIS, ProbeResult, peer_ip
-from heartbeatd.probes.names import LookupFailed, Resolver
+from heartbeatd.config import Config, ConfigError, mask
+from heartbeatd.heartbeat import LOOPBACK, REDIS, ProbeResult
+from heartbeatd.names import LookupFailed, Resolver
+from heartbeatd.probes import peer_ip, register
 
 _AUTH_MARKERS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password", "AUTH")
 
@@ -46,12 +47,23 @@ def reason(exc: BaseException, timeout: float, has_password: bool = True) -> str
 
 
 class _DeadlineSocket:
-    """A socket that never waits past its connection's `hb_deadline` (monotonic)."""
+    """A socket that never waits past its connection's `hb_deadline` (monotonic).
+
+    It also tells the probe whether the connection is open and what its peer is, without
+    reading redis-py's private `_sock`: the connection sets `hb_sock` to it, and redis-py's
+    disconnect() closes it.
+    """
 
     def __init__(self, sock: socket.socket, owner: Any) -> None:
         self._sock = sock
         self._owner = owner
         self._requested: Optional[float] = sock.gettimeout()  # what redis-py last asked for
+        self.closed = False
+        owner.hb_sock = self
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
 
     def _bound(self) -> None:
         left = self._owner.hb_deadline - time.monotonic()
@@ -84,11 +96,14 @@ class _DeadlineSocket:
         return getattr(self._sock, name)
 
 
+# The one private method of redis-py overridden here: it has no public hook for making the socket,
+# and ours must connect to the address we resolved, within what is left of the check's deadline.
 class _Plain(redis.Connection):
     """TCP to the address the probe resolved (no lookup in here), connected within the deadline."""
 
     hb_deadline = 0.0
     hb_address = ""
+    hb_sock: Optional[_DeadlineSocket] = None
 
     def _connect(self) -> socket.socket:
         left = self.hb_deadline - time.monotonic()
@@ -115,6 +130,7 @@ class _TLS(redis.SSLConnection, _Plain):
 
 class _Unix(redis.UnixDomainSocketConnection):
     hb_deadline = 0.0
+    hb_sock: Optional[_DeadlineSocket] = None
 
     def _connect(self) -> Any:
         return _DeadlineSocket(super()._connect(), self)  # type: ignore[no-untyped-call]
@@ -144,6 +160,8 @@ def make_connection(url: str, timeout: float) -> Any:
 class RedisProbe:
     """Owns one redis-py Connection; it reconnects by itself on the next cycle after an error."""
 
+    service = REDIS
+
     def __init__(self, url: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
         self.url = url
         self.timeout = timeout
@@ -157,7 +175,8 @@ class RedisProbe:
         self._addresses: list[str] = []  # what the host last resolved to
 
     def _connected(self) -> bool:
-        return getattr(self._conn, "_sock", None) is not None
+        sock = self._conn.hb_sock
+        return sock is not None and not sock.closed
 
     def _ping(self) -> None:
         conn = self._conn
@@ -176,7 +195,7 @@ class RedisProbe:
             return LOOPBACK
         return self._addresses[0] if self._addresses else self._host
 
-    def check(self) -> ProbeResult:
+    def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
         """PING within the timeout; the result carries the live peer address."""
         start = time.monotonic()
         self._conn.hb_deadline = start + self.timeout
@@ -194,7 +213,7 @@ class RedisProbe:
             self._conn.disconnect()
             error = reason(exc, self.timeout, self._has_password)
             return ProbeResult(REDIS, self._configured_ip(), False, time.monotonic() - start, error)
-        sock = getattr(self._conn, "_sock", None)
+        sock = self._conn.hb_sock
         if sock is not self._peer_of:  # a new connection: look its peer up once
             self._peer_of = sock
             self.last_ip = (peer_ip(sock.fileno()) if sock is not None else None) or self.last_ip or self._configured_ip()
@@ -204,3 +223,9 @@ class RedisProbe:
     def close(self) -> None:
         """Drop the kept connection."""
         self._conn.disconnect()
+
+
+@register
+def from_config(config: Config, resolver: Resolver) -> RedisProbe:
+    """The Redis check of REDIS_URL."""
+    return RedisProbe(config.redis_url, config.timeout, resolver)

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Optional
 
-from heartbeatd.probes import normalize_ip
+from heartbeatd.heartbeat import normalize_ip
 
 
 class LookupFailed(Exception):

@@ -1,0 +1,246 @@
+"""The one door to libpq: a deadline on every wait, connect with per-host shares, error sentences.
+
+libpq's own `connect_timeout` has a 2 s floor, applies per host, and does nothing once a
+connection is established: a server that accepts TCP and then stalls (SIGSTOP'd postmaster,
+a backend frozen mid-INSERT) would block a plain psycopg2 call forever. With a wait callback
+installed psycopg2 drives libpq in non-blocking mode and asks us to wait for the socket, so
+every wait is bounded by the deadline of the step in progress. The deadline belongs to the
+thread that set it: a helper thread sets its own, and never runs under another's.
+
+libpq is handed one host at a time, by address (`hostaddr=`, the name kept in `host=` for TLS
+verification), each with its own share of the deadline: a frozen first host of several costs its
+share, not the whole timeout, and the next one is still tried. The name lookups are ours and
+bounded too; `target_session_attrs` is checked by libpq on each host as usual.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+import psycopg2
+import psycopg2.extensions as ext
+from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
+
+from heartbeatd.config import ConfigError, mask, url_password
+from heartbeatd.names import LookupFailed, Resolver, is_address
+
+T = TypeVar("T")
+DEFAULT_PORT = "5432"
+# libpq: `connection to server at "10.0.0.5", port 5432 failed: ` - we name host:port ourselves.
+_LIBPQ_PREFIX = re.compile(r'^connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
+
+
+class DeadlineExceeded(psycopg2.OperationalError):
+    """A libpq wait ran past the step's deadline; the connection must be discarded."""
+
+
+class _Deadline(threading.local):
+    end: Optional[float] = None  # monotonic time this thread's current step must end by
+    seconds: float = 0.0  # its length, for the message
+
+
+_state = _Deadline()
+
+
+def _wait(conn: Any, _ok: int = POLL_OK, _read: int = POLL_READ, _write: int = POLL_WRITE,
+          _select: Callable[..., Any] = select.select, _now: Callable[[], float] = time.monotonic,
+          _state: _Deadline = _state) -> None:
+    # Called for every libpq wait of every connection, about ten polls a cycle: kept lean (the
+    # defaults bind what it calls; the per-cycle instruction count in the README is its measure).
+    state = conn.poll()
+    while state != _ok:
+        end = _state.end
+        remaining = None if end is None else end - _now()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"timed out after {round(_state.seconds, 2):g}s")
+        # fileno() each time: while connecting, libpq moves on to the next address on a new socket.
+        if state == _read:
+            ready = _select((conn.fileno(),), (), (), remaining)[0]
+        elif state == _write:
+            ready = _select((), (conn.fileno(),), (), remaining)[1]
+        else:  # pragma: no cover - psycopg2 documents only the three states
+            raise psycopg2.OperationalError(f"bad poll state {state!r}")
+        if not ready:
+            raise DeadlineExceeded(f"timed out after {round(_state.seconds, 2):g}s")
+        state = conn.poll()
+
+
+def install() -> None:
+    """Route every libpq wait of this process through the deadline-aware callback."""
+    ext.set_wait_callback(_wait)
+
+
+class deadline:  # noqa: N801 - used as `with deadline(seconds):`, like a function
+    """Bound every libpq wait of this thread inside the block to `seconds` from now, in total (blocks nest)."""
+
+    __slots__ = ("_seconds", "_saved")
+    _saved: tuple[Optional[float], float]  # the enclosing block's deadline, set by __enter__
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        install()
+        state = _state
+        self._saved = (state.end, state.seconds)
+        state.end, state.seconds = time.monotonic() + self._seconds, self._seconds
+
+    def __exit__(self, *exc: object) -> None:
+        _state.end, _state.seconds = self._saved
+
+
+def reason(exc: BaseException) -> str:
+    """One line from a driver error: libpq's lines joined as sentences, its own host prefix dropped."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    lines[0] = _LIBPQ_PREFIX.sub("", lines[0])
+    text = lines[0]
+    for line in lines[1:]:
+        # libpq wraps within a sentence ("... abnormally" / "before or while ...") and starts a new
+        # one with a capital ("Connection refused" / "Is the server running ...").
+        if line[:1].isupper() and text[-1:] not in ".?!:":
+            text += "."
+        text += " " + line
+    return text
+
+
+def close_quietly(conn: Any) -> None:
+    """Close a connection that may be broken; never raises."""
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection must not end anything
+        pass
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host of DATABASE_URL."""
+
+    host: str  # as configured: a name, an address, or a Unix socket directory
+    port: str
+    hostaddr: str  # given in the URL (then no lookup), else ""
+
+    @property
+    def is_socket(self) -> bool:
+        return self.host == "" or self.host.startswith("/") or self.host.startswith("@")
+
+
+def _split(value: Optional[str]) -> list[str]:
+    return value.split(",") if value else []
+
+
+def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
+    """libpq's own reading of the URL, and its hosts; ConfigError (password masked) if libpq refuses it."""
+    try:
+        options = ext.parse_dsn(dsn)
+    except psycopg2.Error as exc:
+        password = url_password(dsn)
+        text = " ".join(str(exc).split())
+        raise ConfigError([f"DATABASE_URL: {mask(text, [password] if password else [])}"]) from None
+    hosts = _split(options.pop("host", None)) or [""]
+    ports = _split(options.pop("port", None)) or [DEFAULT_PORT]
+    addrs = _split(options.pop("hostaddr", None))
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts) or (addrs and len(addrs) != len(hosts)):
+        raise ConfigError([f"DATABASE_URL: {len(hosts)} host(s) but {len(ports)} port(s)"
+                           + (f" and {len(addrs)} hostaddr(s)" if addrs else "")])
+    for port in ports:
+        if not re.fullmatch(r"[0-9]{1,5}", port or DEFAULT_PORT) or not 0 < int(port or DEFAULT_PORT) < 65536:
+            raise ConfigError([f"DATABASE_URL: bad port {port!r} (must be 1-65535)"])
+    return options, [Host(h, p or DEFAULT_PORT, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
+
+
+class Connector:
+    """Connections to DATABASE_URL's hosts in order, each host within its share of the timeout."""
+
+    def __init__(self, dsn: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
+        self.timeout = timeout
+        options, self.hosts = parse(dsn)
+        options.setdefault("application_name", "heartbeatd")
+        self._options = options
+        self._resolver = resolver or Resolver()
+        self.resolved: dict[str, list[str]] = {}  # what each name last resolved to (for a down row's IP)
+        self._dsns: dict[tuple[str, str, str], str] = {}  # (host, address, port) -> libpq DSN, built once
+        self._fixed: dict[Host, list[tuple[str, str]]] = {}
+        for host in self.hosts:
+            if host.is_socket or host.hostaddr or is_address(host.host):
+                self._fixed[host] = self._candidates(host, float("inf"))
+
+    def _candidates(self, host: Host, until: float) -> list[tuple[str, str]]:
+        """(label, dsn) for each address of one configured host."""
+        known = self._fixed.get(host)
+        if known is not None:  # an address or a socket: nothing to look up, nothing to rebuild
+            return known
+        label = f"{host.host or 'local socket'}:{host.port}"
+        if host.is_socket:
+            return [(label, self._dsn(host, ""))]
+        addresses = [host.hostaddr] if host.hostaddr else self._resolver.lookup(host.host, until)
+        self.resolved[host.host] = addresses
+        return [(label if address == host.host else f"{label} ({address})", self._dsn(host, address))
+                for address in addresses]
+
+    def _dsn(self, host: Host, address: str) -> str:
+        # make_dsn parses and escapes with libpq and regexes: once per address, not once per cycle.
+        key = (host.host, address, host.port)
+        dsn = self._dsns.get(key)
+        if dsn is None:
+            if len(self._dsns) > 64:  # a name whose addresses keep changing must not grow this forever
+                self._dsns.clear()
+            where = {"host": host.host} if host.host else {}
+            if address:
+                where["hostaddr"] = address
+            dsn = self._dsns[key] = ext.make_dsn(**self._options, **where, port=host.port)
+        return dsn
+
+    def connect(self, first: Callable[[Any], T]) -> tuple[Optional[Any], Optional[T], list[str]]:
+        """(connection, what `first` found on it, failures): the first host that connects and answers.
+
+        `first` runs on the new connection within the same host's share (the probe's proof that
+        PostgreSQL itself answers); a host where it fails is closed and the next one tried.
+        """
+        start = time.monotonic()
+        end = start + self.timeout
+        failures: list[str] = []
+        for index, host in enumerate(self.hosts):
+            # Each host gets an equal share of what is left, so a frozen one cannot starve the next.
+            share_end = time.monotonic() + (end - time.monotonic()) / (len(self.hosts) - index)
+            try:
+                candidates = self._candidates(host, share_end)
+            except LookupFailed as exc:
+                failures.append(f"{host.host}:{host.port}: {exc}")
+                continue
+            for number, (label, dsn) in enumerate(candidates):
+                slot = (share_end - time.monotonic()) / (len(candidates) - number)
+                conn = None
+                try:
+                    with deadline(max(slot, 0.001)):
+                        # What psycopg2.connect() does, less its make_dsn(): that parses the DSN
+                        # again every cycle, and ours was built by make_dsn once.
+                        conn = ext.connection(dsn)
+                        conn.autocommit = True
+                        found = first(conn)
+                except Exception as exc:  # noqa: BLE001 - every failure is this host's, never a crash
+                    failures.append(f"{label}: {reason(exc)}")
+                    if conn is not None:
+                        close_quietly(conn)
+                    continue
+                return conn, found, failures
+        return None, None, failures or ["no host to connect to"]
+
+    def open(self) -> Any:
+        """A connection for the commands that read or set up the table; DatabaseUnreachable says why not."""
+        conn, _, failures = self.connect(lambda conn: None)
+        if conn is None:
+            raise DatabaseUnreachable("; ".join(failures))
+        return conn
+
+
+class DatabaseUnreachable(Exception):
+    """No host of DATABASE_URL gave a connection in time (the reasons, one per host, in the text)."""
