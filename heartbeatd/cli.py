@@ -208,8 +208,8 @@ def cmd_rejected(config: Config, retry: bool) -> int:
         if not retry or not refused:
             for _, row, why in refused:
                 print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\t{why}")
-            for _, service, ip, when, why in unreadable:  # as stored: it could not be read back
-                print(f"{service}\t{ip}\t{when}\t{why}")
+            for stored in unreadable:  # as stored (id, service, ip, report_time, ..., reason): unreadable
+                print(f"{stored[1]}\t{stored[2]}\t{stored[3]}\t{stored[-1]}")
             print(f"{len(refused) + len(unreadable)} rejected row(s) in {spool.path}", file=sys.stderr)
             return EX_OK
         conn = _connect(config)

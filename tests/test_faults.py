@@ -265,11 +265,11 @@ def test_spool_corrupted_while_open_is_set_aside_and_replaced(tmp_path: Path) ->
     spool = Spool(tmp_path / "s.db", 100)
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     spool.append([Row("后端", "10.0.0.1", t0 + timedelta(seconds=i)) for i in range(5)])
-    spool._db.close()  # as if another process scribbled over the file under us
+    spool.file.db.close()  # type: ignore[union-attr]  # as if another process scribbled over the file under us
     for name in ("s.db", "s.db-wal", "s.db-shm"):
         if (tmp_path / name).exists():
             (tmp_path / name).write_bytes(b"garbage" * 1000)
-    spool._db = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
+    spool.file.db = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
     assert spool.oldest(10) == []  # logged, set aside, started anew
     assert list(tmp_path.glob("s.db.corrupt-*"))
     assert spool.count == 0
