@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, probes, report as report_out, schema
+from heartbeatd import __version__, config as configmod, logsetup, probes, render, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -21,9 +20,9 @@ from heartbeatd.heartbeat import naive_utc, utcnow
 from heartbeatd.ledger import Ledger, TableMissing, parse_when
 from heartbeatd.notify import Notifier
 from heartbeatd.pg import Connector, DatabaseUnreachable, reason
-from heartbeatd.report import human, iso
-from heartbeatd.spool import Spool, SpoolUnavailable
-from heartbeatd.writer import WriteError, Writer, write_split
+from heartbeatd.delivery import retry_rejected
+from heartbeatd.spool import Spool, SpoolUnavailable, rejected_raw, rejected_rows
+from heartbeatd.writer import WriteError, Writer
 
 EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
 
@@ -202,30 +201,19 @@ def cmd_rejected(config: Config, retry: bool) -> int:
     except SpoolUnavailable as exc:
         return _config_error([f"HEARTBEAT_SPOOL_PATH: {exc}"])
     try:
-        refused = spool.rejected_rows()
-        readable = {i for i, _, _ in refused}
-        unreadable = [r for r in spool.rejected_raw() if r[0] not in readable]
+        refused = rejected_rows(spool)
         if not retry or not refused:
-            for _, row, why in refused:
-                print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\t{why}")
-            for stored in unreadable:  # as stored (id, service, ip, report_time, ..., reason): unreadable
-                print(f"{stored[1]}\t{stored[2]}\t{stored[3]}\t{stored[-1]}")
-            print(f"{len(refused) + len(unreadable)} rejected row(s) in {spool.path}", file=sys.stderr)
+            render.rejected(refused, rejected_raw(spool), spool.path, sys.stdout, sys.stderr)
             return EX_OK
         conn = _connect(config)
         try:
-            written, still = write_split(Writer(config.table, config.timeout), conn,
-                                         [(i, row) for i, row, _ in refused], dedupe=True)
+            written, still = retry_rejected(spool, Writer(config.table, config.timeout), conn, refused)
         except WriteError as exc:
             print(f"heartbeatd: retry failed: {exc}", file=sys.stderr)
             return EX_DOWN
         finally:
             conn.close()
-        spool.delete([i for i, _ in written])
-        spool.reject(still)
-        for _, row, why in still:
-            print(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\tstill rejected: {why}")
-        print(f"{len(written)} row(s) written, {len(still)} still rejected")
+        render.retried(written, still, sys.stdout)
         return EX_OK if not still else EX_DOWN
     finally:
         spool.close()
@@ -256,15 +244,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     finally:
         ledger.conn.close()
     stale = [f for f in found if not f.fresh]
-    if args.format == "json":
-        print(json.dumps({"now": iso(now), "stale_after_seconds": _stale_after(config), "services": [
-            {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
-             "state": "fresh" if f.fresh else "stale"} for f in found]}, ensure_ascii=False))
-    else:
-        for f in found:
-            print(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}")
-        if not found:
-            print(f"no heartbeats in the last {args.window}", file=sys.stderr)
+    render.status(found, now, _stale_after(config), args.window, args.format, sys.stdout, sys.stderr)
     return EX_OK if found and not stale else EX_DOWN
 
 
@@ -288,7 +268,7 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
         return _read_failed("report", exc)
     finally:
         ledger.conn.close()
-    report_out.write(found, since, min(until, now), gap, args.format, sys.stdout)
+    render.write(found, since, min(until, now), gap, args.format, sys.stdout)
     return EX_OK
 
 

@@ -279,6 +279,21 @@ def sqlalchemy_to_libpq(url: str) -> str:
     return found.group(1) + url[found.end() - 3:] if found else url
 
 
+def _max_rows(text: str, problems: list[str]) -> int:
+    max_rows = int(text) if re.fullmatch(r"[0-9]{1,9}", text) else 0
+    if not 0 < max_rows <= SPOOL_MAX_ROWS_LIMIT:
+        problems.append(f"HEARTBEAT_SPOOL_MAX_ROWS: must be a whole number from 1 to {SPOOL_MAX_ROWS_LIMIT}, "
+                        f"got {text!r}")
+    return max_rows
+
+
+def _retention(text: str, problems: list[str]) -> Optional[float]:
+    retention = parse_duration(text) if text else None
+    if text and (retention is None or retention < 3600):
+        problems.append(f"HEARTBEAT_RETENTION: must be a duration of at least 1h such as 30d or 12w, got {text!r}")
+    return retention
+
+
 def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
     """Build and validate the configuration; raise ConfigError listing every problem."""
     sources: dict[str, str] = {}
@@ -303,16 +318,8 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         except ValueError:
             problems.append(f"HEARTBEAT_BACKEND_IP: not an IP address: {backend_ip!r}")
     table = _table(get("HEARTBEAT_TABLE"), problems)
-    max_rows_text = get("HEARTBEAT_SPOOL_MAX_ROWS")
-    max_rows = int(max_rows_text) if re.fullmatch(r"[0-9]{1,9}", max_rows_text) else 0
-    if not 0 < max_rows <= SPOOL_MAX_ROWS_LIMIT:
-        problems.append(f"HEARTBEAT_SPOOL_MAX_ROWS: must be a whole number from 1 to {SPOOL_MAX_ROWS_LIMIT}, "
-                        f"got {max_rows_text!r}")
-    retention_text = merged.get("HEARTBEAT_RETENTION", "").strip()
-    retention = parse_duration(retention_text) if retention_text else None
-    if retention_text and (retention is None or retention < 3600):
-        problems.append(f"HEARTBEAT_RETENTION: must be a duration of at least 1h such as 30d or 12w, "
-                        f"got {retention_text!r}")
+    max_rows = _max_rows(get("HEARTBEAT_SPOOL_MAX_ROWS"), problems)
+    retention = _retention(merged.get("HEARTBEAT_RETENTION", "").strip(), problems)
     log_level = get("HEARTBEAT_LOG_LEVEL").upper()
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")

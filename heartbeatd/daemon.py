@@ -20,6 +20,34 @@ from heartbeatd.spool import SpoolUnavailable
 log = logging.getLogger(__name__)
 
 
+class Signals:
+    """The signals received, in order: a handler only enqueues; the loop takes them one by one."""
+
+    def __init__(self) -> None:
+        self._events: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._deferred: list[int] = []  # signals seen by stop_pending mid-cycle, handled by the nap
+
+    def put(self, signum: int) -> None:
+        """From the signal handler: nothing but a put_nowait (no lock, no logging)."""
+        self._events.put_nowait(signum)
+
+    def stop_pending(self) -> bool:
+        """Look at the queue without waiting; keep what was there for the nap."""
+        while not self._events.empty():
+            try:
+                self._deferred.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return bool(self._deferred) and any(s in (signal.SIGTERM, signal.SIGINT) for s in self._deferred)
+
+    def next(self, wait: float) -> Optional[int]:
+        """The next signal, waiting up to `wait` seconds; None if none came."""
+        try:
+            return self._deferred.pop(0) if self._deferred else self._events.get(timeout=wait)
+        except queue.Empty:
+            return None
+
+
 class Daemon:
     """A single-process daemon with a blocking, signal-aware nap between fixed-rate cycles."""
 
@@ -39,8 +67,7 @@ class Daemon:
         self._on_config = on_config
         self._clock = clock
         self._wall = wall
-        self._events: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._deferred: list[int] = []  # signals seen by stop_pending mid-cycle, handled by the nap
+        self.signals = Signals()
         self._repeats = Repeats(clock)
         self._next = clock()  # monotonic time of the next cycle start
         self.cycle = self._cycle(config, build(config, None))
@@ -73,13 +100,8 @@ class Daemon:
         return self._next + self.config.interval - self.config.timeout
 
     def stop_pending(self) -> bool:
-        """Look at the signal queue without waiting; keep what was there for the nap."""
-        while not self._events.empty():
-            try:
-                self._deferred.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        return bool(self._deferred) and any(s in (signal.SIGTERM, signal.SIGINT) for s in self._deferred)
+        """SIGTERM or SIGINT arrived (seen between a cycle's steps)."""
+        return self.signals.stop_pending()
 
     def run_cycle(self) -> CycleOutcome:
         """One cycle of the services in effect."""
@@ -106,9 +128,8 @@ class Daemon:
                 return True
             due = self.notifier.watchdog_due_in()
             wait = remaining if due is None else min(remaining, due)
-            try:
-                signum = self._deferred.pop(0) if self._deferred else self._events.get(timeout=wait)
-            except queue.Empty:
+            signum = self.signals.next(wait)
+            if signum is None:
                 if due is not None and due <= remaining:
                     self.alive()
                 continue
@@ -145,7 +166,7 @@ class Daemon:
 
     def request(self, signum: int) -> None:
         """Signal handler: only enqueue (no lock, no logging in a handler)."""
-        self._events.put_nowait(signum)
+        self.signals.put(signum)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit status."""
@@ -170,16 +191,22 @@ class Daemon:
     def _next_start(self, scheduled: float, started: float) -> float:
         """Fixed rate from the schedule, not from when the cycle ended; skip missed starts."""
         interval = self.config.interval
-        following = scheduled + interval
-        now = self._clock()
-        if now > following:
-            missed = math.floor((now - following) / interval) + 1
+        following, missed = next_start(scheduled, self._clock(), interval)
+        if missed:
             self._repeats.failed(
                 "overrun", logging.WARNING,
                 "心跳周期超时 - a cycle took %.2fs, longer than HEARTBEAT_INTERVAL=%gs; skipping %d start(s)",
-                now - started, interval, missed, kind="overrun",
+                self._clock() - started, interval, missed, kind="overrun",
             )
-            following += missed * interval
         else:
             self._repeats.cleared("overrun")
         return following
+
+
+def next_start(scheduled: float, now: float, interval: float) -> tuple[float, int]:
+    """The start after `scheduled` at a fixed rate, past `now`, and how many starts that skips."""
+    following = scheduled + interval
+    if now <= following:
+        return following, 0
+    missed = math.floor((now - following) / interval) + 1
+    return following + missed * interval, missed

@@ -255,3 +255,15 @@ class Backfill:
             return False, False  # out of time before the table said anything about this batch
         # When the spool cannot set them aside now, the same rows would come back at once: stop.
         return recorded, bool(refused)
+
+
+def retry_rejected(spool: Any, writer: RowWriter, conn: Any, refused: Sequence[Refused]) -> tuple[Written, list[Refused]]:
+    """`heartbeatd rejected --retry`: the rows set aside, written again (deduplicated) where the table takes them.
+
+    Those written leave the spool; those refused again stay aside with the new reason.
+    WriteError if the table could not be asked at all.
+    """
+    written, still = write_split(writer, conn, [(i, row) for i, row, _ in refused], dedupe=True)
+    spool.delete([i for i, _ in written])
+    spool.reject(still)
+    return written, still

@@ -9,7 +9,7 @@ fleet. A gap in a server's rows is an outage only while some daemon was alive to
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
 
@@ -17,15 +17,13 @@ import psycopg2
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import BACKEND, as_utc
+from heartbeatd.outage import PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
+from heartbeatd.schema import column_types
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
 
-COLUMN_TYPE = """\
-SELECT t.typname
-  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
- WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attname = 'report_time' AND NOT a.attisdropped"""
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
 PAIRS = """\
@@ -136,50 +134,6 @@ class Latest:
     fresh: bool
 
 
-@dataclass(frozen=True)
-class Span:
-    """A stretch of time: an outage, or a stretch with no data."""
-
-    start: datetime
-    end: datetime
-    ongoing: bool = False  # an outage still going on at the end of the window
-
-    @property
-    def seconds(self) -> float:
-        return (self.end - self.start).total_seconds()
-
-
-@dataclass
-class PairReport:
-    """`report`: one (service, ip) over the window."""
-
-    service: str
-    ip: str
-    observed_from: datetime
-    observed_to: datetime
-    outages: list[Span] = field(default_factory=list)
-    no_data: list[Span] = field(default_factory=list)
-    reporters: Optional[int] = None  # hosts whose daemons wrote a server's rows (last hour); None for 后端
-
-    @property
-    def downtime(self) -> float:
-        return sum(s.seconds for s in self.outages)
-
-    @property
-    def longest(self) -> float:
-        return max((s.seconds for s in self.outages), default=0.0)
-
-    @property
-    def no_data_seconds(self) -> float:
-        return sum(s.seconds for s in self.no_data)
-
-    @property
-    def uptime(self) -> Optional[float]:
-        """Percent of the observed time (window less no-data stretches) without an outage."""
-        observed = (self.observed_to - self.observed_from).total_seconds() - self.no_data_seconds
-        return None if observed <= 0 else max(0.0, 100.0 * (observed - self.downtime) / observed)
-
-
 class Ledger:
     """Reads (and prunes) the heartbeat table on a connection it is handed."""
 
@@ -231,12 +185,11 @@ class Ledger:
                 self.conn.rollback()
 
     def _describe(self, cur: Any) -> None:
-        cur.execute(COLUMN_TYPE, (self._t.as_string(cur),))
-        found = cur.fetchone()
+        found = column_types(cur, self._t).get("report_time")
         if found is None:
             raise TableMissing(f"table {self.name} does not exist (or has no report_time column): "
                               "run `heartbeatd init-db`")
-        self.naive = found[0] != "timestamptz"
+        self.naive = found != "timestamptz"
 
     # -- status ---------------------------------------------------------------------------
 
@@ -256,125 +209,7 @@ class Ledger:
     def report(self, since: datetime, until: datetime, gap: float, now: datetime, service: Optional[str] = None,
                ip: Optional[str] = None, seconds: Optional[float] = None) -> list[PairReport]:
         """Outages and no-data stretches of every (service, ip) with heartbeats in [since, until)."""
-        end = min(until, now)
-        params: dict[str, Any] = {"since": self._param(since), "until": self._param(until),
-                                  "gap": timedelta(seconds=gap), "backend": BACKEND, "service": service, "ip": ip}
-
-        def where(prefix: str = "") -> sql.Composable:
-            text = (f" AND {prefix}service_name = %(service)s" if service else "") + \
-                   (f" AND {prefix}ip_address = %(ip)s" if ip else "")
-            return sql.SQL(text)
-
-        filters = where("p.")
-        params["recent"] = self._param(max(since, end - timedelta(hours=1)))
-
-        def work(cur: Any) -> list[PairReport]:
-            cur.execute(self._q(SPAN, filters=filters), params)
-            pairs: dict[tuple[str, str], PairReport] = {}
-            edges: dict[tuple[str, str], tuple[datetime, datetime, Optional[datetime]]] = {}
-            for svc, addr, first, last, before in cur.fetchall():
-                first, last = as_utc(first), as_utc(last)
-                # A pair that reported before the window is observed from the window's start.
-                start = since if before is not None else first
-                pairs[(svc, addr)] = PairReport(svc, addr, start, end)
-                edges[(svc, addr)] = (first, last, as_utc(before) if before is not None else None)
-            # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots. With
-            # many hosts, half of the 后端 rows are read on a second connection meanwhile.
-            hosts = sorted(addr for svc, addr in pairs if svc == BACKEND)
-            backend_gaps = filters + sql.SQL(" AND p.service_name = %(backend)s AND p.ip_address = ANY(%(hosts)s)")
-            side = self._beside(cur, self._q(GAPS, filters=backend_gaps),
-                                dict(params, hosts=hosts[::2], timeout_ms=self._timeout_ms)) \
-                if len(hosts) >= 8 else None
-            mine = hosts[1::2] if side is not None else hosts
-            cur.execute(self._q(GAPS, filters=backend_gaps), dict(params, hosts=mine))
-            found = cur.fetchall()
-            for key, (first, last, _) in edges.items():
-                if key[0] != BACKEND:
-                    found += [(key[0], key[1], prev, nxt) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
-            if side is not None:
-                found += side.result()
-            gaps: list[tuple[tuple[str, str], datetime, datetime, bool]] = [
-                ((svc, addr), as_utc(prev), as_utc(nxt), False) for svc, addr, prev, nxt in found]
-            for key, (first, last, before) in edges.items():
-                if before is not None and (first - before).total_seconds() > gap:
-                    gaps.append((key, before, first, False))  # began before the window: clipped below
-                if (end - last).total_seconds() > gap:
-                    gaps.append((key, last, end, True))
-            for key, start, stop, ongoing in sorted(gaps, key=lambda g: (g[0], g[1])):
-                report = pairs[key]
-                start = max(start, since)
-                if key[0] == BACKEND:  # a host's own heartbeat missing: that host (or its backend) was down
-                    report.outages.append(Span(start, stop, ongoing))
-                else:
-                    self._classify(cur, report, start, stop, ongoing, gap)
-            if any(svc != BACKEND for svc, _ in pairs):
-                cur.execute(self._q(REPORTERS, filters=filters), params)
-                for svc, addr, hosts in cur.fetchall():
-                    if (svc, addr) in pairs:
-                        pairs[(svc, addr)].reporters = int(hosts)
-                for key, report in pairs.items():
-                    if key[0] != BACKEND and report.reporters is None:
-                        report.reporters = 0
-            return list(pairs.values())
-
-        return list(self._read(work, seconds, export=True))
-
-    def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
-        """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""
-        snapshot = self._snapshot
-        if self._helper is None or snapshot is None:
-            return None
-        try:
-            helper = self._helper()  # connected here: the deadline's state belongs to this thread
-        except Exception:  # noqa: BLE001 - no free connection slot, say: read alone
-            return None
-        if helper is None:
-            return None
-        return _Beside(helper, snapshot, query, params)
-
-    def _server_gaps(self, cur: Any, key: tuple[str, str], first: datetime, last: datetime,
-                     gap: float) -> list[tuple[datetime, datetime]]:
-        """Gaps longer than `gap` between `first` and `last` in one server's rows, by empty slots."""
-        half = timedelta(seconds=gap / 2)
-        cur.execute(self._q(EMPTY_SLOTS), {"first": self._param(first), "last": self._param(last), "half": half,
-                                           "s": key[0], "ip": key[1]})
-        slots = [as_utc(r[0]) for r in cur.fetchall()]
-        runs: list[list[datetime]] = []
-        for slot in slots:
-            if runs and slot - runs[-1][1] <= timedelta(0):
-                runs[-1][1] = slot + half
-            else:
-                runs.append([slot, slot + half])
-        found = []
-        for start, end in runs:
-            cur.execute(self._q(AROUND), {"s": key[0], "ip": key[1], "start": self._param(start),
-                                          "end": self._param(end)})
-            prev, nxt = cur.fetchone()
-            if prev is not None and nxt is not None and (as_utc(nxt) - as_utc(prev)).total_seconds() > gap:
-                found.append((as_utc(prev), as_utc(nxt)))
-        return found
-
-    def _classify(self, cur: Any, report: PairReport, start: datetime, stop: datetime, ongoing: bool,
-                  gap: float) -> None:
-        """Split a server's gap into outage (some daemon alive, reporting 后端) and no data (none was)."""
-        cur.execute(self._q(ALIVE), {"backend": BACKEND, "start": self._param(start), "end": self._param(stop)})
-        alive = [as_utc(r[0]) for r in cur.fetchall()]
-        runs: list[list[datetime]] = []
-        for moment in alive:
-            if runs and (moment - runs[-1][-1]).total_seconds() <= gap:
-                runs[-1].append(moment)
-            else:
-                runs.append([moment])
-        cursor = start
-        for run in runs:
-            run_start = start if (run[0] - start).total_seconds() <= gap else run[0]
-            run_end = stop if (stop - run[-1]).total_seconds() <= gap else run[-1]
-            if run_start > cursor:
-                report.no_data.append(Span(cursor, run_start))
-            report.outages.append(Span(run_start, run_end, ongoing and run_end == stop))
-            cursor = run_end
-        if cursor < stop:
-            report.no_data.append(Span(cursor, stop))
+        return _Report(self).run(since, until, gap, now, service, ip, seconds)
 
     # -- prune ------------------------------------------------------------------------------
 
@@ -409,6 +244,118 @@ class Ledger:
                     break
                 after = last
         return removed
+
+
+class _Report:
+    """`report`'s reads on the ledger's connection: spans, gaps, who was watching, who reported."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def run(self, since: datetime, until: datetime, gap: float, now: datetime, service: Optional[str] = None,
+               ip: Optional[str] = None, seconds: Optional[float] = None) -> list[PairReport]:
+        """Outages and no-data stretches of every (service, ip) with heartbeats in [since, until)."""
+        end = min(until, now)
+        params: dict[str, Any] = {"since": self.ledger._param(since), "until": self.ledger._param(until),
+                                  "gap": timedelta(seconds=gap), "backend": BACKEND, "service": service, "ip": ip,
+                                  "recent": self.ledger._param(max(since, end - timedelta(hours=1)))}
+        filters = sql.SQL((" AND p.service_name = %(service)s" if service else "")
+                          + (" AND p.ip_address = %(ip)s" if ip else ""))
+
+        def work(cur: Any) -> list[PairReport]:
+            pairs, edges = self._spans(cur, filters, params, since, end)
+            gaps = [((svc, addr), as_utc(prev), as_utc(nxt), False)
+                    for svc, addr, prev, nxt in self._gaps(cur, filters, params, pairs, edges, gap)]
+            for key, (first, last, before) in edges.items():
+                gaps += [(key, start, stop, ongoing) for start, stop, ongoing in edge_gaps(first, last, before, end, gap)]
+            for key, start, stop, ongoing in sorted(gaps, key=lambda g: (g[0], g[1])):
+                report = pairs[key]
+                start = max(start, since)
+                if key[0] == BACKEND:  # a host's own heartbeat missing: that host (or its backend) was down
+                    report.outages.append(Span(start, stop, ongoing))
+                else:
+                    cur.execute(self.ledger._q(ALIVE), {"backend": BACKEND, "start": self.ledger._param(start),
+                                                 "end": self.ledger._param(stop)})
+                    outages, no_data = classify(start, stop, ongoing, [as_utc(r[0]) for r in cur.fetchall()], gap)
+                    report.outages += outages
+                    report.no_data += no_data
+            self._reporters(cur, filters, params, pairs)
+            return list(pairs.values())
+
+        return list(self.ledger._read(work, seconds, export=True))
+
+    def _spans(self, cur: Any, filters: sql.Composable, params: dict[str, Any], since: datetime, end: datetime
+               ) -> tuple[dict[tuple[str, str], PairReport], dict[tuple[str, str], tuple[datetime, datetime, Any]]]:
+        """Each pair's report, and its first and last heartbeat in the window and the one before it."""
+        cur.execute(self.ledger._q(SPAN, filters=filters), params)
+        pairs: dict[tuple[str, str], PairReport] = {}
+        edges: dict[tuple[str, str], tuple[datetime, datetime, Optional[datetime]]] = {}
+        for svc, addr, first, last, before in cur.fetchall():
+            first, last = as_utc(first), as_utc(last)
+            # A pair that reported before the window is observed from the window's start.
+            pairs[(svc, addr)] = PairReport(svc, addr, since if before is not None else first, end)
+            edges[(svc, addr)] = (first, last, as_utc(before) if before is not None else None)
+        return pairs, edges
+
+    def _gaps(self, cur: Any, filters: sql.Composable, params: dict[str, Any], pairs: dict[tuple[str, str], Any],
+              edges: dict[tuple[str, str], tuple[datetime, datetime, Any]], gap: float) -> list[Any]:
+        """Every gap longer than `gap` inside the window: (service, ip, previous, next)."""
+        # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots. With
+        # many hosts, half of the 后端 rows are read on a second connection meanwhile.
+        hosts = sorted(addr for svc, addr in pairs if svc == BACKEND)
+        backend_gaps = filters + sql.SQL(" AND p.service_name = %(backend)s AND p.ip_address = ANY(%(hosts)s)")
+        side = self._beside(cur, self.ledger._q(GAPS, filters=backend_gaps),
+                            dict(params, hosts=hosts[::2], timeout_ms=self.ledger._timeout_ms)) if len(hosts) >= 8 else None
+        cur.execute(self.ledger._q(GAPS, filters=backend_gaps), dict(params, hosts=hosts[1::2] if side is not None else hosts))
+        found: list[Any] = cur.fetchall()
+        for key, (first, last, _) in edges.items():
+            if key[0] != BACKEND:
+                found += [(key[0], key[1], prev, nxt) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
+        if side is not None:
+            found += side.result()
+        return found
+
+    def _reporters(self, cur: Any, filters: sql.Composable, params: dict[str, Any],
+                   pairs: dict[tuple[str, str], PairReport]) -> None:
+        """How many hosts wrote each server's rows in the last hour of the window."""
+        if not any(svc != BACKEND for svc, _ in pairs):
+            return
+        cur.execute(self.ledger._q(REPORTERS, filters=filters), params)
+        for svc, addr, hosts in cur.fetchall():
+            if (svc, addr) in pairs:
+                pairs[(svc, addr)].reporters = int(hosts)
+        for key, report in pairs.items():
+            if key[0] != BACKEND and report.reporters is None:
+                report.reporters = 0
+
+    def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
+        """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""
+        snapshot = self.ledger._snapshot
+        if self.ledger._helper is None or snapshot is None:
+            return None
+        try:
+            helper = self.ledger._helper()  # connected here: the deadline's state belongs to this thread
+        except Exception:  # noqa: BLE001 - no free connection slot, say: read alone
+            return None
+        if helper is None:
+            return None
+        return _Beside(helper, snapshot, query, params)
+
+    def _server_gaps(self, cur: Any, key: tuple[str, str], first: datetime, last: datetime,
+                     gap: float) -> list[tuple[datetime, datetime]]:
+        """Gaps longer than `gap` between `first` and `last` in one server's rows, by empty slots."""
+        half = timedelta(seconds=gap / 2)
+        cur.execute(self.ledger._q(EMPTY_SLOTS), {"first": self.ledger._param(first), "last": self.ledger._param(last), "half": half,
+                                           "s": key[0], "ip": key[1]})
+        runs = empty_runs([as_utc(r[0]) for r in cur.fetchall()], half)
+        found = []
+        for start, end in runs:
+            cur.execute(self.ledger._q(AROUND), {"s": key[0], "ip": key[1], "start": self.ledger._param(start),
+                                          "end": self.ledger._param(end)})
+            prev, nxt = cur.fetchone()
+            if prev is not None and nxt is not None and (as_utc(nxt) - as_utc(prev)).total_seconds() > gap:
+                found.append((as_utc(prev), as_utc(nxt)))
+        return found
 
 
 class _Beside(threading.Thread):

@@ -19,7 +19,7 @@ from heartbeatd.heartbeat import EXTRA, Row, utcnow
 from heartbeatd.spoolfile import (COUNTS, FILE_ERRORS, INSERT, PENDING, REJECTED, SET_ASIDE, Damaged, SpoolFile,
                                   SpoolUnavailable, check_path, log, reason)
 
-__all__ = ["Spool", "SpoolUnavailable", "SpoolWriteFailed", "check_path"]
+__all__ = ["Spool", "SpoolUnavailable", "SpoolWriteFailed", "check_path", "rejected_raw", "rejected_rows"]
 
 MEMORY_MAX_ROWS = 10_000  # rows held in memory while the file cannot be written (~28 h of one host)
 _WIDTH = 3 + len(EXTRA)  # a row's stored values
@@ -196,52 +196,9 @@ class Spool:
             if self.file.db is not None and isinstance(exc, (sqlite3.Error, Damaged)):
                 self.file.failed(exc, "read")
 
-    # -- what `heartbeatd rejected` uses ---------------------------------------------------------
-
-    def rejected_raw(self) -> list[tuple[Any, ...]]:
-        """Every row set aside, as stored (id, service, ip, report_time text, extras..., reason), first first."""
-        return [tuple(r) for r in self.file.database().execute(REJECTED).fetchall()]
-
-    def rejected_rows(self) -> list[tuple[int, Row, str]]:
-        """Every row the table refused that can be read back, with the reason, first written first."""
-        raw = self.rejected_raw()
-        why = {r[0]: r[-1] for r in raw}
-        readable, _ = _parse([r[:-1] for r in raw])
-        return [(i, row, why[i]) for i, row in readable]
-
     def take_over(self, old: "Spool") -> int:
-        """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload).
-
-        Rows leave the old file only once this file holds them: if it cannot (a full disk), this
-        raises SpoolUnavailable and both spools are as they were.
-        """
-        try:  # what the old file holds, read whatever its counters say; an error keeps everything there
-            found = old.file.database().execute(PENDING + " ORDER BY id").fetchall()
-            refused = old.rejected_raw()
-        except FILE_ERRORS as exc:
-            raise SpoolUnavailable(f"cannot read the rows held in {old.path}: {reason(exc)}") from exc
-        on_disk, unreadable = _parse(found)
-        copied = [i for i, _ in on_disk] + [i for _, i in unreadable] + [r[0] for r in refused]
-        waiting = [row for _, row in on_disk] + list(old._memory.values())
-        by_id = {r[0]: r for r in found}
-        refused += [(*by_id[i], why) for why, i in unreadable]  # moved as set aside
-        self.append(waiting)
-        if self.write_error is None and refused:
-            try:
-                self._change(lambda db: db.executemany(SET_ASIDE, [r[1:] for r in refused]), "write")
-            except SpoolWriteFailed as exc:
-                self.write_error = str(exc)
-        if self.write_error is not None:
-            self._memory.clear()
-            raise SpoolUnavailable(f"{self.path} cannot take the {len(waiting) + len(refused)} row(s) held by "
-                                   f"{old.path} ({self.write_error})")
-        old._memory.clear()
-        try:
-            old._change(lambda db: db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in copied]), "delete")
-        except SpoolWriteFailed as exc:
-            # Both files hold them now; a replay from either writes each row once (deduplicated).
-            log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", self.path, old.path, exc)
-        return len(waiting) + len(refused)
+        """Move everything another spool holds into this one (HEARTBEAT_SPOOL_PATH changed on reload)."""
+        return _move(old, self)
 
     def close(self) -> None:
         """Put rows held in memory into the file if it takes them now, close it and release the lock."""
@@ -252,6 +209,53 @@ class Spool:
                           self.path, self.write_error, len(self._memory))
                 self._memory.clear()
         self.file.close()
+
+
+def rejected_raw(spool: Spool) -> list[tuple[Any, ...]]:
+    """Every row set aside, as stored (id, service, ip, report_time text, extras..., reason), first first."""
+    return [tuple(r) for r in spool.file.database().execute(REJECTED).fetchall()]
+
+
+def rejected_rows(spool: Spool) -> list[tuple[int, Row, str]]:
+    """Every row the table refused that can be read back, with the reason, first written first."""
+    raw = rejected_raw(spool)
+    why = {r[0]: r[-1] for r in raw}
+    readable, _ = _parse([r[:-1] for r in raw])
+    return [(i, row, why[i]) for i, row in readable]
+
+
+def _move(old: Spool, new: Spool) -> int:
+    """Move what `old` holds into `new`; rows leave the old file only once the new file holds them.
+
+    If it cannot hold them (a full disk), this raises SpoolUnavailable and both spools are as they were.
+    """
+    try:  # what the old file holds, read whatever its counters say; an error keeps everything there
+        found = old.file.database().execute(PENDING + " ORDER BY id").fetchall()
+        refused = rejected_raw(old)
+    except FILE_ERRORS as exc:
+        raise SpoolUnavailable(f"cannot read the rows held in {old.path}: {reason(exc)}") from exc
+    on_disk, unreadable = _parse(found)
+    copied = [i for i, _ in on_disk] + [i for _, i in unreadable] + [r[0] for r in refused]
+    waiting = [row for _, row in on_disk] + list(old._memory.values())
+    by_id = {r[0]: r for r in found}
+    refused += [(*by_id[i], why) for why, i in unreadable]  # moved as set aside
+    new.append(waiting)
+    if new.write_error is None and refused:
+        try:
+            new._change(lambda db: db.executemany(SET_ASIDE, [r[1:] for r in refused]), "write")
+        except SpoolWriteFailed as exc:
+            new.write_error = str(exc)
+    if new.write_error is not None:
+        new._memory.clear()
+        raise SpoolUnavailable(f"{new.path} cannot take the {len(waiting) + len(refused)} row(s) held by "
+                               f"{old.path} ({new.write_error})")
+    old._memory.clear()
+    try:
+        old._change(lambda db: db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in copied]), "delete")
+    except SpoolWriteFailed as exc:
+        # Both files hold them now; a replay from either writes each row once (deduplicated).
+        log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", new.path, old.path, exc)
+    return len(waiting) + len(refused)
 
 
 class SpoolWriteFailed(Exception):

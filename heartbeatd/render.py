@@ -1,4 +1,4 @@
-"""How `heartbeatd report` shows what the ledger found: text with a timeline, json, csv."""
+"""How `heartbeatd status` and `report` show what the ledger found: text (with a timeline), json, csv."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import csv
 import json
 import shutil
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from heartbeatd.ledger import PairReport, Span
+from heartbeatd.heartbeat import Row, naive_utc
+from heartbeatd.ledger import Latest
+from heartbeatd.outage import PairReport, Span
 
 UP, DOWN, NO_DATA = "=", "X", "."
 
@@ -60,6 +63,40 @@ def timeline(pair: PairReport, since: datetime, until: datetime, width: int) -> 
         else:
             cells.append(UP)
     return "".join(cells)
+
+
+def rejected(refused: Sequence[tuple[int, Row, str]], raw: Sequence[Sequence[Any]], path: Path, out: TextIO,
+             err: TextIO) -> None:
+    """Print `rejected`: the rows set aside, with the reason; those that cannot be read back as stored."""
+    readable = {i for i, _, _ in refused}
+    for _, row, why in refused:
+        out.write(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\t{why}\n")
+    unreadable = [r for r in raw if r[0] not in readable]
+    for stored in unreadable:  # as stored (id, service, ip, report_time, ..., reason)
+        out.write(f"{stored[1]}\t{stored[2]}\t{stored[3]}\t{stored[-1]}\n")
+    err.write(f"{len(refused) + len(unreadable)} rejected row(s) in {path}\n")
+
+
+def retried(written: Sequence[Any], still: Sequence[tuple[int, Row, str]], out: TextIO) -> None:
+    """Print `rejected --retry`: what is still refused, and the counts."""
+    for _, row, why in still:
+        out.write(f"{row.service}\t{row.ip}\t{naive_utc(row.report_time)}\tstill rejected: {why}\n")
+    out.write(f"{len(written)} row(s) written, {len(still)} still rejected\n")
+
+
+def status(found: Sequence[Latest], now: datetime, stale_after: float, window: str, form: str, out: TextIO,
+           err: TextIO) -> None:
+    """Print `status`: one line (or JSON object) per (service, ip), its newest heartbeat, fresh or stale."""
+    if form == "json":
+        json.dump({"now": iso(now), "stale_after_seconds": stale_after, "services": [
+            {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
+             "state": "fresh" if f.fresh else "stale"} for f in found]}, out, ensure_ascii=False)
+        out.write("\n")
+        return
+    for f in found:
+        out.write(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}\n")
+    if not found:
+        err.write(f"no heartbeats in the last {window}\n")
 
 
 def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: float, form: str, out: TextIO) -> None:

@@ -1,0 +1,116 @@
+"""The core's shape, proved on a copy of the package: a fourth check is one module plus one line, an
+optional column is one entry in COLUMNS; both run for real against private servers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import clean_env, db_url, init_table
+from servers import PgServer, RedisServer
+
+PACKAGE = Path(__file__).resolve().parent.parent / "heartbeatd"
+
+# The fourth check: a module that registers itself (its whole text, 28 lines) ...
+FOURTH_CHECK = '''\
+"""spool-disk: the directory of the spool can be written."""
+
+import os
+import time
+
+from heartbeatd.config import Config
+from heartbeatd.heartbeat import LOOPBACK, ProbeResult
+from heartbeatd.probes import register
+
+
+class SpoolDiskProbe:
+    service = "spool-disk"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def check(self, found: object = None) -> ProbeResult:
+        start = time.monotonic()
+        ok = os.access(self.directory, os.W_OK)
+        return ProbeResult(self.service, LOOPBACK, ok, time.monotonic() - start, None if ok else "not writable")
+
+    def close(self) -> None:
+        pass
+
+
+@register
+def from_config(config: Config, resolver: object) -> SpoolDiskProbe:
+    return SpoolDiskProbe(str(config.spool_path.parent))
+'''
+# ... and the one line that registers it.
+MODULES_LINE = 'MODULES = ("redis_ping", "postgres_connect", "backend_host")'
+# The optional column: one entry in COLUMNS, with the function that takes its value from the result.
+COLUMNS_END = '''    Column("created_at", "timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')", "stamp", time=True),\n'''
+LATENCY = '''    Column("latency_ms", "double precision", "extra", value=lambda result: round(result.latency * 1000, 3)),\n'''
+
+
+def copy_with(tmp: Path, path: str, old: str, new: str) -> Path:
+    """A copy of the package with one edit (`old` must occur exactly once)."""
+    top = tmp / "copy"
+    if not top.exists():
+        shutil.copytree(PACKAGE, top / "heartbeatd", ignore=shutil.ignore_patterns("__pycache__"))
+    target = top / "heartbeatd" / path
+    text = target.read_text()
+    assert text.count(old) == 1, (path, old)
+    target.write_text(text.replace(old, new))
+    return top
+
+
+def run(top: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "heartbeatd", *args], env=dict(env, PYTHONPATH=str(top)),
+                          cwd=top, capture_output=True, text=True, timeout=60)
+
+
+def test_a_fourth_check_is_one_module_and_one_line(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    init_table(pg)
+    top = copy_with(tmp_path, "probes/__init__.py", MODULES_LINE,
+                    MODULES_LINE.replace('"backend_host")', '"backend_host", "spool_disk")'))
+    (top / "heartbeatd" / "probes" / "spool_disk.py").write_text(FOURTH_CHECK)
+    env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_BACKEND_IP="10.4.4.4",
+                    HEARTBEAT_SPOOL_PATH=str(tmp_path / "spool" / "s.db"))
+    (tmp_path / "spool").mkdir()
+    result = run(top, ["once"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == ["后端", "redis", "postgres", "spool-disk"]
+    services = pg.sql("SELECT service_name FROM service_heartbeat ORDER BY service_name", db=pg.dbname)
+    assert sorted(s for (s,) in services) == sorted(["后端", "redis", "postgres", "spool-disk"])
+
+
+def test_an_optional_column_is_one_entry_in_columns(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN latency_ms double precision", db=pg.dbname)
+    top = copy_with(tmp_path, "heartbeat.py", COLUMNS_END, COLUMNS_END + LATENCY)
+    env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_BACKEND_IP="10.4.4.4",
+                    HEARTBEAT_SPOOL_PATH=str(tmp_path / "s.db"))
+    result = run(top, ["once"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = pg.sql("SELECT service_name, latency_ms FROM service_heartbeat", db=pg.dbname)
+    assert len(found) == 3 and all(latency is not None and latency >= 0 for _, latency in found), found
+    # Spooled rows keep it: a row through the spool's file and back into the table.
+    script = (
+        "from datetime import datetime, timezone\n"
+        "import psycopg2\n"
+        "from pathlib import Path\n"
+        "from heartbeatd.heartbeat import Row\nfrom heartbeatd.spool import Spool\nfrom heartbeatd.writer import Writer\n"
+        f"spool = Spool(Path({str(tmp_path / 's.db')!r}), 100)\n"
+        "spool.append([Row('redis', '10.6.6.6', datetime(2026, 1, 1, tzinfo=timezone.utc), (12.5,))])\n"
+        "spool.close()\nspool = Spool(spool.path, 100)\n"
+        f"conn = psycopg2.connect({db_url(pg)!r}); conn.autocommit = True\n"
+        "Writer(('service_heartbeat',), 5).write(conn, [row for _, row in spool.oldest(10)], dedupe=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=str(top)), cwd=top, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert pg.sql("SELECT latency_ms FROM service_heartbeat WHERE ip_address = '10.6.6.6'", db=pg.dbname) == [(12.5,)]
+    # A table without the column is written as today.
+    pg.sql("ALTER TABLE service_heartbeat DROP COLUMN latency_ms", db=pg.dbname)
+    result = run(top, ["once"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(7,)]
