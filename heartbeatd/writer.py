@@ -14,26 +14,23 @@ from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_ut
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types
 
-# The live rows take the replay's advisory lock too: an INSERT whose client gave up (a backend
-# frozen mid-statement) still holds it when it commits later, so the replay of the same rows
-# waits for it and then sees them, instead of writing them a second time (the soak, seed 7).
-INSERT = """\
-SELECT pg_advisory_xact_lock(hashtext({lock_key}));
-INSERT INTO {table} ({columns}) VALUES {values}"""
+# Before the INSERT, in the same round trip and one statement: the server-side timeout, and the
+# transaction-scoped advisory lock every writer of this table takes. The server-side timeout: when
+# our deadline gives up on a stalled INSERT (a lock, a frozen backend), the server cancels it too
+# instead of committing it much later. The lock: the live rows take it as the replay does, so an
+# INSERT whose client gave up (a backend frozen in its commit) still holds it when it commits
+# later, and the replay of the same rows waits for it and then sees them, instead of writing them
+# a second time (the soak, seed 7). set_config(..., true) is SET LOCAL.
+PREAMBLE = "SELECT set_config('statement_timeout', {timeout}, true), pg_advisory_xact_lock(hashtext({lock_key}));\n"
+INSERT = PREAMBLE + "INSERT INTO {table} ({columns}) VALUES {values}"
 # Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
 # the spool's delete, or a write timed out after the commit): insert only the missing ones. The
-# transaction-scoped advisory lock makes check-and-insert atomic against another writer replaying
-# the same rows (two daemons, or `heartbeatd rejected --retry` beside the daemon), with or
-# without a unique index on the table.
-INSERT_MISSING = """\
-SELECT pg_advisory_xact_lock(hashtext({lock_key}));
+# advisory lock makes check-and-insert atomic against another writer replaying the same rows (two
+# daemons, or `heartbeatd rejected --retry` beside the daemon), with or without a unique index.
+INSERT_MISSING = PREAMBLE + """\
 INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
-# Sent in the same round trip as the INSERT. When our deadline gives up on a stalled INSERT (a
-# lock, a frozen backend), the server cancels it too instead of committing it much later,
-# behind the back of the replay that will write the same rows.
-STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = {}; "
 
 
 class WriteError(Exception):
@@ -129,9 +126,14 @@ class Writer:
         if query is None:
             values = sql.SQL(", ").join([sql.SQL(shape.placeholders)] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
-            query = sql.SQL(STATEMENT_TIMEOUT + (INSERT_MISSING if dedupe else INSERT)).format(
-                sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
-                columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
+            # Out of a VALUES list in a subquery a NULL is text: an extra column's value is cast to
+            # the column's own type (a spooled row from before the column had none).
+            picked = [sql.SQL("v.") + sql.Identifier(c.name) if c.kind != "extra" else
+                      sql.SQL("CAST(v.{} AS {})").format(sql.Identifier(c.name), sql.Identifier(shape.types[c.name]))
+                      for c in shape.columns]
+            query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(
+                timeout=sql.Literal(str(self._server_timeout_ms)), table=self._ident, values=values,
+                columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(picked),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
             if len(self._queries) < 16:

@@ -100,17 +100,21 @@ def test_an_optional_column_is_one_entry_in_columns(pg: PgServer, redis_server: 
         "from pathlib import Path\n"
         "from heartbeatd.heartbeat import Row\nfrom heartbeatd.spool import Spool\nfrom heartbeatd.writer import Writer\n"
         f"spool = Spool(Path({str(tmp_path / 's.db')!r}), 100)\n"
-        "spool.append([Row('redis', '10.6.6.6', datetime(2026, 1, 1, tzinfo=timezone.utc), (12.5,))])\n"
+        "t = datetime(2026, 1, 1, tzinfo=timezone.utc)\n"
+        "spool.append([Row('redis', '10.6.6.6', t, (12.5,)), Row('redis', '10.6.6.7', t)])  # spooled before\n"
         "spool.close()\nspool = Spool(spool.path, 100)\n"
         f"conn = psycopg2.connect({db_url(pg)!r}); conn.autocommit = True\n"
-        "Writer(('service_heartbeat',), 5).write(conn, [row for _, row in spool.oldest(10)], dedupe=True)\n"
+        "writer, held = Writer(('service_heartbeat',), 5), [row for _, row in spool.oldest(10)]\n"
+        "writer.write(conn, held[:1], dedupe=True)\n"
+        "writer.write(conn, held[1:], dedupe=True)  # a statement whose extra values are all NULL\n"
     )
     done = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=str(top)), cwd=top, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert pg.sql("SELECT latency_ms FROM service_heartbeat WHERE ip_address = '10.6.6.6'", db=pg.dbname) == [(12.5,)]
+    assert pg.sql("SELECT ip_address, latency_ms FROM service_heartbeat WHERE ip_address LIKE '10.6.6.%%' "
+                  "ORDER BY 1", db=pg.dbname) == [("10.6.6.6", 12.5), ("10.6.6.7", None)]
     # A table without the column is written as today.
     pg.sql("ALTER TABLE service_heartbeat DROP COLUMN latency_ms", db=pg.dbname)
     result = run(top, ["once"], env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(7,)]
+    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(8,)]
