@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from heartbeatd.config import Config
 from heartbeatd.delivery import Delivery, Loop, RowSpool, RowWriter
-from heartbeatd.heartbeat import BACKEND, POSTGRES, REDIS, SERVICES, ProbeResult, Row, row_of, utcnow
+from heartbeatd.heartbeat import BACKEND, POSTGRES, REDIS, SERVICES, ProbeResult, Row, rows_of, utcnow
 from heartbeatd.pg import close_quietly
 from heartbeatd.probes import Probe, checked, close_all
 from heartbeatd.repeats import Repeats, log
@@ -70,10 +70,6 @@ class CycleOutcome:
         return ", ".join(f"{r.service} {'up' if r.ok else 'down'}" for r in self.results)
 
 
-def _shown(result: ProbeResult) -> int:
-    return SERVICES.index(result.service) if result.service in SERVICES else len(SERVICES)
-
-
 class Cycle:
     """Probes, a writer and a spool, composed: `run()` is one cycle."""
 
@@ -88,6 +84,9 @@ class Cycle:
         self.delivery = Delivery(config, services.writer, services.spool, loop, self.repeats, clock)
         # The probe whose connection the rows are written on (PostgreSQL's).
         self._source: Any = next((p for p in services.probes if hasattr(p, "take_connection")), None)
+        # The order results are shown in: SERVICES' order, then any other check's in running order.
+        names = [p.service for p in services.probes]
+        self._shown = [s for s in SERVICES if s in names] + [s for s in names if s not in SERVICES]
 
     def _probe_all(self) -> list[ProbeResult]:
         """Each probe in turn (a later one may use an earlier one's result); stops early on SIGTERM."""
@@ -96,14 +95,13 @@ class Cycle:
         for probe in self.services.probes:
             if results and self.loop.stop_pending():
                 break
-            result = checked(probe, found, self.last_ip.get(probe.service, ""), self._clock)
+            result = checked(probe, found, self.last_ip, self._clock)
             found[result.service] = result
             results.append(result)
             self.loop.alive()
         for result in results:
             self.last_ip[result.service] = result.ip
-        results.sort(key=_shown)
-        return results
+        return [found[s] for s in self._shown if s in found]
 
     def run(self) -> CycleOutcome:
         """Check the services, write the healthy ones' rows (or spool them), log.
@@ -119,7 +117,7 @@ class Cycle:
             close_quietly(conn)
             conn = None
         self._log_probes(outcome.results)
-        rows = [row_of(r, report_time) for r in outcome.results if r.ok]
+        rows = rows_of(outcome.results, report_time)
         delivery = self.delivery
         try:
             if conn is not None:

@@ -33,6 +33,8 @@ class Signals:
 
     def stop_pending(self) -> bool:
         """Look at the queue without waiting; keep what was there for the nap."""
+        if not self._deferred and self._events.empty():  # the usual answer, asked several times a cycle
+            return False
         while not self._events.empty():
             try:
                 self._deferred.append(self._events.get_nowait())
@@ -97,7 +99,8 @@ class Daemon:
     def replay_until(self) -> float:
         """The next start less one timeout: a last statement then ends before the next cycle is due."""
         # While a cycle runs, self._next is its own scheduled start.
-        return self._next + self.config.interval - self.config.timeout
+        config = self.cycle.config
+        return self._next + config.interval - config.timeout
 
     def stop_pending(self) -> bool:
         """SIGTERM or SIGINT arrived (seen between a cycle's steps)."""

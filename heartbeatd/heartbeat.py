@@ -10,7 +10,7 @@ its value from the check's result.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 BACKEND = "后端"
 REDIS = "redis"
@@ -59,11 +59,12 @@ class Row(NamedTuple):
     extra: tuple[Any, ...] = ()  # the values of the EXTRA columns (none: the table's defaults)
 
 
-def row_of(result: ProbeResult, report_time: datetime) -> Row:
-    """The row a healthy check's result is recorded as."""
+def rows_of(results: Sequence[ProbeResult], report_time: datetime) -> list[Row]:
+    """The rows the healthy checks' results are recorded as (one call a cycle: it is on the hot path)."""
     if not EXTRA:
-        return Row(result.service, result.ip, report_time)
-    return Row(result.service, result.ip, report_time, tuple(c.value(result) for c in EXTRA if c.value))
+        return [Row(r.service, r.ip, report_time) for r in results if r.ok]
+    return [Row(r.service, r.ip, report_time, tuple(c.value(r) if c.value else None for c in EXTRA))
+            for r in results if r.ok]
 
 
 def utcnow() -> datetime:

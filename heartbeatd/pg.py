@@ -39,25 +39,30 @@ class DeadlineExceeded(psycopg2.OperationalError):
     """A libpq wait ran past the step's deadline; the connection must be discarded."""
 
 
-class _Deadline(threading.local):
-    end: Optional[float] = None  # monotonic time this thread's current step must end by
-    seconds: float = 0.0  # its length, for the message
-
-
-_state = _Deadline()
+# Each thread's (end, seconds) of the step in progress: `end` is the monotonic time the step must
+# end by (None: no deadline), `seconds` its length, for the message. One attribute of a plain
+# thread-local, read once per wait: the wait callback runs about ten times a cycle.
+_state = threading.local()
+_NONE: tuple[Optional[float], float] = (None, 0.0)
+_state.d = _NONE
 
 
 def _wait(conn: Any, _ok: int = POLL_OK, _read: int = POLL_READ, _write: int = POLL_WRITE,
           _select: Callable[..., Any] = select.select, _now: Callable[[], float] = time.monotonic,
-          _state: _Deadline = _state) -> None:
-    # Called for every libpq wait of every connection, about ten polls a cycle: kept lean (the
-    # defaults bind what it calls; the per-cycle instruction count in the README is its measure).
+          _state: Any = _state) -> None:
+    # Called for every libpq wait of every connection: kept lean (the defaults bind what it
+    # calls; the per-cycle instruction count in the README is its measure).
     state = conn.poll()
+    if state == _ok:
+        return
+    try:
+        end, seconds = _state.d
+    except AttributeError:  # a thread that never set a deadline
+        end, seconds = _NONE
     while state != _ok:
-        end = _state.end
         remaining = None if end is None else end - _now()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"timed out after {round(_state.seconds, 2):g}s")
+            raise DeadlineExceeded(f"timed out after {round(seconds, 2):g}s")
         # fileno() each time: while connecting, libpq moves on to the next address on a new socket.
         if state == _read:
             ready = _select((conn.fileno(),), (), (), remaining)[0]
@@ -66,13 +71,18 @@ def _wait(conn: Any, _ok: int = POLL_OK, _read: int = POLL_READ, _write: int = P
         else:  # pragma: no cover - psycopg2 documents only the three states
             raise psycopg2.OperationalError(f"bad poll state {state!r}")
         if not ready:
-            raise DeadlineExceeded(f"timed out after {round(_state.seconds, 2):g}s")
+            raise DeadlineExceeded(f"timed out after {round(seconds, 2):g}s")
         state = conn.poll()
 
 
 def install() -> None:
     """Route every libpq wait of this process through the deadline-aware callback."""
+    global _installed
     ext.set_wait_callback(_wait)
+    _installed = True
+
+
+_installed = False
 
 
 class deadline:  # noqa: N801 - used as `with deadline(seconds):`, like a function
@@ -85,13 +95,16 @@ class deadline:  # noqa: N801 - used as `with deadline(seconds):`, like a functi
         self._seconds = seconds
 
     def __enter__(self) -> None:
-        install()
-        state = _state
-        self._saved = (state.end, state.seconds)
-        state.end, state.seconds = time.monotonic() + self._seconds, self._seconds
+        if not _installed:
+            install()
+        try:
+            self._saved = _state.d
+        except AttributeError:  # this thread's first deadline
+            self._saved = _NONE
+        _state.d = (time.monotonic() + self._seconds, self._seconds)
 
     def __exit__(self, *exc: object) -> None:
-        _state.end, _state.seconds = self._saved
+        _state.d = self._saved
 
 
 def reason(exc: BaseException) -> str:

@@ -73,11 +73,11 @@ def close_all(probes: list[Probe]) -> None:
             log.debug("closing the %s probe raised", probe.service, exc_info=True)
 
 
-def checked(probe: Probe, found: Mapping[str, ProbeResult], down_ip: str,
+def checked(probe: Probe, found: Mapping[str, ProbeResult], last_ip: Mapping[str, str],
             clock: Callable[[], float] = time.monotonic) -> ProbeResult:
     """The one boundary of a check: whatever it raises becomes that service's failed result.
 
-    `down_ip` is the address a failed result carries when the check could not say (the last one seen).
+    A failed result carries the service's address in its last result (`last_ip`), else loopback.
     """
     start = clock()
     try:
@@ -85,7 +85,7 @@ def checked(probe: Probe, found: Mapping[str, ProbeResult], down_ip: str,
     except Exception as exc:  # noqa: BLE001 - one check's bug must not cost the other services' rows
         log.debug("the %s check raised", probe.service, exc_info=True)
         error = f"internal error in the check: {type(exc).__name__}: {' '.join(str(exc).split())}"
-        return ProbeResult(probe.service, down_ip or LOOPBACK, False, clock() - start, error)
+        return ProbeResult(probe.service, last_ip.get(probe.service, LOOPBACK), False, clock() - start, error)
 
 
 def peer_ip(fd: int) -> Optional[str]:
