@@ -121,7 +121,7 @@ class Cycle:
         delivery = self.delivery
         try:
             if conn is not None:
-                outcome.recorded, outcome.rejected = delivery.write_cycle(conn, rows)
+                delivery.write_cycle(conn, rows, outcome.recorded, outcome.rejected)
         except WriteError as exc:
             outcome.write_error = str(exc)
             self.repeats.failed("write", logging.ERROR, "记录心跳失败 - %s", exc, kind=exc.kind)

@@ -76,30 +76,32 @@ class Delivery:
         return write_split(self.writer, conn, batch, dedupe, between=self.loop.alive, split=split,
                            until=until, clock=self._clock)
 
-    def write_cycle(self, conn: Any, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        """The live rows, then the backlog; returns the live rows (written, set aside).
+    def write_cycle(self, conn: Any, rows: list[Row], recorded: list[Row], rejected: list[Row]) -> None:
+        """The live rows, then the backlog; the live rows written go to `recorded`, those set aside to `rejected`.
 
-        Rows are set aside only if the table took others meanwhile. A table that refuses every
-        row (a NOT NULL column added without a default) is the table's fault, not the rows': they
-        stay spooled, and WriteError says so once a minute.
+        They are added as soon as they are known, so a backlog that then fails (WriteError) does not
+        make rows already committed look unwritten. Rows are set aside only if the table took others
+        meanwhile. A table that refuses every row (a NOT NULL column added without a default) is the
+        table's fault, not the rows': they stay spooled, and WriteError says so once a minute.
         """
         until = self.loop.replay_until()
         # Live rows first: a backlog the table refuses must never hold today's heartbeats back.
         written, refused = self.write(conn, [(0, r) for r in rows], dedupe=False, until=until)
-        recorded = [row for _, row in written]
+        recorded += [row for _, row in written]
         self.loop.alive()
         replayed, replay_refused = self.backfill.replay(conn, until, first_unsplit=not written)
         taken = bool(written) or replayed
         if not refused:
             if taken and not replay_refused:
                 self._repeats.cleared("rejected")  # a cycle that set nothing aside ends the episode
-            return recorded, []
+            return
         if not taken:
             why = refused[0][2].split(" DETAIL: ")[0]
             kept = "; the rows stay in the local spool and are tried again every cycle" if self.spool else ""
             raise WriteError(f"table {self.table} refuses every row: {why}{kept}", kind=f"refuses every row: {why}")
         late, refused = self.confirm(conn, refused, dedupe=False, until=until)
-        return recorded + [row for _, row in late], self.set_aside(refused) or []
+        recorded += [row for _, row in late]
+        rejected += self.set_aside(refused) or []
 
     def confirm(self, conn: Any, refused: Sequence[Refused], dedupe: bool, until: float) -> tuple[Written, list[Refused]]:
         """Each refused row tried once more, alone, before it is set aside.

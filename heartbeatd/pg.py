@@ -27,6 +27,7 @@ import psycopg2.extensions as ext
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
 from heartbeatd.config import ConfigError, mask, url_password
+from heartbeatd.heartbeat import normalize_ip
 from heartbeatd.names import LookupFailed, Resolver, is_address
 
 T = TypeVar("T")
@@ -170,6 +171,20 @@ def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
     return options, [Host(h, p or DEFAULT_PORT, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
 
 
+SERVER_ADDRESS = "SELECT host(inet_server_addr())"
+
+
+def server_address(conn: Any) -> Optional[str]:
+    """One round trip to PostgreSQL itself: a pooler or proxy that accepted the login is not proof.
+
+    Returns the address the server itself answers on (None over a Unix socket).
+    """
+    with conn.cursor() as cur:
+        cur.execute(SERVER_ADDRESS)
+        row = cur.fetchone()
+    return normalize_ip(row[0]) if row and row[0] else None
+
+
 class Connector:
     """Connections to DATABASE_URL's hosts in order, each host within its share of the timeout."""
 
@@ -248,8 +263,12 @@ class Connector:
         return None, None, failures or ["no host to connect to"]
 
     def open(self) -> Any:
-        """A connection for the commands that read or set up the table; DatabaseUnreachable says why not."""
-        conn, _, failures = self.connect(lambda conn: None)
+        """A connection for the commands that read or set up the table; DatabaseUnreachable says why not.
+
+        As for the probe, PostgreSQL itself must answer on it: a pooler whose server is down is the
+        next host's turn.
+        """
+        conn, _, failures = self.connect(server_address)
         if conn is None:
             raise DatabaseUnreachable("; ".join(failures))
         return conn

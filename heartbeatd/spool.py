@@ -254,7 +254,8 @@ def _move(old: Spool, new: Spool) -> int:
         old._change(lambda db: db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in copied]), "delete")
     except SpoolWriteFailed as exc:
         # Both files hold them now; a replay from either writes each row once (deduplicated).
-        log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", new.path, old.path, exc)
+        log.error("心跳缓存错误 - the rows moved to %s are still in %s (%s)", new.path, old.path,
+                  reason(exc.__cause__ or exc))
     return len(waiting) + len(refused)
 
 

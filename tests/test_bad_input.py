@@ -158,3 +158,11 @@ def test_reload_with_a_value_only_a_driver_refuses_keeps_the_daemon(
     assert proc.proc.poll() is None
     assert "internal error" not in proc.log() and "Traceback" not in proc.log()
     assert proc.stop() == 0
+
+
+def test_every_check_refusing_its_value_is_named_at_once(tmp_path: Path) -> None:
+    env = clean_env(REDIS_URL="redis://127.0.0.1/0?bogus_opt=1", HEARTBEAT_BACKEND_CHECK="ftp://x")
+    result = cli(["check-config"], env, cwd=tmp_path)
+    assert result.returncode == 78
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and "REDIS_URL: unknown option" in lines[0] and "HEARTBEAT_BACKEND_CHECK:" in lines[1], lines

@@ -59,3 +59,31 @@ def test_pgbouncer_rows_carry_the_server_and_outages_behind_it_are_down(
     cycles = statuses(proc, "next in")
     assert len(assert_no_gap_no_duplicate(found, "后端", INTERVAL, cycles)) == cycles
     assert_no_gap_no_duplicate(found, "redis", INTERVAL, cycles)
+
+
+# The reshape's first form (a review found it): the commands connected through the one door
+# without its proof, so `init-db` and `status` took a PgBouncer whose server is down for a database.
+def test_commands_skip_a_pooler_whose_server_is_down_for_the_next_host(
+        pg_own: PgServer, pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    from conftest import cli, db_url
+    init_table(pg_own)
+    bouncer = PgBouncer(pg_own, host="127.0.0.3")
+    try:
+        bouncer.start()
+        # Through it once: a warm pool, so PgBouncer answers logins on its own afterwards.
+        assert cli(["status"], clean_env(DATABASE_URL=bouncer.url())).returncode == 1
+        pg_own.stop()
+        alone = clean_env(DATABASE_URL=bouncer.url(), HEARTBEAT_TIMEOUT="2")
+        result = cli(["init-db"], alone)
+        assert result.returncode == 69 and "database unreachable" in result.stderr, result.stderr
+        # bouncer first, a healthy server second: the commands go on to the second.
+        second = db_url(pg).split("@", 1)[1]
+        both = clean_env(DATABASE_URL=bouncer.url(pg.dbname).replace(
+            f"{bouncer.host}:{bouncer.port}/{pg.dbname}", f"{bouncer.host}:{bouncer.port},{second}"), HEARTBEAT_TIMEOUT="4")
+        result = cli(["init-db"], both)
+        assert result.returncode == 0 and "are ready" in result.stdout, result.stdout + result.stderr
+        assert pg.sql("SELECT to_regclass('service_heartbeat') IS NOT NULL", db=pg.dbname) == [(True,)]
+        result = cli(["status"], both)
+        assert result.returncode == 1 and "no heartbeats in the last 1d" in result.stderr, result.stderr
+    finally:
+        bouncer.destroy()

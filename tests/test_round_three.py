@@ -441,3 +441,28 @@ def test_a_live_insert_frozen_in_its_commit_is_not_written_twice_by_the_replay(p
     conn.close()
     assert [(r[0], r[1], r[2]) for r in rows(pg_own, db="postgres")] == [("后端", "10.8.8.8",
                                                                           row.report_time.replace(tzinfo=None))]
+
+
+# The reshape's first form (a review found it): when the backlog's replay failed after the live
+# INSERT had committed, the cycle's rows were reported unwritten and spooled again every cycle.
+def test_a_backlog_that_fails_after_the_live_rows_committed_leaves_them_recorded(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    init_table(pg)
+    # A role that may INSERT but not SELECT: the live INSERT gets in, the deduplicated replay
+    # (NOT EXISTS reads the table) is refused with 42501.
+    pg.sql("CREATE ROLE inserter LOGIN", db=pg.dbname)
+    pg.sql("GRANT INSERT ON service_heartbeat TO inserter", db=pg.dbname)
+    pg.sql("GRANT USAGE ON SEQUENCE service_heartbeat_id_seq TO inserter", db=pg.dbname)
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append([Row("后端", "10.9.9.8", datetime.now(timezone.utc) - timedelta(hours=1))])
+    spool.close()
+    proc = daemon(env_for(pg, redis_server, tmp_path, DATABASE_URL=db_url(pg, user="inserter")))
+    proc.wait_for(lambda: statuses(proc, "next in") >= 4, what="four cycles")
+    assert proc.stop() == 0
+    cycles = statuses(proc, "next in")
+    log = proc.log()
+    assert log.count("记录心跳成功 - 服务: 后端") == cycles, log
+    assert "心跳已缓存" not in log and "permission denied" in log
+    assert all(s.endswith("; 1 spooled") for _, s in proc.notices("STATUS=") if "next in" in s)  # the backlog only
+    assert len(assert_no_gap_no_duplicate(rows(pg), "后端", INTERVAL, cycles)) == cycles
+    assert spooled_rows(tmp_path / "spool.db") == [("后端", "10.9.9.8", spooled_rows(tmp_path / "spool.db")[0][2])]

@@ -20,7 +20,8 @@ from heartbeatd.config import Config, ConfigError, with_sources
 from heartbeatd.heartbeat import LOOPBACK, ProbeResult, normalize_ip
 from heartbeatd.names import Resolver
 
-log = logging.getLogger(__name__)
+# The line a check that raised leaves at DEBUG is the cycle's, as the other lines of a cycle are.
+log = logging.getLogger("heartbeatd.daemon")
 
 MODULES = ("redis_ping", "postgres_connect", "backend_host")  # the order the checks run in
 
@@ -48,19 +49,24 @@ def register(factory: Factory) -> Factory:
 
 
 def build(config: Config) -> list[Probe]:
-    """The configured probes, in MODULES order; ConfigError, naming the file a value came from."""
+    """The configured probes, in MODULES order; one ConfigError with every probe's problems, each
+    naming the file its value came from."""
     resolver = Resolver()  # one per generation: a lookup that hangs is shared, not repeated
     probes: list[Probe] = []
-    try:
-        for module in MODULES:
-            name = f"{__name__}.{module}"
-            importlib.import_module(name)
+    problems: list[str] = []
+    for module in MODULES:
+        name = f"{__name__}.{module}"
+        importlib.import_module(name)
+        try:
             probe = _FACTORIES[name](config, resolver)
-            if probe is not None:
-                probes.append(probe)
-    except ConfigError as exc:
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if probe is not None:
+            probes.append(probe)
+    if problems:
         close_all(probes)
-        raise with_sources(config, exc) from None
+        raise with_sources(config, ConfigError(problems))
     return probes
 
 

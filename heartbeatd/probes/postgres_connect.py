@@ -11,24 +11,10 @@ import time
 from typing import Any, Mapping, Optional
 
 from heartbeatd.config import Config
-from heartbeatd.heartbeat import LOOPBACK, POSTGRES, ProbeResult, normalize_ip
+from heartbeatd.heartbeat import LOOPBACK, POSTGRES, ProbeResult
 from heartbeatd.names import Resolver
-from heartbeatd.pg import Connector, close_quietly
+from heartbeatd.pg import Connector, close_quietly, server_address
 from heartbeatd.probes import peer_ip, register
-
-SERVER_ADDRESS = "SELECT host(inet_server_addr())"
-
-
-def server_address(conn: Any) -> Optional[str]:
-    """One round trip to PostgreSQL itself: a pooler or proxy that accepted the login is not proof.
-
-    Returns the address the server itself answers on (None over a Unix socket).
-    """
-    with conn.cursor() as cur:
-        cur.execute(SERVER_ADDRESS)
-        row = cur.fetchone()
-    return normalize_ip(row[0]) if row and row[0] else None
-
 
 class PostgresProbe:
     """Opens the cycle's connection; the cycle hands it to the writer, then closes it."""
