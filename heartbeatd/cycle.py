@@ -131,7 +131,7 @@ class Cycle:
         self.loop.alive()
         for row in outcome.recorded:
             log.info("记录心跳成功 - 服务: %s, IP: %s", row.service, row.ip)
-        if outcome.recorded and not outcome.write_error and self.repeats.cleared("write"):
+        if outcome.recorded and not outcome.write_error and self.repeats.end("write", None):
             log.warning("心跳写入恢复 - table %s accepts rows again", delivery.table)
         done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
         kept = [r for r in rows if id(r) not in done]
@@ -143,10 +143,11 @@ class Cycle:
         for result in results:
             key, error_key = f"down:{result.service}", f"error:{result.service}"
             if result.ok:
-                times = self.repeats.cleared(key)
-                self.repeats.cleared(error_key)
-                if times:
-                    log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip, times)
+                failure = self.repeats.end(key, None)
+                self.repeats.end(error_key, None)
+                if failure:
+                    log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip,
+                                failure.total)
                 continue
             self.repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
             line = FAILURE_LINES.get(result.service, "检查失败: %s")

@@ -70,6 +70,10 @@ class Daemon:
         self._clock = clock
         self._wall = wall
         self.signals = Signals()
+        # What a cycle asks of the loop, bound once (each is asked several times a cycle): the loop
+        # is alive (WATCHDOG=1), and whether SIGTERM or SIGINT arrived.
+        self.alive: Callable[[], None] = notifier.watchdog
+        self.stop_pending: Callable[[], bool] = self.signals.stop_pending
         self._repeats = Repeats(clock)
         self._next = clock()  # monotonic time of the next cycle start
         self.cycle = self._cycle(config, build(config, None))
@@ -92,19 +96,11 @@ class Daemon:
 
     # -- what a cycle asks of the loop ------------------------------------------------------
 
-    def alive(self) -> None:
-        """WATCHDOG=1 (when due: the notifier keeps the cadence)."""
-        self.notifier.watchdog()
-
     def replay_until(self) -> float:
         """The next start less one timeout: a last statement then ends before the next cycle is due."""
         # While a cycle runs, self._next is its own scheduled start.
         config = self.cycle.config
         return self._next + config.interval - config.timeout
-
-    def stop_pending(self) -> bool:
-        """SIGTERM or SIGINT arrived (seen between a cycle's steps)."""
-        return self.signals.stop_pending()
 
     def run_cycle(self) -> CycleOutcome:
         """One cycle of the services in effect."""
@@ -118,7 +114,7 @@ class Daemon:
             self._repeats.failed("bug", logging.ERROR, "心跳周期异常 - unexpected error in a cycle: %s", exc,
                                  traceback=True)
             return None
-        self._repeats.cleared("bug")
+        self._repeats.end("bug", None)
         return outcome
 
     # -- the loop --------------------------------------------------------------------------
@@ -202,7 +198,7 @@ class Daemon:
                 self._clock() - started, interval, missed, kind="overrun",
             )
         else:
-            self._repeats.cleared("overrun")
+            self._repeats.end("overrun", None)
         return following
 
 

@@ -93,7 +93,7 @@ class Delivery:
         taken = bool(written) or replayed
         if not refused:
             if taken and not replay_refused:
-                self._repeats.cleared("rejected")  # a cycle that set nothing aside ends the episode
+                self._repeats.end("rejected", None)  # a cycle that set nothing aside ends the episode
             return
         if not taken:
             why = refused[0][2].split(" DETAIL: ")[0]
@@ -160,7 +160,7 @@ class Delivery:
         if spool.write_error:
             self.spool_failed("心跳缓存不可写 - %s cannot be written (%s); %d row(s) held in memory only, retried "
                               "every cycle", getattr(spool, "path", "spool"), spool.write_error, spool.in_memory)
-        elif self._repeats.cleared("spool-write"):
+        elif self._repeats.end("spool-write", None):
             log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")
         self._repeats.failed("spool", logging.WARNING, "心跳已缓存 - rows kept in the local spool until PostgreSQL "
                              "accepts them (%s)", write_error or "PostgreSQL unavailable", kind="spooled")
@@ -169,11 +169,11 @@ class Delivery:
     def finish(self, kept: list[Row], recorded: list[Row]) -> None:
         """The end of a cycle's writes: an episode of spooling or of an unwritable file may be over."""
         if not kept and recorded:
-            self._repeats.cleared("spool")  # the episode is over: the next one starts its own lines
+            self._repeats.end("spool", None)  # the episode is over: the next one starts its own lines
         failed_now, self.spool_failed_now = self.spool_failed_now, False
         spool = self.spool
         if spool is not None and not failed_now and not spool.in_memory and spool.write_error is None \
-                and self._repeats.cleared("spool-write"):
+                and self._repeats.end("spool-write", None):
             log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")
 
     def status(self) -> str:

@@ -27,6 +27,9 @@ class Repeats:
         self._clock = clock
         self._every = every
         self._state: dict[str, _Failure] = {}
+        # `end(key, None)`: forget a failure, returning it (None if there was none). The dict's own
+        # pop: asked about a dozen times a cycle, mostly of failures that are not there.
+        self.end: Callable[[str, None], Optional[_Failure]] = self._state.pop
 
     def failed(self, key: str, level: int, msg: str, *args: Any, kind: Optional[str] = None,
                traceback: bool = False) -> None:

@@ -36,7 +36,8 @@ class PostgresProbe:
 
     def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
         """Connect within the timeout; the open connection waits in `take_connection()`."""
-        self.close()  # one not taken by the last cycle (it stopped early)
+        if self._conn is not None:  # one not taken by the last cycle (it stopped early)
+            self.close()
         started = time.monotonic()
         conn, server_ip, failures = self.connector.connect(server_address)
         if conn is None:
