@@ -91,16 +91,16 @@ class Cycle:
     def _probe_all(self) -> list[ProbeResult]:
         """Each probe in turn (a later one may use an earlier one's result); stops early on SIGTERM."""
         found: dict[str, ProbeResult] = {}
-        results: list[ProbeResult] = []
+        last_ip, alive, stop_pending, clock = self.last_ip, self.loop.alive, self.loop.stop_pending, self._clock
         for probe in self.services.probes:
-            if results and self.loop.stop_pending():
+            if found and stop_pending():
                 break
-            result = checked(probe, found, self.last_ip, self._clock)
-            found[result.service] = result
-            results.append(result)
-            self.loop.alive()
-        for result in results:
-            self.last_ip[result.service] = result.ip
+            result = found[probe.service] = checked(probe, found, last_ip, clock)
+            alive()
+        for result in found.values():
+            last_ip[result.service] = result.ip
+        if len(found) == len(self._shown):
+            return [found[s] for s in self._shown]
         return [found[s] for s in self._shown if s in found]
 
     def run(self) -> CycleOutcome:
@@ -133,27 +133,35 @@ class Cycle:
             log.info("记录心跳成功 - 服务: %s, IP: %s", row.service, row.ip)
         if outcome.recorded and not outcome.write_error and self.repeats.end("write", None):
             log.warning("心跳写入恢复 - table %s accepts rows again", delivery.table)
-        done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
-        kept = [r for r in rows if id(r) not in done]
-        outcome.spooled = delivery.keep(kept, outcome.write_error)
+        if len(outcome.recorded) == len(rows):
+            kept: list[Row] = []  # the usual cycle: every row written
+        else:
+            done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
+            kept = [r for r in rows if id(r) not in done]
+        if kept:
+            outcome.spooled = delivery.keep(kept, outcome.write_error)
         delivery.finish(kept, outcome.recorded)
         return outcome
 
     def _log_probes(self, results: Sequence[ProbeResult]) -> None:
+        repeats = self.repeats
+        failing = repeats.failing
         for result in results:
+            if result.ok and not failing:
+                continue  # the usual cycle: nothing was failing, nothing to end
             key, error_key = f"down:{result.service}", f"error:{result.service}"
             if result.ok:
-                failure = self.repeats.end(key, None)
-                self.repeats.end(error_key, None)
+                failure = repeats.end(key, None)
+                repeats.end(error_key, None)
                 if failure:
                     log.warning("服务恢复 - 服务: %s, IP: %s (down for %d check(s))", result.service, result.ip,
                                 failure.total)
                 continue
-            self.repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
+            repeats.failed(key, logging.WARNING, "服务不可用 - 服务: %s, IP: %s", result.service, result.ip)
             line = FAILURE_LINES.get(result.service, "检查失败: %s")
             # The same failure, whatever the figures in it (a time-out's share, a row count).
             kind = re.sub(r"[0-9.]+", "#", result.error or "")
-            self.repeats.failed(error_key, logging.ERROR, line, result.error, kind=kind)
+            repeats.failed(error_key, logging.ERROR, line, result.error, kind=kind)
 
     def close(self, keep_spool: bool = False) -> None:
         """Close what the cycle's services keep open."""

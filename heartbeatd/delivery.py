@@ -168,12 +168,17 @@ class Delivery:
 
     def finish(self, kept: list[Row], recorded: list[Row]) -> None:
         """The end of a cycle's writes: an episode of spooling or of an unwritable file may be over."""
+        failing = self._repeats.failing
+        if not failing:
+            self.spool_failed_now = False
+            return  # the usual cycle: no episode going on
         if not kept and recorded:
             self._repeats.end("spool", None)  # the episode is over: the next one starts its own lines
         failed_now, self.spool_failed_now = self.spool_failed_now, False
         spool = self.spool
-        if spool is not None and not failed_now and not spool.in_memory and spool.write_error is None \
-                and self._repeats.end("spool-write", None):
+        if spool is not None and not failed_now and "spool-write" in failing and not spool.in_memory \
+                and spool.write_error is None:
+            self._repeats.end("spool-write", None)
             log.warning("心跳缓存恢复 - the spool file takes rows again; nothing is held in memory only")
 
     def status(self) -> str:

@@ -4,7 +4,8 @@ COLUMNS is the one list of the table's columns: the writer's INSERTs, the spool'
 CREATE TABLE of `init-db` (and packaging/schema.sql) are all derived from it. A column that a
 table may or may not have (kind "extra") is written where the table has it and carried by every
 row, spooled ones too, in `Row.extra`; adding one is one entry here with the function that takes
-its value from the check's result.
+its value from the check's result. An extra column must be nullable: a row spooled before the
+column existed carries NULL for it.
 """
 
 from __future__ import annotations

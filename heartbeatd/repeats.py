@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 # Operators grep for `heartbeatd.daemon:` in these lines (the README's failure table): the name stays.
 log = logging.getLogger("heartbeatd.daemon")
@@ -27,6 +27,7 @@ class Repeats:
         self._clock = clock
         self._every = every
         self._state: dict[str, _Failure] = {}
+        self.failing: Mapping[str, object] = self._state  # the failures going on, by key (read only)
         # `end(key, None)`: forget a failure, returning it (None if there was none). The dict's own
         # pop: asked about a dozen times a cycle, mostly of failures that are not there.
         self.end: Callable[[str, None], Optional[_Failure]] = self._state.pop

@@ -14,20 +14,26 @@ from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_ut
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types
 
-# Before the INSERT, in the same round trip and one statement: the server-side timeout, and the
-# transaction-scoped advisory lock every writer of this table takes. The server-side timeout: when
-# our deadline gives up on a stalled INSERT (a lock, a frozen backend), the server cancels it too
-# instead of committing it much later. The lock: the live rows take it as the replay does, so an
-# INSERT whose client gave up (a backend frozen in its commit) still holds it when it commits
-# later, and the replay of the same rows waits for it and then sees them, instead of writing them
-# a second time (the soak, seed 7). set_config(..., true) is SET LOCAL.
-PREAMBLE = "SELECT set_config('statement_timeout', {timeout}, true), pg_advisory_xact_lock(hashtext({lock_key}));\n"
-INSERT = PREAMBLE + "INSERT INTO {table} ({columns}) VALUES {values}"
+# Every writer of this table takes one transaction-scoped advisory lock. The live rows take it as
+# the replay does, so an INSERT whose client gave up (a backend frozen in its commit) still holds it
+# when it commits later, and the replay of the same rows waits for it and then sees them, instead
+# of writing them a second time (the soak, seed 7). Both are sent in one round trip after the
+# server-side timeout: when our deadline gives up on a stalled INSERT (a lock, a frozen backend),
+# the server cancels it too instead of committing it much later.
+TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
+LOCK = "SELECT pg_advisory_xact_lock(hashtext({lock_key}))"
+# The live INSERT takes the lock inside its own statement (one result fewer to take apart, every
+# cycle): the rows are joined to it, so none is inserted before it is held.
+INSERT = TIMEOUT + "WITH lock AS MATERIALIZED (" + LOCK + """)
+INSERT INTO {table} ({columns})
+SELECT {picked} FROM (VALUES {values}) AS v ({columns}), lock"""
 # Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
-# the spool's delete, or a write timed out after the commit): insert only the missing ones. The
-# advisory lock makes check-and-insert atomic against another writer replaying the same rows (two
-# daemons, or `heartbeatd rejected --retry` beside the daemon), with or without a unique index.
-INSERT_MISSING = PREAMBLE + """\
+# the spool's delete, or a write timed out after the commit): insert only the missing ones. Here
+# the lock is a statement of its own, before the INSERT: the INSERT's snapshot is then taken once
+# the lock is held, so it sees what a writer holding it committed. That makes check-and-insert
+# atomic against another writer of the same rows (two daemons, `heartbeatd rejected --retry`
+# beside the daemon, a live INSERT committed late), with or without a unique index.
+INSERT_MISSING = TIMEOUT + LOCK + """;
 INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
@@ -127,12 +133,13 @@ class Writer:
             values = sql.SQL(", ").join([sql.SQL(shape.placeholders)] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
             # Out of a VALUES list in a subquery a NULL is text: an extra column's value is cast to
-            # the column's own type (a spooled row from before the column had none).
+            # the column's own type (a spooled row from before the column had none). The others
+            # are text and timestamps, which the INSERT assigns to their columns as before.
             picked = [sql.SQL("v.") + sql.Identifier(c.name) if c.kind != "extra" else
                       sql.SQL("CAST(v.{} AS {})").format(sql.Identifier(c.name), sql.Identifier(shape.types[c.name]))
                       for c in shape.columns]
             query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(
-                timeout=sql.Literal(str(self._server_timeout_ms)), table=self._ident, values=values,
+                timeout=sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
                 columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(picked),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
