@@ -95,7 +95,8 @@ class Cycle:
         for probe in self.services.probes:
             if found and stop_pending():
                 break
-            result = found[probe.service] = checked(probe, found, last_ip, clock)
+            result = checked(probe, found, last_ip, clock)
+            found[result.service] = result
             alive()
         for result in found.values():
             last_ip[result.service] = result.ip

@@ -130,14 +130,18 @@ class Writer:
         key = (count, dedupe)
         query = self._queries.get(key)
         if query is None:
-            values = sql.SQL(", ").join([sql.SQL(shape.placeholders)] * count)
+            # Out of a VALUES list in a subquery a string is text and a NULL is text: every value
+            # but the times (psycopg2 sends those typed) is cast to its column's own type name, so
+            # the INSERT and the replay's comparison see an `inet` ip_address as inet, and a
+            # numeric extra column its NULL. The bare type name: a length (varchar(50)) would
+            # truncate instead of refusing what is too long (22001).
+            row = sql.SQL("({})").format(sql.SQL(", ").join(
+                sql.Placeholder() if c.time else
+                sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.Identifier(shape.types[c.name]))
+                for c in shape.columns))
+            values = sql.SQL(", ").join([row] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
-            # Out of a VALUES list in a subquery a NULL is text: an extra column's value is cast to
-            # the column's own type (a spooled row from before the column had none). The others
-            # are text and timestamps, which the INSERT assigns to their columns as before.
-            picked = [sql.SQL("v.") + sql.Identifier(c.name) if c.kind != "extra" else
-                      sql.SQL("CAST(v.{} AS {})").format(sql.Identifier(c.name), sql.Identifier(shape.types[c.name]))
-                      for c in shape.columns]
+            picked = [sql.SQL("v.") + n for n in names]
             query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(
                 timeout=sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
                 columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(picked),
@@ -181,14 +185,13 @@ assert REQUIRED == ("service_name", "ip_address", "report_time", "created_at"), 
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "columns", "placeholders", "_naive_report", "_naive_created", "_extra")
+    __slots__ = ("types", "columns", "_naive_report", "_naive_created", "_extra")
 
     def __init__(self, types: dict[str, str]) -> None:
         self.types = types
         # Every required column (the Row's key fields, then the write's stamp: `params` below), then
         # the extras this table has.
         self.columns = [c for c in COLUMNS if c.kind != "extra"] + [c for c in EXTRA if c.name in types]
-        self.placeholders = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
         # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
         # on the server's or the session's TimeZone.
         self._naive_report = types["report_time"] != "timestamptz"

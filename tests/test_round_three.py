@@ -466,3 +466,29 @@ def test_a_backlog_that_fails_after_the_live_rows_committed_leaves_them_recorded
     assert all(s.endswith("; 1 spooled") for _, s in proc.notices("STATUS=") if "next in" in s)  # the backlog only
     assert len(assert_no_gap_no_duplicate(rows(pg), "后端", INTERVAL, cycles)) == cycles
     assert spooled_rows(tmp_path / "spool.db") == [("后端", "10.9.9.8", spooled_rows(tmp_path / "spool.db")[0][2])]
+
+
+# The reshape's first INSERT through a VALUES subquery (a review found it): an existing table whose
+# ip_address is `inet` refused every live row (42804, text into inet), and the replay's comparison
+# `inet = text` had failed since 1.1.1, so its spool never drained.
+def test_a_table_with_an_inet_address_column_takes_live_and_replayed_rows(pg: PgServer) -> None:
+    import psycopg2
+
+    from heartbeatd.writer import WriteError, Writer
+    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
+           "ip_address inet NOT NULL, report_time timestamptz NOT NULL, created_at timestamptz NOT NULL)", db=pg.dbname)
+    when = datetime(2026, 12, 3, 8, 0, tzinfo=timezone(timedelta(hours=8)))
+    conn = psycopg2.connect(db_url(pg))
+    conn.autocommit = True
+    try:
+        writer = Writer(("service_heartbeat",), 5)
+        writer.write(conn, [Row("redis", "10.1.2.3", when)])
+        writer.write(conn, [Row("redis", "10.1.2.3", when), Row("后端", "10.1.2.4", when)], dedupe=True)
+        assert pg.sql("SELECT service_name, host(ip_address), report_time FROM service_heartbeat ORDER BY id",
+                      db=pg.dbname) == [("redis", "10.1.2.3", when), ("后端", "10.1.2.4", when)]
+        for bad, state in ((Row("redis", "nonsense", when), "22P02"), (Row("x" * 60, "10.1.2.5", when), "22001")):
+            with pytest.raises(WriteError) as info:
+                writer.write(conn, [bad])
+            assert info.value.sqlstate == state and info.value.data_error, info.value  # that row's refusal
+    finally:
+        conn.close()
