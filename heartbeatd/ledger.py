@@ -402,4 +402,4 @@ def parse_when(text: str, now: datetime) -> datetime:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"not a duration (24h, 7d) or a date (2026-11-01): {text!r}") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return as_utc(value)

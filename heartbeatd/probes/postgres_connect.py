@@ -22,8 +22,6 @@ class PostgresProbe:
     service = POSTGRES
 
     def __init__(self, dsn: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
-        self.dsn = dsn
-        self.timeout = timeout
         self.connector = Connector(dsn, timeout, resolver)
         self._conn: Optional[Any] = None
 
