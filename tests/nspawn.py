@@ -143,8 +143,9 @@ class Container:
         while True:
             result = self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
             state = result.stdout.strip()
-            # Before the container's bus is up, systemctl answers nothing: ask again.
-            if state or time.monotonic() > deadline:
+            # Before the container's manager is listening, systemctl answers nothing, or "offline"
+            # (it could not reach PID 1 yet): ask again.
+            if (state and state != "offline") or time.monotonic() > deadline:
                 return state or f"no answer: {result.stderr.strip()}"
             time.sleep(0.2)
 
