@@ -26,12 +26,15 @@ DEFAULTS: dict[str, str] = {
     "HEARTBEAT_SPOOL_MAX_ROWS": "100000",
     "HEARTBEAT_LOG_LEVEL": "INFO",
     "HEARTBEAT_RETENTION": "",
+    "HEARTBEAT_RETRIES": "1",
+    "HEARTBEAT_TEXTFILE": "",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Bounds that keep every value usable: sub-second intervals stay (tests and benchmarks use 0.05 s).
 INTERVAL_RANGE = (0.01, 86400.0)
 TIMEOUT_RANGE = (0.01, 600.0)
 SPOOL_MAX_ROWS_LIMIT = 10_000_000
+RETRIES_LIMIT = 5
 # Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
 # connect, the INSERT. The watchdog is pinged between them.
 BLOCKING_STEPS = 3
@@ -64,6 +67,8 @@ class Config:
     log_level: str
     env_file: Optional[Path]
     retention: Optional[float] = None  # seconds of history `heartbeatd prune` keeps; None: keep everything
+    retries: int = 1  # quick retries of a check that failed fast, within its timeout
+    textfile: Optional[Path] = None  # node_exporter textfile the daemon rewrites after every cycle; None: off
     sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
@@ -85,6 +90,8 @@ class Config:
             f"HEARTBEAT_SPOOL_MAX_ROWS={self.spool_max_rows}",
             f"HEARTBEAT_LOG_LEVEL={self.log_level}",
             f"HEARTBEAT_RETENTION={format_duration(self.retention) if self.retention else '(keep everything)'}",
+            f"HEARTBEAT_RETRIES={self.retries}",
+            f"HEARTBEAT_TEXTFILE={self.textfile or '(off)'}",
             f"env file={self.env_file or '(none)'}",
         ]
 
@@ -287,6 +294,24 @@ def _max_rows(text: str, problems: list[str]) -> int:
     return max_rows
 
 
+def _retries(text: str, problems: list[str]) -> int:
+    if re.fullmatch(r"[0-9]", text) and int(text) <= RETRIES_LIMIT:
+        return int(text)
+    problems.append(f"HEARTBEAT_RETRIES: must be a whole number from 0 to {RETRIES_LIMIT}, got {text!r}")
+    return 0
+
+
+def _textfile(text: str, problems: list[str]) -> Optional[Path]:
+    """node_exporter's textfile collector reads only `*.prom` files, by absolute path."""
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_absolute() or path.suffix != ".prom" or "\x00" in text or path.name.startswith("."):
+        problems.append(f"HEARTBEAT_TEXTFILE: must be an absolute path of a file ending in .prom, got {text!r}")
+        return None
+    return path
+
+
 def _retention(text: str, problems: list[str]) -> Optional[float]:
     retention = parse_duration(text) if text else None
     if text and (retention is None or retention < 3600):
@@ -320,6 +345,8 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     table = _table(get("HEARTBEAT_TABLE"), problems)
     max_rows = _max_rows(get("HEARTBEAT_SPOOL_MAX_ROWS"), problems)
     retention = _retention(merged.get("HEARTBEAT_RETENTION", "").strip(), problems)
+    retries = _retries(get("HEARTBEAT_RETRIES"), problems)
+    textfile = _textfile(merged.get("HEARTBEAT_TEXTFILE", "").strip(), problems)
     log_level = get("HEARTBEAT_LOG_LEVEL").upper()
     if log_level not in LOG_LEVELS:
         problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -343,6 +370,8 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         log_level=log_level,
         env_file=env_file,
         retention=retention,
+        retries=retries,
+        textfile=textfile,
         sources=tuple(sorted(sources.items())),
     )
 

@@ -13,7 +13,7 @@ from heartbeatd.config import Config
 from heartbeatd.delivery import Delivery, Loop, RowSpool, RowWriter
 from heartbeatd.heartbeat import BACKEND, POSTGRES, REDIS, SERVICES, ProbeResult, Row, rows_of, utcnow
 from heartbeatd.pg import close_quietly
-from heartbeatd.probes import Probe, checked, close_all
+from heartbeatd.probes import Checks, Probe, close_all
 from heartbeatd.repeats import Repeats, log
 from heartbeatd.writer import WriteError
 
@@ -59,6 +59,7 @@ class CycleOutcome:
     spooled: list[Row] = field(default_factory=list)
     rejected: list[Row] = field(default_factory=list)
     write_error: Optional[str] = None
+    report_time: Optional[datetime] = None  # the cycle's rows' report_time
 
     @property
     def all_up(self) -> bool:
@@ -82,6 +83,7 @@ class Cycle:
         # Each service's address in its last result: what a check that raised is shown with.
         self.last_ip = last_ip if last_ip is not None else {}
         self.delivery = Delivery(config, services.writer, services.spool, loop, self.repeats, clock)
+        self.checks = Checks(config.timeout, config.retries, clock)
         # The probe whose connection the rows are written on (PostgreSQL's).
         self._source: Any = next((p for p in services.probes if hasattr(p, "take_connection")), None)
         # The order results are shown in: SERVICES' order, then any other check's in running order.
@@ -91,11 +93,11 @@ class Cycle:
     def _probe_all(self) -> list[ProbeResult]:
         """Each probe in turn (a later one may use an earlier one's result); stops early on SIGTERM."""
         found: dict[str, ProbeResult] = {}
-        last_ip, alive, stop_pending, clock = self.last_ip, self.loop.alive, self.loop.stop_pending, self._clock
+        last_ip, alive, stop_pending, run = self.last_ip, self.loop.alive, self.loop.stop_pending, self.checks.run
         for probe in self.services.probes:
             if found and stop_pending():
                 break
-            result = checked(probe, found, last_ip, clock)
+            result = run(probe, found, last_ip)
             found[result.service] = result
             alive()
         for result in found.values():
@@ -112,7 +114,7 @@ class Cycle:
         """
         self.loop.alive()  # the nap may have ended just before a ping was due
         report_time = self._wall()
-        outcome = CycleOutcome(self._probe_all())
+        outcome = CycleOutcome(self._probe_all(), report_time=report_time)
         conn = self._source.take_connection() if self._source is not None else None
         if conn is not None and self.loop.stop_pending():
             close_quietly(conn)

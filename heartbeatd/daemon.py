@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, CycleOutcome, Services
 from heartbeatd.heartbeat import utcnow
+from heartbeatd.metrics import Textfile
 from heartbeatd.notify import Notifier
 from heartbeatd.repeats import Repeats
 from heartbeatd.spool import SpoolUnavailable
@@ -76,13 +77,17 @@ class Daemon:
         self.stop_pending: Callable[[], bool] = self.signals.stop_pending
         self._repeats = Repeats(clock)
         self._next = clock()  # monotonic time of the next cycle start
+        self.textfile: Optional[Textfile] = None  # HEARTBEAT_TEXTFILE's writer, once it is set
         self.cycle = self._cycle(config, build(config, None))
 
     def _cycle(self, config: Config, services: Services) -> Cycle:
         """A cycle of these services, keeping the log's story (repeats, last addresses) across reloads."""
-        last_ip = self.cycle.last_ip if hasattr(self, "cycle") else None
-        return Cycle(config, services, loop=self, repeats=self._repeats, clock=self._clock, wall=self._wall,
-                     last_ip=last_ip)
+        old = getattr(self, "cycle", None)
+        cycle = Cycle(config, services, loop=self, repeats=self._repeats, clock=self._clock, wall=self._wall,
+                      last_ip=old.last_ip if old is not None else None)
+        if old is not None:
+            cycle.checks.retried = old.checks.retried  # a counter: it goes on across reloads
+        return cycle
 
     @property
     def config(self) -> Config:
@@ -118,6 +123,18 @@ class Daemon:
         return outcome
 
     # -- the loop --------------------------------------------------------------------------
+
+    def write_textfile(self, outcome: CycleOutcome) -> None:
+        """The cycle's figures into HEARTBEAT_TEXTFILE (after a cycle that failed, the file is left to age)."""
+        path = self.cycle.config.textfile
+        assert path is not None
+        if self.textfile is None:
+            self.textfile = Textfile(path, self._repeats)
+        self.textfile.path = path  # a reload may have moved it; the counters go on
+        when = (outcome.report_time or self._wall()).timestamp()
+        services = self.cycle.services
+        self.textfile.observe(outcome.results, when, outcome.write_error, services.writer)
+        self.textfile.write(when, services.spool, self.cycle.checks.retried)
 
     def _nap(self) -> bool:
         """Sleep until the next start, pinging the watchdog and handling signals; False means stop."""
@@ -183,6 +200,8 @@ class Daemon:
                 left = max(0.0, self._next - self._clock())
                 summary = outcome.summary() if outcome else "cycle failed"
                 self.notifier.status(f"{summary}; next in {left:.3g}s{self.cycle.delivery.status()}")
+                if outcome is not None and self.cycle.config.textfile is not None:
+                    self.write_textfile(outcome)
         finally:
             self.services.close()
         return 0

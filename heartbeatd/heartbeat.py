@@ -28,6 +28,7 @@ class ProbeResult(NamedTuple):  # NamedTuple, not a frozen dataclass: several ar
     ok: bool
     latency: float  # seconds
     error: Optional[str] = None
+    retry: bool = False  # failed fast (refused, reset, still loading): worth one more try within the timeout
 
 
 class Column(NamedTuple):

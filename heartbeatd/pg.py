@@ -124,6 +124,16 @@ def reason(exc: BaseException) -> str:
     return text
 
 
+# libpq's words for a failure that a moment may cure, and that came at once (a timeout never is one).
+_FAST = ("Connection refused", "Connection reset by peer", "server closed the connection unexpectedly",
+         "the database system is starting up", "too many clients", "the database system is not yet accepting")
+
+
+def fast(exc: BaseException, text: str) -> bool:
+    """A connect failure worth one more try within the timeout: refused, reset, starting up, too many clients."""
+    return not isinstance(exc, DeadlineExceeded) and any(words in text for words in _FAST)
+
+
 def close_quietly(conn: Any) -> None:
     """Close a connection that may be broken; never raises."""
     try:
@@ -194,6 +204,7 @@ class Connector:
         options.setdefault("application_name", "heartbeatd")
         self._options = options
         self._resolver = resolver or Resolver()
+        self.failed_fast = False  # the last connect() failed fast on every host
         self.resolved: dict[str, list[str]] = {}  # what each name last resolved to (for a down row's IP)
         self._dsns: dict[tuple[str, str, str], str] = {}  # (host, address, port) -> libpq DSN, built once
         self._fixed: dict[Host, list[tuple[str, str]]] = {}
@@ -227,15 +238,18 @@ class Connector:
             dsn = self._dsns[key] = ext.make_dsn(**self._options, **where, port=host.port)
         return dsn
 
-    def connect(self, first: Callable[[Any], T]) -> tuple[Optional[Any], Optional[T], list[str]]:
+    def connect(self, first: Callable[[Any], T], until: Optional[float] = None
+                ) -> tuple[Optional[Any], Optional[T], list[str]]:
         """(connection, what `first` found on it, failures): the first host that connects and answers.
 
         `first` runs on the new connection within the same host's share (the probe's proof that
-        PostgreSQL itself answers); a host where it fails is closed and the next one tried.
+        PostgreSQL itself answers); a host where it fails is closed and the next one tried. All of
+        it ends by `until` (monotonic; default: the timeout from now). `failed_fast` then says
+        whether every host failed fast, in a way a moment may cure (see `fast`).
         """
-        start = time.monotonic()
-        end = start + self.timeout
+        end = until if until is not None else time.monotonic() + self.timeout
         failures: list[str] = []
+        self.failed_fast = True
         for index, host in enumerate(self.hosts):
             # Each host gets an equal share of what is left, so a frozen one cannot starve the next.
             share_end = time.monotonic() + (end - time.monotonic()) / (len(self.hosts) - index)
@@ -243,6 +257,7 @@ class Connector:
                 candidates = self._candidates(host, share_end)
             except LookupFailed as exc:
                 failures.append(f"{host.host}:{host.port}: {exc}")
+                self.failed_fast = False
                 continue
             for number, (label, dsn) in enumerate(candidates):
                 slot = (share_end - time.monotonic()) / (len(candidates) - number)
@@ -255,11 +270,15 @@ class Connector:
                         conn.autocommit = True
                         found = first(conn)
                 except Exception as exc:  # noqa: BLE001 - every failure is this host's, never a crash
-                    failures.append(f"{label}: {reason(exc)}")
+                    text = reason(exc)
+                    failures.append(f"{label}: {text}")
+                    self.failed_fast = self.failed_fast and fast(exc, text)
                     if conn is not None:
                         close_quietly(conn)
                     continue
                 return conn, found, failures
+        if not failures:
+            self.failed_fast = False
         return None, None, failures or ["no host to connect to"]
 
     def open(self) -> Any:

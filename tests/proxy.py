@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Optional
@@ -14,13 +15,17 @@ class DelayProxy:
 
     Each round trip of a protocol therefore takes at least `delay`: a handshake of n round trips
     dribbles in over n x delay. `delay` may be changed while it runs; with `frozen` set it accepts
-    connections and forwards nothing, either way (a host that is frozen, not gone).
+    connections and forwards nothing, either way (a host that is frozen, not gone). The next
+    `reset` connections are accepted and reset at once (RST: the client sees ECONNRESET), as a
+    server going down or coming up may do; `accepted` counts every connection taken.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, delay: float) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.delay = delay
         self.frozen = False
+        self.reset = 0
+        self.accepted = 0
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -41,6 +46,12 @@ class DelayProxy:
             try:
                 client, _ = self._listener.accept()
             except (socket.timeout, OSError):
+                continue
+            self.accepted += 1
+            if self.reset > 0:
+                self.reset -= 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)

@@ -266,7 +266,7 @@ def test_unreachable_port_in_a_multi_host_url_is_reported_per_host(tmp_path: Pat
     a, b = free_port(), free_port()
     probe = PostgresProbe(f"postgresql://127.0.0.1:{a},127.0.0.1:{b}/x", TIMEOUT)
     with deadline(5):
-        result = probe.check()
+        result = probe.check({}, time.monotonic() + TIMEOUT)
     assert probe.take_connection() is None
     assert result.error.count("Connection refused.") == 2 and f"127.0.0.1:{a}: " in result.error  # type: ignore[union-attr]
 
@@ -285,12 +285,12 @@ def test_rediss_verifies_the_name_while_connecting_to_the_address_we_resolved(tm
     try:
         time.sleep(0.5)
         good = RedisProbe(f"rediss://localhost:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}", TIMEOUT)
-        result = good.check()
+        result = good.check({}, time.monotonic() + TIMEOUT)
         assert result.ok and result.ip == "127.0.0.1", result
         good.close()
         # The same server under a name its certificate does not carry: refused, not trusted.
         wrong = RedisProbe(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}", TIMEOUT)
-        result = wrong.check()
+        result = wrong.check({}, time.monotonic() + TIMEOUT)
         assert not result.ok and "certificate" in (result.error or "").lower(), result
         wrong.close()
     finally:

@@ -31,7 +31,7 @@ class SpoolDiskProbe:
     def __init__(self, directory: str) -> None:
         self.directory = directory
 
-    def check(self, found: object = None) -> ProbeResult:
+    def check(self, found: object, until: float) -> ProbeResult:
         start = time.monotonic()
         ok = os.access(self.directory, os.W_OK)
         return ProbeResult(self.service, LOOPBACK, ok, time.monotonic() - start, None if ok else "not writable")

@@ -33,7 +33,7 @@ class FakeRedis:
     def __init__(self, clock: Clock, cost: float = 0.0) -> None:
         self.clock, self.cost, self.ok = clock, cost, True
 
-    def check(self, found: Any = None) -> ProbeResult:
+    def check(self, found: Any = None, until: Any = None) -> ProbeResult:
         self.clock.now += self.cost
         return ProbeResult(REDIS, "10.0.0.2", self.ok, self.cost, None if self.ok else "Connection refused")
 
@@ -56,7 +56,7 @@ class FakePostgres:
         self.conns: list[FakeConn] = []
         self._conn: Optional[FakeConn] = None
 
-    def check(self, found: Any = None) -> ProbeResult:
+    def check(self, found: Any = None, until: Any = None) -> ProbeResult:
         if not self.ok:
             return ProbeResult(POSTGRES, "10.0.0.3", False, 0.0, "Connection refused")
         self._conn = FakeConn()
@@ -77,7 +77,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.broken = False
 
-    def check(self, found: Any = None) -> ProbeResult:
+    def check(self, found: Any = None, until: Any = None) -> ProbeResult:
         if self.broken:
             raise ZeroDivisionError("bug")
         return ProbeResult(BACKEND, "10.0.0.1", True, 0.0)

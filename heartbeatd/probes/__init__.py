@@ -1,11 +1,13 @@
 """The checks: one Probe per service, each in its own module, registered in one place.
 
-A probe checks its service within its own deadline (HEARTBEAT_TIMEOUT) and says what it found;
-`checked` is the one boundary around every check: it times it and turns whatever the check
-raises into that service's failed result, so one check's bug costs only its own row. A cycle
-runs the probes in MODULES order: a later one may use what the earlier ones found (后端's
-address comes from PostgreSQL's). Adding a check is a module with a `@register`ed factory and
-its name in MODULES.
+A probe checks its service by the deadline it is given (HEARTBEAT_TIMEOUT from the check's
+start) and says what it found; `Checks` is the one boundary around every check: it turns
+whatever the check raises into that service's failed result, so one check's bug costs only its
+own row, and tries a check that failed fast (its result says `retry`: refused, reset, a server
+still loading) again after a short pause, by the same deadline: a retry never makes a check
+longer than HEARTBEAT_TIMEOUT. A cycle runs the probes in MODULES order: a later one may use
+what the earlier ones found (后端's address comes from PostgreSQL's). Adding a check is a module
+with a `@register`ed factory and its name in MODULES.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class Probe(Protocol):
 
     service: str  # the service_name its rows carry
 
-    def check(self, found: Mapping[str, ProbeResult]) -> ProbeResult:
-        """Check the service within the timeout; `found` holds what the earlier checks found."""
+    def check(self, found: Mapping[str, ProbeResult], until: float) -> ProbeResult:
+        """Check the service by `until` (monotonic); `found` holds what the earlier checks found."""
 
     def close(self) -> None:
         """Drop whatever the probe keeps open."""
@@ -79,19 +81,67 @@ def close_all(probes: list[Probe]) -> None:
             log.debug("closing the %s probe raised", probe.service, exc_info=True)
 
 
-def checked(probe: Probe, found: Mapping[str, ProbeResult], last_ip: Mapping[str, str],
+def checked(probe: Probe, found: Mapping[str, ProbeResult], until: float, last_ip: Mapping[str, str],
             clock: Callable[[], float] = time.monotonic) -> ProbeResult:
-    """The one boundary of a check: whatever it raises becomes that service's failed result.
+    """One attempt: whatever the check raises becomes that service's failed result.
 
     A failed result carries the service's address in its last result (`last_ip`), else loopback.
     """
     start = clock()
     try:
-        return probe.check(found)
+        return probe.check(found, until)
     except Exception as exc:  # noqa: BLE001 - one check's bug must not cost the other services' rows
         log.debug("the %s check raised", probe.service, exc_info=True)
         error = f"internal error in the check: {type(exc).__name__}: {' '.join(str(exc).split())}"
         return ProbeResult(probe.service, last_ip.get(probe.service, LOOPBACK), False, clock() - start, error)
+
+
+class Checks:
+    """The boundary every check runs through: `checked`, and quick retries of a fast failure.
+
+    A check whose result says `retry` is tried again after PAUSE (a tenth of the timeout, at most
+    half a second), up to `retries` times, while the pause still leaves time before the deadline.
+    A success on retry is an up result (logged at INFO, once a minute at most per service).
+    `retried` counts the retries per service (the textfile's heartbeatd_check_retries_total).
+    """
+
+    QUIET = 60.0  # seconds between two INFO lines about one service's retries
+
+    def __init__(self, timeout: float, retries: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.timeout, self.retries = timeout, retries
+        self.pause = min(0.5, timeout / 10)
+        self._clock, self._sleep = clock, sleep
+        self.retried: dict[str, int] = {}
+        self._told: dict[str, tuple[float, int]] = {}  # service -> (when the last INFO line went out, retries since)
+
+    def run(self, probe: Probe, found: Mapping[str, ProbeResult], last_ip: Mapping[str, str]) -> ProbeResult:
+        """The check's result, by HEARTBEAT_TIMEOUT from now, retries included."""
+        clock = self._clock
+        until = clock() + self.timeout
+        result = checked(probe, found, until, last_ip, clock)
+        if result.ok or not result.retry:
+            return result  # the usual cycle
+        first, left = result, self.retries
+        while left and not result.ok and result.retry and clock() + self.pause < until:
+            left -= 1
+            self._sleep(self.pause)
+            self.retried[probe.service] = self.retried.get(probe.service, 0) + 1
+            result = checked(probe, found, until, last_ip, clock)
+        if result.ok:
+            self._tell(result, first)
+        return result
+
+    def _tell(self, result: ProbeResult, first: ProbeResult) -> None:
+        now = self._clock()
+        when, since = self._told.get(result.service, (None, 0))
+        if when is not None and now - when < self.QUIET:
+            self._told[result.service] = (when, since + 1)
+            return
+        more = f"; {since} more success(es) on retry since the last line" if since else ""
+        log.info("服务重试成功 - 服务: %s, IP: %s (the first attempt failed: %s%s)", result.service, result.ip,
+                 first.error, more)
+        self._told[result.service] = (now, 0)
 
 
 def peer_ip(fd: int) -> Optional[str]:

@@ -90,10 +90,10 @@ class BackendCheck:
             self._path = request_target(parts.path, parts.query)
             self._run = self._tcp if parts.scheme == "tcp" else self._http
 
-    def run(self) -> Optional[str]:
-        """None when the backend is healthy, else one line saying why not."""
+    def run(self, until: Optional[float] = None) -> Optional[str]:
+        """None when the backend is healthy, else one line saying why not (by `until`, else the timeout)."""
         try:
-            return self._run(time.monotonic() + self.timeout)
+            return self._run(until if until is not None else time.monotonic() + self.timeout)
         except (TimeoutError, socket.timeout, subprocess.TimeoutExpired):
             return f"{self._label()}: timed out after {self.timeout:g}s"
         except LookupFailed as exc:

@@ -85,10 +85,10 @@ class BackendProbe:
         self.override = override
         self.app = app
 
-    def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
+    def check(self, found: Mapping[str, ProbeResult] = {}, until: Optional[float] = None) -> ProbeResult:  # noqa: B006
         """The host's address (found after PostgreSQL's: it may be the source address toward it)."""
         start = time.monotonic()
-        error = self.app.run() if self.app is not None else None
+        error = self.app.run(until) if self.app is not None else None
         postgres = found.get(POSTGRES)
         address = host_address(self.override, postgres.ip if postgres is not None else None)
         return ProbeResult(BACKEND, address, error is None, time.monotonic() - start, error)

@@ -32,14 +32,15 @@ class PostgresProbe:
             return LOOPBACK
         return (self.connector.resolved.get(first.host) or [first.hostaddr or first.host])[0]
 
-    def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
-        """Connect within the timeout; the open connection waits in `take_connection()`."""
+    def check(self, found: Mapping[str, ProbeResult] = {}, until: Optional[float] = None) -> ProbeResult:  # noqa: B006
+        """Connect by `until` (default: the timeout from now); the open connection waits in `take_connection()`."""
         if self._conn is not None:  # one not taken by the last cycle (it stopped early)
             self.close()
         started = time.monotonic()
-        conn, server_ip, failures = self.connector.connect(server_address)
+        conn, server_ip, failures = self.connector.connect(server_address, until)
         if conn is None:
-            return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - started, "; ".join(failures))
+            return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - started, "; ".join(failures),
+                               retry=self.connector.failed_fast)
         self._conn = conn
         ip = server_ip or peer_ip(conn.fileno()) or self._down_ip()
         return ProbeResult(POSTGRES, ip, True, time.monotonic() - started)

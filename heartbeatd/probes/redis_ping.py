@@ -8,6 +8,7 @@ check's deadline (redis-py alone gives each step a fresh socket timeout).
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from typing import Any, Mapping, Optional
@@ -44,6 +45,27 @@ def reason(exc: BaseException, timeout: float, has_password: bool = True) -> str
             return cause.strerror
         cause = cause.__cause__ or cause.__context__
     return text or type(exc).__name__
+
+
+_FAST_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE)
+
+
+def fast(exc: BaseException) -> bool:
+    """A failure worth one more try within the timeout: refused or reset, `-LOADING`, `-BUSY`."""
+    if isinstance(exc, (redis.TimeoutError, socket.timeout)):
+        return False
+    if isinstance(exc, redis.BusyLoadingError):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).startswith(("BUSY ", "LOADING "))
+    if isinstance(exc, redis.ConnectionError) and "Connection closed by server" in str(exc):
+        return True
+    cause: Optional[BaseException] = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _FAST_ERRNOS:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class _DeadlineSocket:
@@ -195,10 +217,10 @@ class RedisProbe:
             return LOOPBACK
         return self._addresses[0] if self._addresses else self._host
 
-    def check(self, found: Mapping[str, ProbeResult] = {}) -> ProbeResult:  # noqa: B006 - never changed
-        """PING within the timeout; the result carries the live peer address."""
+    def check(self, found: Mapping[str, ProbeResult] = {}, until: Optional[float] = None) -> ProbeResult:  # noqa: B006
+        """PING by `until` (default: the timeout from now); the result carries the live peer address."""
         start = time.monotonic()
-        self._conn.hb_deadline = start + self.timeout
+        self._conn.hb_deadline = until if until is not None else start + self.timeout
         was_connected = self._connected()
         try:
             try:
@@ -212,7 +234,7 @@ class RedisProbe:
         except Exception as exc:  # noqa: BLE001 - every failure is a down result, never a crash
             self._conn.disconnect()
             error = reason(exc, self.timeout, self._has_password)
-            return ProbeResult(REDIS, self._configured_ip(), False, time.monotonic() - start, error)
+            return ProbeResult(REDIS, self._configured_ip(), False, time.monotonic() - start, error, fast(exc))
         sock = self._conn.hb_sock
         if sock is not self._peer_of:  # a new connection: look its peer up once
             self._peer_of = sock

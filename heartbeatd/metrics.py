@@ -1,0 +1,154 @@
+"""node_exporter's textfile collector: the daemon's view after every cycle, as a `.prom` file.
+
+heartbeatd opens no port. With HEARTBEAT_TEXTFILE set, the daemon rewrites that file after every
+cycle (a temporary file in the same directory, then rename: node_exporter never reads half of
+one), in Prometheus' text exposition format. The format is written here by hand: a dozen lines
+a cycle need no library (prometheus_client would add a dependency and its registry's cost to
+every cycle). A file that cannot be written is one ERROR a minute and never touches the
+heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from heartbeatd import __version__
+from heartbeatd.heartbeat import ProbeResult
+from heartbeatd.repeats import Repeats, log
+
+Sample = tuple[str, float]  # (labels as written inside the braces, or "", value)
+Family = tuple[str, str, str, Sequence[Sample]]  # (name, type, help, samples)
+
+
+def label(value: str) -> str:
+    """A label value escaped as the exposition format wants: backslash, double quote, newline."""
+    if "\\" in value or '"' in value or "\n" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def labels(**pairs: str) -> str:
+    """`service="redis",ip="10.0.0.5"`: what goes inside a sample's braces."""
+    return ",".join(f'{name}="{label(value)}"' for name, value in pairs.items())
+
+
+def number(value: float) -> str:
+    """A sample value: integers without a fraction, others as Python's shortest repr."""
+    if value != value:  # NaN
+        return "NaN"
+    return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(float(value))
+
+
+def exposition(families: Iterable[Family]) -> str:
+    """The text exposition format: `# HELP` and `# TYPE` once per family, then its samples, no timestamps."""
+    out: list[str] = []
+    for name, kind, text, samples in families:
+        out.append(f"# HELP {name} {text.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n"
+                   f"# TYPE {name} {kind}\n")
+        out.extend(f"{name}{{{where}}} {number(value)}\n" if where else f"{name} {number(value)}\n"
+                   for where, value in samples)
+    return "".join(out)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file in the same directory and a rename; 0644 whatever the umask.
+
+    node_exporter runs as another user and reads only `*.prom`: the temporary name does not end so.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class Textfile:
+    """The daemon's figures since it started, written to HEARTBEAT_TEXTFILE after every cycle."""
+
+    def __init__(self, path: Path, repeats: Repeats) -> None:
+        self.path = path
+        self._repeats = repeats
+        self.written = 0  # rows inserted into the table (live and from the spool)
+        self.write_failures = 0  # cycles whose write to the table failed
+        self._writer: Any = None  # the writer whose `inserted` was last read (a reload makes a new one)
+        self._inserted = 0
+        self.last_success: dict[str, float] = {}  # service -> unix time of its last up result
+        self.results: dict[str, ProbeResult] = {}  # service -> its last result
+
+    def observe(self, results: Sequence[ProbeResult], when: float, write_error: Optional[str], writer: Any) -> None:
+        """Take one cycle's figures (`when`: its report_time, unix seconds)."""
+        for result in results:
+            self.results[result.service] = result
+            if result.ok:
+                self.last_success[result.service] = when
+        if writer is not self._writer:
+            self._writer, self._inserted = writer, 0
+        inserted = getattr(writer, "inserted", 0)
+        self.written += inserted - self._inserted
+        self._inserted = inserted
+        if write_error:
+            self.write_failures += 1
+
+    def families(self, when: float, spool: Any, retried: dict[str, int]) -> list[Family]:
+        """Every metric family of the file, in a fixed order."""
+        results = self.results.values()
+        on_disk = spool.count - spool.in_memory if spool is not None else 0
+        return [
+            ("heartbeatd_build_info", "gauge", "heartbeatd's version; always 1.", [(labels(version=__version__), 1)]),
+            ("heartbeatd_up", "gauge", "Whether the service answered this host's last check (1) or not (0).",
+             [(labels(service=r.service, ip=r.ip), 1 if r.ok else 0) for r in results]),
+            ("heartbeatd_check_duration_seconds", "gauge", "How long the service's last check took.",
+             [(labels(service=r.service), round(r.latency, 6)) for r in results]),
+            ("heartbeatd_last_success_timestamp_seconds", "gauge",
+             "When the service last answered a check (its row's report_time), in seconds since the epoch.",
+             [(labels(service=s), t) for s, t in self.last_success.items()]),
+            ("heartbeatd_cycle_timestamp_seconds", "gauge",
+             "When the last cycle ran (its report_time), in seconds since the epoch.", [("", when)]),
+            ("heartbeatd_spool_rows", "gauge",
+             "Rows waiting in the local spool for PostgreSQL: in the file, or in memory only (the file unwritable).",
+             [(labels(where="disk"), on_disk), (labels(where="memory"), spool.in_memory if spool else 0)]),
+            ("heartbeatd_rejected_rows", "gauge",
+             "Rows the table refused, kept aside in the spool (`heartbeatd rejected` lists them).",
+             [("", spool.rejected if spool is not None else 0)]),
+            ("heartbeatd_rows_written_total", "counter", "Rows inserted into the table since the daemon started.",
+             [("", self.written)]),
+            ("heartbeatd_write_failures_total", "counter",
+             "Cycles whose write to the table failed since the daemon started (their rows were spooled).",
+             [("", self.write_failures)]),
+            ("heartbeatd_check_retries_total", "counter",
+             "Quick retries of a check that failed fast (HEARTBEAT_RETRIES) since the daemon started.",
+             [(labels(service=s), retried.get(s, 0)) for s in self.results]),
+        ]
+
+    def write(self, when: float, spool: Any, retried: dict[str, int]) -> None:
+        """Rewrite the file; a failure is one ERROR a minute, and the heartbeats go on regardless."""
+        try:
+            write_atomically(self.path, exposition(self.families(when, spool, retried)))
+        except Exception as exc:  # noqa: BLE001 - metrics must never cost a heartbeat
+            self._repeats.failed("textfile", logging.ERROR,
+                                 "指标文件写入失败 - cannot write HEARTBEAT_TEXTFILE %s: %s; the heartbeats are "
+                                 "not affected", self.path, _why(exc), kind=type(exc).__name__)
+            return
+        if self._repeats.end("textfile", None):
+            log.warning("指标文件写入恢复 - %s is written again", self.path)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,204 @@
+"""HEARTBEAT_TEXTFILE: node_exporter's textfile collector, with Debian's real promtool and node_exporter.
+
+The daemon rewrites the file after every cycle (temporary file, rename); a file it cannot write
+is one throttled ERROR and costs no heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import DaemonProcess, clean_env, db_url, fill, init_table, rows
+from heartbeatd.heartbeat import ProbeResult
+from heartbeatd.metrics import Textfile, exposition, label
+from heartbeatd.repeats import Repeats
+from servers import PgServer, RedisServer, free_port
+
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=SYSTEM_PATH)
+    if found is None:
+        pytest.fail(f"{name} is missing: tests/install-deps installs it (Debian packages prometheus, "
+                    "prometheus-node-exporter)")
+    return found
+
+
+def env_for(pg: PgServer, redis: RedisServer, tmp: Path, textfile: Path, **more: str) -> dict[str, str]:
+    return clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis.url(), HEARTBEAT_INTERVAL="0.3",
+                     HEARTBEAT_TIMEOUT="1", HEARTBEAT_SPOOL_PATH=str(tmp / "spool.db"),
+                     HEARTBEAT_TEXTFILE=str(textfile), **more)
+
+
+def samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, for every sample line."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            found[key] = float(value)
+    return found
+
+
+def promtool_check(text: str) -> None:
+    result = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    # promtool exits non-zero on errors; lint warnings (also non-zero) would name the metric.
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_daemon_writes_a_file_promtool_accepts(daemon: Callable[..., DaemonProcess], pg: PgServer,
+                                                   redis_own: RedisServer, tmp_path: Path) -> None:
+    init_table(pg)
+    out = tmp_path / "textfile"
+    out.mkdir()
+    path = out / "heartbeatd.prom"
+    old = os.umask(0o077)  # the unit's UMask: node_exporter, another user, must still read the file
+    try:
+        proc = daemon(env_for(pg, redis_own, tmp_path, path))
+    finally:
+        os.umask(old)
+    proc.wait_for(lambda: path.exists() and "heartbeatd_rows_written_total 0\n" not in path.read_text(),
+                  what="the textfile with rows written")
+    text = path.read_text()
+    promtool_check(text)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    found = samples(text)
+    for service in ("后端", "redis", "postgres"):
+        assert any(k.startswith("heartbeatd_up{") and f'service="{service}"' in k and v == 1 for k, v in found.items())
+        assert found[f'heartbeatd_check_retries_total{{service="{service}"}}'] == 0
+        assert 0 < found[f'heartbeatd_check_duration_seconds{{service="{service}"}}'] < 1
+        assert abs(found[f'heartbeatd_last_success_timestamp_seconds{{service="{service}"}}'] - time.time()) < 5
+    assert found['heartbeatd_up{service="redis",ip="127.0.0.1"}'] == 1
+    assert re.search(r'^heartbeatd_build_info\{version="[0-9.]+"\} 1$', text, re.M)
+    assert abs(found["heartbeatd_cycle_timestamp_seconds"] - time.time()) < 5
+    assert found['heartbeatd_spool_rows{where="disk"}'] == 0 and found["heartbeatd_rejected_rows"] == 0
+    assert found["heartbeatd_write_failures_total"] == 0
+    # The counter is the table's own count (nothing else writes this database).
+    proc.stop()
+    assert len(rows(pg)) - 3 <= samples(path.read_text())["heartbeatd_rows_written_total"] <= len(rows(pg))
+    assert [p.name for p in out.iterdir()] == ["heartbeatd.prom"]  # no temporary file left behind
+
+    # PostgreSQL's table gone: the write fails, rows are spooled, and the file says so.
+    pg.sql("DROP TABLE service_heartbeat", db=pg.dbname)  # type: ignore[attr-defined]
+    proc = daemon(env_for(pg, redis_own, tmp_path, path))
+    proc.wait_for(lambda: samples(path.read_text()).get("heartbeatd_write_failures_total", 0) >= 2,
+                  what="write failures counted")
+    found = samples(path.read_text())
+    assert found['heartbeatd_spool_rows{where="disk"}'] >= 3
+    assert found['heartbeatd_up{service="postgres",ip="127.0.0.1"}'] == 1  # PostgreSQL answers; the table is the problem
+    promtool_check(path.read_text())
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return samples(reply.read().decode())
+
+
+@pytest.fixture
+def node_exporter(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """Debian's prometheus-node-exporter on a free loopback port, reading only a textfile directory of ours."""
+    directory = tmp_path / "node-exporter"
+    directory.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([tool("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{port}",
+                             "--collector.disable-defaults", "--collector.textfile",
+                             f"--collector.textfile.directory={directory}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                scrape(port)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield port, directory
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_node_exporter_serves_the_file_while_redis_goes_down_and_up(
+        daemon: Callable[..., DaemonProcess], pg: PgServer, redis_own: RedisServer, tmp_path: Path,
+        node_exporter: tuple[int, Path]) -> None:
+    init_table(pg)
+    port, directory = node_exporter
+    up = 'heartbeatd_up{ip="127.0.0.1",service="redis"}'  # node_exporter sorts the labels
+
+    def redis_up() -> float:
+        return scrape(port).get(up, -1)
+
+    proc = daemon(env_for(pg, redis_own, tmp_path, directory / "heartbeatd.prom"))
+    proc.wait_for(lambda: redis_up() == 1, what="redis up in node_exporter's scrape")
+    found = scrape(port)
+    assert found['heartbeatd_up{ip="127.0.0.1",service="postgres"}'] == 1
+    assert found.get('node_textfile_scrape_error', 0) == 0
+    redis_own.stop()
+    proc.wait_for(lambda: redis_up() == 0, what="redis down in node_exporter's scrape")
+    redis_own.start()
+    proc.wait_for(lambda: redis_up() == 1, what="redis up again in node_exporter's scrape")
+    assert scrape(port)['heartbeatd_check_retries_total{service="redis"}'] >= 1  # a refused check was tried again
+
+
+def test_a_textfile_that_cannot_be_written_is_one_error_and_costs_no_heartbeat(
+        daemon: Callable[..., DaemonProcess], pg: PgServer, redis_server: RedisServer, tmp_path: Path,
+        small_fs: Path) -> None:
+    init_table(pg)
+    missing = tmp_path / "not-yet" / "heartbeatd.prom"
+    proc = daemon(env_for(pg, redis_server, tmp_path, missing))
+    proc.wait_log("记录心跳成功 - 服务: postgres", count=4)
+    lines = [line for _, line in proc.lines if "指标文件写入失败" in line]
+    assert lines == [f"ERROR:heartbeatd.daemon:指标文件写入失败 - cannot write HEARTBEAT_TEXTFILE {missing}: "
+                     f"No such file or directory: {missing.parent}/.heartbeatd.prom.{proc.proc.pid}.tmp; "
+                     "the heartbeats are not affected"]
+    missing.parent.mkdir()
+    proc.wait_log("指标文件写入恢复 - ")
+    assert missing.exists()
+    proc.stop()
+
+    # A full disk: the same, and the file already there is left whole (the rename never happened).
+    full = small_fs / "heartbeatd.prom"
+    proc = daemon(env_for(pg, redis_server, tmp_path, full))
+    proc.wait_for(lambda: full.exists(), what="the textfile on the small file system")
+    before = len(rows(pg))
+    filler = fill(small_fs)
+    kept = full.read_text()
+    proc.wait_log("指标文件写入失败 - ")
+    written = sum("记录心跳成功 - 服务: postgres" in line for _, line in list(proc.lines))
+    proc.wait_log("记录心跳成功 - 服务: postgres", count=written + 3)
+    assert len(rows(pg)) >= before + 9  # three cycles of three rows while the file could not be written
+    assert full.read_text() == kept and kept.endswith("\n")
+    assert sum("指标文件写入失败" in line for _, line in proc.lines) == 1  # once a minute at most
+    assert "No space left on device" in proc.log()
+    assert not [p for p in small_fs.iterdir() if p.name.endswith(".tmp")]
+    filler.unlink()
+    proc.wait_log("指标文件写入恢复 - ")
+    assert proc.stop() == 0
+
+
+def test_label_values_are_escaped_and_every_family_has_help_and_type() -> None:
+    assert label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    textfile = Textfile(Path("/nonexistent/x.prom"), Repeats(time.monotonic))
+    textfile.observe([ProbeResult('odd"name\\x\ny', "10.0.0.1", False, 0.25, "down")], 1.0e9, "failed", None)
+    text = exposition(textfile.families(1.0e9, None, {'odd"name\\x\ny': 2}))
+    promtool_check(text)
+    assert 'heartbeatd_up{service="odd\\"name\\\\x\\ny",ip="10.0.0.1"} 0\n' in text
+    assert 'heartbeatd_check_retries_total{service="odd\\"name\\\\x\\ny"} 2\n' in text
+    assert "heartbeatd_cycle_timestamp_seconds 1000000000\n" in text
+    assert "heartbeatd_last_success_timestamp_seconds{" not in text  # never up: no sample, not a zero
+    names = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
+    for name in names:
+        assert f"# HELP {name} " in text and f"# TYPE {name} " in text
