@@ -77,8 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--env-file", type=Path, metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in ("run", "once", "init-db", "check-config"):
+    for name in ("run", "once", "check-config"):
         commands.add_parser(name, parents=[common])
+    init_db = commands.add_parser("init-db", parents=[common])
+    init_db.add_argument("--with-latency", action="store_true",
+                         help="also add the nullable latency_ms column (each row's check latency)")
     rejected = commands.add_parser("rejected", parents=[common])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
@@ -154,11 +157,11 @@ def _connect(config: Config) -> Any:
     return Connector(config.database_url, config.timeout).open()
 
 
-def cmd_init_db(config: Config) -> int:
-    """Create the table and index if missing."""
+def cmd_init_db(config: Config, with_latency: bool = False) -> int:
+    """Create the table and index if missing (and the latency_ms column, if asked)."""
     conn = _connect(config)
     try:
-        done = schema.init_db(conn, config.table, config.timeout)
+        done = schema.init_db(conn, config.table, config.timeout, with_latency)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -361,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
-            return cmd_init_db(config)
+            return cmd_init_db(config, args.with_latency)
         if args.command == "once":
             return cmd_once(config)
         if args.command == "rejected":

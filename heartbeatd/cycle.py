@@ -83,7 +83,7 @@ class Cycle:
         # Each service's address in its last result: what a check that raised is shown with.
         self.last_ip = last_ip if last_ip is not None else {}
         self.delivery = Delivery(config, services.writer, services.spool, loop, self.repeats, clock)
-        self.checks = Checks(config.timeout, config.retries, clock)
+        self.checks = Checks(config.timeout, config.retries, clock, interval=config.interval)
         # The probe whose connection the rows are written on (PostgreSQL's).
         self._source: Any = next((p for p in services.probes if hasattr(p, "take_connection")), None)
         # The order results are shown in: SERVICES' order, then any other check's in running order.

@@ -46,7 +46,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("ip_address", "varchar(64) NOT NULL", "key"),
     Column("report_time", "timestamp   NOT NULL", "key", time=True),
     Column("created_at", "timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')", "stamp", time=True),
+    # The check's latency, where the table has the column (any numeric type; `init-db --with-latency`).
+    Column("latency_ms", "double precision", "extra", value=lambda result: round(result.latency * 1000, 3)),
 )
+LATENCY = "latency_ms"
 KEY = tuple(c for c in COLUMNS if c.kind == "key")  # a Row's first fields, in this order
 EXTRA = tuple(c for c in COLUMNS if c.kind == "extra")  # a Row's `extra`, in this order
 REQUIRED = tuple(c.name for c in COLUMNS if c.kind != "extra")  # a table without one of these is refused

@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 import psycopg2
 from psycopg2 import sql
 
-from heartbeatd.heartbeat import BACKEND, as_utc
-from heartbeatd.outage import PairReport, Span, classify, edge_gaps, empty_runs
+from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
+from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types
 
@@ -117,6 +117,17 @@ WITH gone AS (
     RETURNING report_time)
 SELECT count(*), max(report_time) FROM gone"""
 PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
+# The check's latency per (service, ip): the first heartbeat in each of LATENCY_SLOTS equal slots
+# of the pair's span in the window, one index descent each. So the figures cost the same for a day
+# as for a month of a fleet's rows (reading every row's latency would read the whole heap); they
+# are a sample, of at most LATENCY_SLOTS heartbeats, and the report says how many.
+LATENCY_SLOTS = 250
+LATENCY_SAMPLE = """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY x.ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY x.ms),
+       max(x.ms), count(x.ms)
+  FROM generate_series(0, %(n)s - 1) k, LATERAL (
+       SELECT latency_ms::float8 AS ms FROM {t} WHERE service_name = %(s)s AND ip_address = %(ip)s
+          AND report_time >= %(first)s + %(step)s * k AND report_time < %(first)s + %(step)s * (k + 1)
+        ORDER BY report_time LIMIT 1) x"""
 
 
 class TableMissing(Exception):
@@ -146,6 +157,7 @@ class Ledger:
         self.timeout = timeout
         self._t = sql.Identifier(*self.table)
         self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
+        self.has_latency = False  # the table has a latency_ms column
         self._timeout_ms = 1000
         self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
 
@@ -185,7 +197,9 @@ class Ledger:
                 self.conn.rollback()
 
     def _describe(self, cur: Any) -> None:
-        found = column_types(cur, self._t).get("report_time")
+        types = column_types(cur, self._t)
+        found = types.get("report_time")
+        self.has_latency = LATENCY in types
         if found is None:
             raise TableMissing(f"table {self.name} does not exist (or has no report_time column): "
                               "run `heartbeatd init-db`")
@@ -280,6 +294,8 @@ class _Report:
                     report.outages += outages
                     report.no_data += no_data
             self._reporters(cur, filters, params, pairs)
+            if self.ledger.has_latency:
+                self._latency(cur, pairs, edges)
             return list(pairs.values())
 
         return list(self.ledger._read(work, seconds, export=True))
@@ -327,6 +343,19 @@ class _Report:
         for key, report in pairs.items():
             if key[0] != BACKEND and report.reporters is None:
                 report.reporters = 0
+
+    def _latency(self, cur: Any, pairs: dict[tuple[str, str], PairReport],
+                 edges: dict[tuple[str, str], tuple[datetime, datetime, Any]]) -> None:
+        """p50/p95/max of each pair's latency, over the first heartbeat of each of LATENCY_SLOTS slots."""
+        query = self.ledger._q(LATENCY_SAMPLE)
+        for key, (first, last, _) in edges.items():
+            # The last heartbeat inside the last slot: a step a little longer than span / slots.
+            step = max((last - first) / LATENCY_SLOTS, timedelta(microseconds=1)) + timedelta(microseconds=1)
+            cur.execute(query, {"n": LATENCY_SLOTS, "s": key[0], "ip": key[1], "first": self.ledger._param(first),
+                                "step": step})
+            p50, p95, top, count = cur.fetchone()
+            if count:
+                pairs[key].latency = Latency(float(p50), float(p95), float(top), int(count))
 
     def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
         """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,15 @@ class Span:
         return (self.end - self.start).total_seconds()
 
 
+class Latency(NamedTuple):
+    """The check's latency in milliseconds over an evenly spread sample of one pair's heartbeats."""
+
+    p50: float
+    p95: float
+    max: float
+    sampled: int  # heartbeats with a latency in the sample
+
+
 @dataclass
 class PairReport:
     """`report`: one (service, ip) over the window."""
@@ -36,6 +45,7 @@ class PairReport:
     outages: list[Span] = field(default_factory=list)
     no_data: list[Span] = field(default_factory=list)
     reporters: Optional[int] = None  # hosts whose daemons wrote a server's rows (last hour); None for 后端
+    latency: Optional[Latency] = None  # None: the table has no latency_ms column, or no row in it had one
 
     @property
     def downtime(self) -> float:

@@ -43,7 +43,10 @@ def _summary(pair: PairReport) -> dict[str, Any]:
             "uptime_percent": None if pair.uptime is None else round(pair.uptime, 3),
             "outages": len(pair.outages), "downtime_seconds": round(pair.downtime, 1),
             "longest_seconds": round(pair.longest, 1), "no_data_seconds": round(pair.no_data_seconds, 1),
-            "observed_from": iso(pair.observed_from), "reporters_last_hour": pair.reporters}
+            "observed_from": iso(pair.observed_from), "reporters_last_hour": pair.reporters,
+            "latency_ms": None if pair.latency is None else {
+                "p50": round(pair.latency.p50, 3), "p95": round(pair.latency.p95, 3), "max": round(pair.latency.max, 3),
+                "sampled": pair.latency.sampled}}
 
 
 def timeline(pair: PairReport, since: datetime, until: datetime, width: int) -> str:
@@ -110,17 +113,20 @@ def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: fl
     if form == "csv":
         writer = csv.writer(out)
         writer.writerow(["kind", "service", "ip", "start", "end", "duration_seconds", "ongoing", "uptime_percent",
-                         "outages", "downtime_seconds", "longest_seconds", "no_data_seconds", "reporters_last_hour"])
+                         "outages", "downtime_seconds", "longest_seconds", "no_data_seconds", "reporters_last_hour",
+                         "latency_p50_ms", "latency_p95_ms", "latency_max_ms", "latency_sampled"])
         for p in pairs:
             s = _summary(p)
+            lat = s["latency_ms"]
             writer.writerow(["summary", p.service, p.ip, iso(p.observed_from), iso(until), "", "",
                              s["uptime_percent"], s["outages"], s["downtime_seconds"], s["longest_seconds"],
-                             s["no_data_seconds"], "" if p.reporters is None else p.reporters])
+                             s["no_data_seconds"], "" if p.reporters is None else p.reporters]
+                            + ([lat["p50"], lat["p95"], lat["max"], lat["sampled"]] if lat else [""] * 4))
             for kind, spans in (("outage", p.outages), ("no_data", p.no_data)):
                 for span in spans:
                     d = _span(span)
                     writer.writerow([kind, p.service, p.ip, d["start"], d["end"], d["duration_seconds"],
-                                     str(span.ongoing).lower()] + [""] * 6)
+                                     str(span.ongoing).lower()] + [""] * 10)
         return
     width = max(20, shutil.get_terminal_size((100, 24)).columns - 4)
     out.write(f"{iso(since)} .. {iso(until)}   gap > {gap:g}s is an outage   "
@@ -133,6 +139,10 @@ def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: fl
         out.write(f"\n{p.service} {p.ip}  uptime {uptime}  outages {len(p.outages)}  down {human(p.downtime)}"
                   f"  longest {human(p.longest)}  no data {human(p.no_data_seconds)}{who}\n")
         out.write(f"  {timeline(p, since, until, width)}\n")
+        if p.latency is not None:
+            lat = p.latency
+            out.write(f"  latency  p50 {lat.p50:.1f}ms  p95 {lat.p95:.1f}ms  max {lat.max:.1f}ms"
+                      f"  ({lat.sampled} heartbeat(s) sampled)\n")
         for span in p.outages:
             end = "ongoing" if span.ongoing else iso(span.end)
             out.write(f"  down     {iso(span.start)} .. {end}  {human(span.seconds)}\n")

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from psycopg2 import sql
 
-from heartbeatd.heartbeat import COLUMNS
+from heartbeatd.heartbeat import COLUMNS, LATENCY
 from heartbeatd.pg import deadline
 
 CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial PRIMARY KEY,\n"
@@ -17,6 +17,8 @@ PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (serv
 INDEX_STATE = """SELECT i.indisvalid FROM pg_catalog.pg_index i
  WHERE i.indexrelid = pg_catalog.to_regclass(%s)"""
 HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
+# Nullable, no default: PostgreSQL only records it in the catalog, however many rows there are.
+ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"
 COLUMN_TYPES = """\
 SELECT a.attname, t.typname
   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
@@ -41,13 +43,17 @@ def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
     return {name: typ for name, typ in cur.fetchall()}
 
 
-def init_db(conn: Any, table: Sequence[str], timeout: float) -> list[str]:
-    """Create the table and its indexes if missing (idempotent); say what was created."""
+def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool = False) -> list[str]:
+    """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was created."""
     done: list[str] = []
     ident = sql.Identifier(*table)
     pair = sql.Identifier(*table[:-1], pair_index_name(table))
     with deadline(timeout), conn.cursor() as cur:
         cur.execute(sql.SQL(CREATE_TABLE).format(table=ident, index=sql.Identifier(index_name(table))))
+        if with_latency and LATENCY not in column_types(cur, ident):
+            ddl = next(c.ddl for c in COLUMNS if c.name == LATENCY)
+            cur.execute(sql.SQL(ADD_COLUMN).format(table=ident, column=sql.Identifier(LATENCY), ddl=sql.SQL(ddl)))
+            done.append(f"added column {LATENCY} {ddl}")
         cur.execute(INDEX_STATE, (pair.as_string(cur),))
         state = cur.fetchone()
         if state is not None and not state[0]:  # a CONCURRENTLY build that was interrupted

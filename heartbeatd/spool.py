@@ -37,7 +37,8 @@ def _parse(found: Sequence[Sequence[Any]]) -> tuple[list[tuple[int, Row]], list[
     unreadable: list[tuple[str, int]] = []
     for i, service, ip, when, *extra in found:
         try:
-            row = Row(service, ip, datetime.fromisoformat(when), tuple(extra))
+            # No extra value stored (a row from before the column, or a check without one): as made.
+            row = Row(service, ip, datetime.fromisoformat(when), tuple(extra) if any(v is not None for v in extra) else ())
             if not isinstance(service, str) or not isinstance(ip, str) or row.report_time.tzinfo is None \
                     or "\ufffd" in service + ip:  # text that was not UTF-8 (see SpoolFile's text_factory)
                 raise ValueError("not a heartbeat of this daemon's")

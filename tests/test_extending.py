@@ -47,8 +47,8 @@ def from_config(config: Config, resolver: object) -> SpoolDiskProbe:
 # ... and the one line that registers it.
 MODULES_LINE = 'MODULES = ("redis_ping", "postgres_connect", "backend_host")'
 # The optional column: one entry in COLUMNS, with the function that takes its value from the result.
-COLUMNS_END = '''    Column("created_at", "timestamp   NOT NULL DEFAULT (now() AT TIME ZONE 'utc')", "stamp", time=True),\n'''
-LATENCY = '''    Column("latency_ms", "double precision", "extra", value=lambda result: round(result.latency * 1000, 3)),\n'''
+COLUMNS_END = '''    Column("latency_ms", "double precision", "extra", value=lambda result: round(result.latency * 1000, 3)),\n'''
+IP_FAMILY = '''    Column("ip_family", "smallint", "extra", value=lambda result: 6 if ":" in result.ip else 4),\n'''
 
 
 def copy_with(tmp: Path, path: str, old: str, new: str) -> Path:
@@ -85,14 +85,14 @@ def test_a_fourth_check_is_one_module_and_one_line(pg: PgServer, redis_server: R
 
 def test_an_optional_column_is_one_entry_in_columns(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
     init_table(pg)
-    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN latency_ms double precision", db=pg.dbname)
-    top = copy_with(tmp_path, "heartbeat.py", COLUMNS_END, COLUMNS_END + LATENCY)
+    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN ip_family smallint", db=pg.dbname)
+    top = copy_with(tmp_path, "heartbeat.py", COLUMNS_END, COLUMNS_END + IP_FAMILY)
     env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_BACKEND_IP="10.4.4.4",
                     HEARTBEAT_SPOOL_PATH=str(tmp_path / "s.db"))
     result = run(top, ["once"], env)
     assert result.returncode == 0, result.stdout + result.stderr
-    found = pg.sql("SELECT service_name, latency_ms FROM service_heartbeat", db=pg.dbname)
-    assert len(found) == 3 and all(latency is not None and latency >= 0 for _, latency in found), found
+    found = pg.sql("SELECT service_name, ip_family FROM service_heartbeat", db=pg.dbname)
+    assert len(found) == 3 and all(family == 4 for _, family in found), found
     # Spooled rows keep it: a row through the spool's file and back into the table.
     script = (
         "from datetime import datetime, timezone\n"
@@ -101,7 +101,7 @@ def test_an_optional_column_is_one_entry_in_columns(pg: PgServer, redis_server: 
         "from heartbeatd.heartbeat import Row\nfrom heartbeatd.spool import Spool\nfrom heartbeatd.writer import Writer\n"
         f"spool = Spool(Path({str(tmp_path / 's.db')!r}), 100)\n"
         "t = datetime(2026, 1, 1, tzinfo=timezone.utc)\n"
-        "spool.append([Row('redis', '10.6.6.6', t, (12.5,)), Row('redis', '10.6.6.7', t)])  # spooled before\n"
+        "spool.append([Row('redis', '10.6.6.6', t, (None, 6)), Row('redis', '10.6.6.7', t)])  # spooled before\n"
         "spool.close()\nspool = Spool(spool.path, 100)\n"
         f"conn = psycopg2.connect({db_url(pg)!r}); conn.autocommit = True\n"
         "writer, held = Writer(('service_heartbeat',), 5), [row for _, row in spool.oldest(10)]\n"
@@ -111,10 +111,10 @@ def test_an_optional_column_is_one_entry_in_columns(pg: PgServer, redis_server: 
     done = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=str(top)), cwd=top, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert pg.sql("SELECT ip_address, latency_ms FROM service_heartbeat WHERE ip_address LIKE '10.6.6.%%' "
-                  "ORDER BY 1", db=pg.dbname) == [("10.6.6.6", 12.5), ("10.6.6.7", None)]
+    assert pg.sql("SELECT ip_address, ip_family FROM service_heartbeat WHERE ip_address LIKE '10.6.6.%%' "
+                  "ORDER BY 1", db=pg.dbname) == [("10.6.6.6", 6), ("10.6.6.7", None)]
     # A table without the column is written as today.
-    pg.sql("ALTER TABLE service_heartbeat DROP COLUMN latency_ms", db=pg.dbname)
+    pg.sql("ALTER TABLE service_heartbeat DROP COLUMN ip_family", db=pg.dbname)
     result = run(top, ["once"], env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(8,)]

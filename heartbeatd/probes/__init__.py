@@ -99,8 +99,9 @@ def checked(probe: Probe, found: Mapping[str, ProbeResult], until: float, last_i
 class Checks:
     """The boundary every check runs through: `checked`, and quick retries of a fast failure.
 
-    A check whose result says `retry` is tried again after PAUSE (a tenth of the timeout, at most
-    half a second), up to `retries` times, while the pause still leaves time before the deadline.
+    A check whose result says `retry` is tried again after a pause (a tenth of the timeout, at most
+    half a second and a twentieth of the interval, so retries never make a cycle overrun), up to
+    `retries` times, while the pause still leaves time before the deadline.
     A success on retry is an up result (logged at INFO, once a minute at most per service).
     `retried` counts the retries per service (the textfile's heartbeatd_check_retries_total).
     """
@@ -108,9 +109,9 @@ class Checks:
     QUIET = 60.0  # seconds between two INFO lines about one service's retries
 
     def __init__(self, timeout: float, retries: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, interval: float = float("inf")) -> None:
         self.timeout, self.retries = timeout, retries
-        self.pause = min(0.5, timeout / 10)
+        self.pause = min(0.5, timeout / 10, interval / 20)
         self._clock, self._sleep = clock, sleep
         self.retried: dict[str, int] = {}
         self._told: dict[str, tuple[float, int]] = {}  # service -> (when the last INFO line went out, retries since)
