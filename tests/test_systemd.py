@@ -147,6 +147,29 @@ def _backend_check(box: nspawn.Container, journal: Callable[..., str], show: Cal
     box.run(f"sed -i '/^HEARTBEAT_BACKEND_CHECK=/d' {env_file} && systemctl reload heartbeatd")
 
 
+def _textfile(box: nspawn.Container, journal: Callable[..., str], env_file: str) -> None:
+    """HEARTBEAT_TEXTFILE under the unit's hardening: Debian's root-owned directory refuses, README's step lets it in."""
+    directory = "/var/lib/prometheus/node-exporter"
+    prom = f"{directory}/heartbeatd.prom"
+    box.run(f"install -d -o root -g root -m 0755 {directory}")  # as prometheus-node-exporter ships it
+    box.run(f"echo 'HEARTBEAT_TEXTFILE={prom}' >> {env_file} && systemctl restart heartbeatd", timeout=60)
+    wait(lambda: "指标文件写入失败" in journal(), 20, "the textfile's failure line")
+    assert f"指标文件写入失败 - cannot write HEARTBEAT_TEXTFILE {prom}: Permission denied" in journal()
+    box.run(f"chgrp heartbeatd {directory} && chmod g+w {directory}")  # README's step
+    wait(lambda: "指标文件写入恢复" in journal(), 20, "the textfile written")
+    assert box.run(f"stat -c %U:%a {prom}").stdout.strip() == "heartbeatd:644"
+    text = box.run(f"cat {prom}").stdout
+    assert re.search(r'^heartbeatd_up\{service="redis",ip="127\.0\.0\.1"\} 1$', text, re.M), text
+    assert re.search(r'^heartbeatd_rows_written_total [1-9][0-9]*$', text, re.M), text
+    # Nowhere else: a directory heartbeatd owns, but outside ReadWritePaths=, is read-only to the daemon.
+    box.run("install -d -o heartbeatd -g heartbeatd -m 0755 /srv/hb-metrics")
+    box.run(f"sed -i 's|^HEARTBEAT_TEXTFILE=.*|HEARTBEAT_TEXTFILE=/srv/hb-metrics/heartbeatd.prom|' {env_file} "
+            "&& systemctl reload heartbeatd")
+    wait(lambda: "HEARTBEAT_TEXTFILE /srv/hb-metrics/heartbeatd.prom: Read-only file system" in journal(), 20,
+         "/srv/hb-metrics refused by ProtectSystem=strict")
+    box.run(f"sed -i '/^HEARTBEAT_TEXTFILE=/d' {env_file} && systemctl reload heartbeatd")
+
+
 def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer) -> None:
     def show(prop: str) -> str:
         return box.run(f"systemctl show -p {prop} --value heartbeatd").stdout.strip()
@@ -223,6 +246,8 @@ def _operate(box: nspawn.Container, deb: Path, pg: PgServer, redis: RedisServer)
     box.run("systemctl reload heartbeatd")
     wait(lambda: "配置已重新加载 - interval 1s" in journal(), 15, "the reload")
     assert box.run("systemctl is-active heartbeatd").stdout.strip() == "active"
+
+    _textfile(box, journal, env_file)
 
     # 后端 means the backend application answers: a stand-in backend unit, checked as a unit and over HTTP.
     _backend_check(box, journal, show, rows_since)
