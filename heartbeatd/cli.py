@@ -12,7 +12,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, probes, render, schema
+from heartbeatd import __version__, config as configmod, logsetup, metrics, probes, render, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -92,7 +92,9 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     """The read side's commands (status, report, prune)."""
     status = commands.add_parser("status", parents=[common])
     status.add_argument("--window", default="1d", help="how far back to look for services (default 1d)")
-    status.add_argument("--format", choices=("text", "json"), default="text")
+    status.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
+    status.add_argument("--output", type=Path, default=None, metavar="FILE",
+                        help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
     report = commands.add_parser("report", parents=[common])
     report.add_argument("--since", default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
     report.add_argument("--until", default=None, help="as --since (default: now)")
@@ -238,6 +240,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     window = configmod.parse_duration(args.window)
     if window is None:
         return _usage(f"--window: not a duration such as 1d or 6h: {args.window!r}")
+    if args.output is not None and args.format != "prometheus":
+        return _usage("--output goes with --format prometheus")
     ledger = _ledger(config)
     now = utcnow()
     try:
@@ -246,6 +250,18 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return _read_failed("status", exc)
     finally:
         ledger.conn.close()
+    if args.format == "prometheus":
+        # For a timer on the monitoring host: staleness is in the metrics, so success is "written".
+        text = metrics.exposition(metrics.ledger_families(found, now, _stale_after(config)))
+        if args.output is None:
+            sys.stdout.write(text)
+            return EX_OK
+        try:
+            metrics.write_atomically(args.output, text)
+        except OSError as exc:
+            print(f"heartbeatd: status: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EX_DOWN
+        return EX_OK
     stale = [f for f in found if not f.fresh]
     render.status(found, now, _stale_after(config), args.window, args.format, sys.stdout, sys.stderr)
     return EX_OK if found and not stale else EX_DOWN

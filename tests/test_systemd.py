@@ -43,7 +43,8 @@ def deb() -> Path:
     return path
 
 
-@pytest.mark.parametrize("unit", ["heartbeatd.service", "packaging/heartbeatd-prune.service"])
+@pytest.mark.parametrize("unit", ["heartbeatd.service", "packaging/heartbeatd-prune.service",
+                                  "packaging/heartbeatd-status.service"])
 def test_unit_exposure_is_at_most_1_5(unit: str) -> None:
     need("systemd-analyze")
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(TOP / unit)],
@@ -67,7 +68,9 @@ def test_package_contents_and_lintian(deb: Path) -> None:
     need("lintian")
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
     for entry in ("./usr/bin/heartbeatd", "./lib/systemd/system/heartbeatd.service", "./usr/share/heartbeatd/schema.sql",
-                  "./lib/systemd/system/heartbeatd-prune.service", "./lib/systemd/system/heartbeatd-prune.timer"):
+                  "./lib/systemd/system/heartbeatd-prune.service", "./lib/systemd/system/heartbeatd-prune.timer",
+                  "./lib/systemd/system/heartbeatd-status.service", "./lib/systemd/system/heartbeatd-status.timer",
+                  "./usr/share/doc/heartbeatd/examples/heartbeatd.rules.yml"):
         assert entry in listing, entry
     assert re.search(r"-rw-r----- root/root .* \./etc/heartbeatd/heartbeatd.env", listing)
     fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True, check=True).stdout
