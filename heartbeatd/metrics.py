@@ -49,7 +49,7 @@ def _service(service: str) -> str:
 def number(value: float) -> str:
     """A sample value: integers without a fraction, others as Python's shortest repr."""
     if isinstance(value, _Marker):
-        return "\x00" + value.code[1]
+        return "\x00r"
     if value != value:  # NaN
         return "NaN"
     return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(float(value))
@@ -71,7 +71,7 @@ def temporary_name(path: Path) -> str:
     return str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
-def write_atomically(path: Path, text: str, tmp: Optional[str] = None) -> None:
+def write_atomically(path: Path, text: "str | bytes", tmp: Optional[str] = None) -> None:
     """Write `path` through a temporary file in the same directory and a rename; 0644 whatever the umask.
 
     node_exporter runs as another user and reads only `*.prom`: the temporary name does not end so.
@@ -81,7 +81,7 @@ def write_atomically(path: Path, text: str, tmp: Optional[str] = None) -> None:
     try:
         try:
             os.fchmod(fd, 0o644)
-            data = text.encode()
+            data = text.encode() if isinstance(text, str) else text
             while data:
                 data = data[os.write(fd, data):]
         finally:
@@ -99,27 +99,24 @@ _DISK, _MEMORY, _VERSION = labels(where="disk"), labels(where="memory"), labels(
 
 
 class _Marker(float):
-    """A sample value that `number` writes as a %-format placeholder: how a template is made."""
-
-    code = "%r"
+    """A sample value that `number` writes as a NUL: where a template's fixed parts are split."""
 
 
-_FLOAT, _INT = _Marker(), _Marker()
-_INT.code = "%d"
+_FLOAT = _Marker()
 
 
 class Textfile:
     """The daemon's figures since it started, written to HEARTBEAT_TEXTFILE after every cycle.
 
-    Every cycle writes the same lines with new numbers: the text is rendered by `exposition` once
-    into a %-template, again only when the set of services, addresses or counters changes, and
-    each cycle fills in the numbers (a tenth of the instructions of rendering it anew).
+    Every cycle writes the same lines with new numbers: `exposition` renders them once into fixed
+    parts, again only when the set of services, addresses or counters changes, and each cycle puts
+    the numbers between them.
     """
 
     def __init__(self, path: Path, repeats: Repeats) -> None:
         self.path = path
         self._repeats = repeats
-        self._template: tuple[Any, str, str] = (None, "", "")  # (shape, template, temporary file name)
+        self._template: tuple[Any, list[bytes], str] = (None, [], "")  # (shape, fixed parts, temporary file name)
         self.written = 0  # rows inserted into the table (live and from the spool)
         self.write_failures = 0  # cycles whose write to the table failed
         self._writer: Any = None  # the writer whose `inserted` was last read (a reload makes a new one)
@@ -172,17 +169,30 @@ class Textfile:
              [(_service(s), retried.get(s, 0)) for s in self.results]),
         ]
 
-    def render(self, when: float, spool: Any, retried: dict[str, int]) -> str:
-        """The file's text: the template for this shape of figures, filled in."""
+    def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:
+        """The file's bytes: the template's fixed parts for this shape of figures, the numbers between them.
+
+        Bytes and integers throughout: encoding the whole text (后端 makes it UCS-2) and printing
+        floats with repr cost more than everything else a cycle writes (callgrind).
+        """
         results = self.results.values()
         shape = (self.path, tuple((r.service, r.ip) for r in results), tuple(self.last_success))
+        families = self.families(when, spool, retried)
         if shape != self._template[0]:
-            marked = [(name, kind, text, [(where, _FLOAT if isinstance(v, float) else _INT) for where, v in samples])
-                      for name, kind, text, samples in self.families(when, spool, retried)]
-            template = exposition(marked).replace("%", "%%").replace("\x00r", "%r").replace("\x00d", "%d")
-            self._template = (shape, template, temporary_name(self.path))
-        values = [v for _, _, _, samples in self.families(when, spool, retried) for _, v in samples]
-        return self._template[1] % tuple(values)
+            marked = [(name, kind, text, [(where, _FLOAT) for where, _ in samples]) for name, kind, text, samples in families]
+            parts = [p.encode() for p in exposition(marked).split("\x00r")]
+            self._template = (shape, parts, temporary_name(self.path))
+        parts = self._template[1]
+        out = [parts[0]]
+        for _, _, _, samples in families:
+            for _, value in samples:
+                if value.__class__ is int:
+                    out.append(b"%d" % value)
+                else:  # microseconds: exact enough for any figure here, and integers print cheaply
+                    whole, micros = divmod(int(value * 1e6 + 0.5), 1000000)
+                    out.append(b"%d.%06d" % (whole, micros))
+                out.append(parts[len(out) // 2])
+        return b"".join(out)
 
     def write(self, when: float, spool: Any, retried: dict[str, int]) -> None:
         """Rewrite the file; a failure is one ERROR a minute, and the heartbeats go on regardless."""

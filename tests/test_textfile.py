@@ -198,6 +198,10 @@ def test_label_values_are_escaped_and_every_family_has_help_and_type() -> None:
     assert 'heartbeatd_up{service="odd\\"name\\\\x\\ny",ip="10.0.0.1"} 0\n' in text
     assert 'heartbeatd_check_retries_total{service="odd\\"name\\\\x\\ny"} 2\n' in text
     assert "heartbeatd_cycle_timestamp_seconds 1000000000\n" in text
+    written = textfile.render(1.0e9, None, {'odd"name\\x\ny': 2}).decode()
+    promtool_check(written)
+    assert "heartbeatd_cycle_timestamp_seconds 1000000000.000000\n" in written
+    assert 'heartbeatd_check_duration_seconds{service="odd\\"name\\\\x\\ny"} 0.250000\n' in written
     assert "heartbeatd_last_success_timestamp_seconds{" not in text  # never up: no sample, not a zero
     names = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
     for name in names:
