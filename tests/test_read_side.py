@@ -227,17 +227,32 @@ def test_a_second_prune_at_once_says_so_and_does_nothing(pg: PgServer) -> None:
 def test_prune_interrupted_resumes(pg: PgServer) -> None:
     init_table(pg)
     seed_old_and_new(pg, 600_000, 100)
-    proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", "prune", "--older-than", "30d"], env=env_for(pg),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The oldest row goes with the first batch: a primary-key probe sees that at once, where a
-    # count(*) of 600,000 rows took long enough for the whole prune to finish first.
-    oldest = pg.sql("SELECT id FROM service_heartbeat ORDER BY report_time, id LIMIT 1", db=pg.dbname)[0][0]  # type: ignore[attr-defined]
+    # The oldest redis row locked: prune removes the postgres rows (the first service in its
+    # order), then waits on that lock, where it is interrupted: no race against its speed.
+    holder = pg.connect(pg.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute("SELECT 1 FROM service_heartbeat WHERE service_name = 'redis' ORDER BY report_time LIMIT 1 "
+                    "FOR UPDATE")
+    # SIGINT as a terminal sends it, whatever disposition this test process inherited.
+    proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", "prune", "--older-than", "30d"],
+                            env=dict(env_for(pg), HEARTBEAT_TIMEOUT="120"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while pg.sql("SELECT count(*) FROM service_heartbeat WHERE id = %s", (oldest,), db=pg.dbname)[0][0] \
-            and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.002)
+    while time.monotonic() < deadline and not pg.sql(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'heartbeatd' AND wait_event_type = 'Lock'"):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    # The DELETE it was waiting in is cancelled, not left to run once the lock goes.
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'heartbeatd' AND wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 10
+    while pg.sql(waiting)[0][0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pg.sql(waiting) == [(0,)]
+    holder.rollback()
+    holder.close()
     assert proc.returncode == 130, out + err
     assert "prune interrupted" in err and "Traceback" not in err
     old, new = count(pg)
