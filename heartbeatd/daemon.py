@@ -8,6 +8,7 @@ import queue
 import signal
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Optional
 
 from heartbeatd.config import Config, ConfigError
@@ -124,17 +125,13 @@ class Daemon:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def write_textfile(self, outcome: CycleOutcome) -> None:
+    def write_textfile(self, outcome: CycleOutcome, path: Path) -> None:
         """The cycle's figures into HEARTBEAT_TEXTFILE (after a cycle that failed, the file is left to age)."""
-        path = self.cycle.config.textfile
-        assert path is not None
         if self.textfile is None:
             self.textfile = Textfile(path, self._repeats)
-        self.textfile.path = path  # a reload may have moved it; the counters go on
-        when = (outcome.report_time or self._wall()).timestamp()
         services = self.cycle.services
-        self.textfile.observe(outcome.results, when, outcome.write_error, services.writer)
-        self.textfile.write(when, services.spool, self.cycle.checks.retried)
+        self.textfile.after_cycle(path, outcome.results, (outcome.report_time or self._wall()).timestamp(),
+                                  outcome.write_error, services.writer, services.spool, self.cycle.checks.retried)
 
     def _nap(self) -> bool:
         """Sleep until the next start, pinging the watchdog and handling signals; False means stop."""
@@ -200,8 +197,8 @@ class Daemon:
                 left = max(0.0, self._next - self._clock())
                 summary = outcome.summary() if outcome else "cycle failed"
                 self.notifier.status(f"{summary}; next in {left:.3g}s{self.cycle.delivery.status()}")
-                if outcome is not None and self.cycle.config.textfile is not None:
-                    self.write_textfile(outcome)
+                if outcome is not None and (path := self.cycle.config.textfile) is not None:
+                    self.write_textfile(outcome, path)
         finally:
             self.services.close()
         return 0

@@ -11,7 +11,9 @@ heartbeats.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import operator
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -96,6 +98,17 @@ def write_atomically(path: Path, text: "str | bytes", tmp: Optional[str] = None)
 
 
 _DISK, _MEMORY, _VERSION = labels(where="disk"), labels(where="memory"), labels(version=__version__)
+# How each family's numbers go into the template: durations with six decimals; times since the epoch
+# as bytes made once a cycle (a float of sixteen digits through dtoa costs more than the rest of the
+# file); everything else a whole number.
+_FORMATS = {"heartbeatd_check_duration_seconds": b"%.6f", "heartbeatd_last_success_timestamp_seconds": b"%s",
+            "heartbeatd_cycle_timestamp_seconds": b"%s"}
+
+
+# A ProbeResult's fields by C getters, and zeros for dict.get's default: map() over them builds
+# a cycle's numbers with no comprehension's frame.
+_OK, _LATENCY = (operator.itemgetter(ProbeResult._fields.index(f)) for f in ("ok", "latency"))
+_ZEROS = itertools.repeat(0)
 
 
 class _Marker(float):
@@ -108,38 +121,60 @@ _FLOAT = _Marker()
 class Textfile:
     """The daemon's figures since it started, written to HEARTBEAT_TEXTFILE after every cycle.
 
-    Every cycle writes the same lines with new numbers: `exposition` renders them once into fixed
-    parts, again only when the set of services, addresses or counters changes, and each cycle puts
-    the numbers between them.
+    Every cycle writes the same lines with new numbers: `families` is rendered once into a bytes
+    template with a `%d` or `%.6f` where each number goes, again only when the services, their
+    addresses or the path change, and each cycle formats one flat tuple of numbers into it (one C
+    call: the per-cycle instruction count in the README is its measure).
     """
 
     def __init__(self, path: Path, repeats: Repeats) -> None:
         self.path = path
         self._repeats = repeats
-        self._template: tuple[Any, list[bytes], str] = (None, [], "")  # (shape, fixed parts, temporary file name)
+        self._template: tuple[bytes, str] = (b"", "")  # (the file's bytes with a format per number, temporary file)
+        self._stale = True  # the services, their addresses or the path changed: build the template again
         self.written = 0  # rows inserted into the table (live and from the spool)
         self.write_failures = 0  # cycles whose write to the table failed
         self._writer: Any = None  # the writer whose `inserted` was last read (a reload makes a new one)
         self._inserted = 0
         self.last_success: dict[str, float] = {}  # service -> unix time of its last up result
+        self._stamps: dict[str, bytes] = {}  # the same times, as the file writes them
+        self._stamp = b"0"  # the last cycle's time, as the file writes it
         self.results: dict[str, ProbeResult] = {}  # service -> its last result
+
+    def after_cycle(self, path: Path, results: Sequence[ProbeResult], when: float, write_error: Optional[str],
+                    writer: Any, spool: Any, retried: dict[str, int]) -> None:
+        """Take one cycle's figures and rewrite the file (`path`: a reload may have moved it)."""
+        if path != self.path:
+            self.path, self._stale = path, True
+        self.observe(results, when, write_error, writer)
+        self.write(when, spool, retried)
 
     def observe(self, results: Sequence[ProbeResult], when: float, write_error: Optional[str], writer: Any) -> None:
         """Take one cycle's figures (`when`: its report_time, unix seconds)."""
+        last, seen, stamps = self.last_success, self.results, self._stamps
+        self._stamp = now = b"%d.%06d" % divmod(int(when * 1e6 + 0.5), 1000000)
+        # Unpacked, not read by name: a NamedTuple's field by name is a descriptor call each time.
         for result in results:
-            self.results[result.service] = result
-            if result.ok:
-                self.last_success[result.service] = when
+            service, ip, ok, _latency, _error, _retry = result
+            before = seen.get(service)
+            if before is None or before[1] != ip:
+                self._stale = True
+            seen[service] = result
+            if ok:
+                if service not in stamps:
+                    self._stale = True
+                last[service] = when
+                stamps[service] = now
         if writer is not self._writer:
             self._writer, self._inserted = writer, 0
-        inserted = getattr(writer, "inserted", 0)
+        inserted = writer.inserted if writer is not None else 0
         self.written += inserted - self._inserted
         self._inserted = inserted
         if write_error:
             self.write_failures += 1
 
     def families(self, when: float, spool: Any, retried: dict[str, int]) -> list[Family]:
-        """Every metric family of the file, in a fixed order."""
+        """Every metric family of the file, in a fixed order (`numbers` gives the same samples' values, flat)."""
         results = self.results.values()
         on_disk = spool.count - spool.in_memory if spool is not None else 0
         return [
@@ -169,36 +204,43 @@ class Textfile:
              [(_service(s), retried.get(s, 0)) for s in self.results]),
         ]
 
-    def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:
-        """The file's bytes: the template's fixed parts for this shape of figures, the numbers between them.
-
-        Bytes and integers throughout: encoding the whole text (后端 makes it UCS-2) and printing
-        floats with repr cost more than everything else a cycle writes (callgrind).
-        """
+    def numbers(self, when: float, spool: Any, retried: dict[str, int]) -> tuple[Any, ...]:
+        """The samples of `families` in the same order, without building the families (build_info is fixed)."""
         results = self.results.values()
-        shape = (self.path, tuple((r.service, r.ip) for r in results), tuple(self.last_success))
-        families = self.families(when, spool, retried)
-        if shape != self._template[0]:
-            marked = [(name, kind, text, [(where, _FLOAT) for where, _ in samples]) for name, kind, text, samples in families]
-            parts = [p.encode() for p in exposition(marked).split("\x00r")]
-            self._template = (shape, parts, temporary_name(self.path))
-        parts = self._template[1]
-        out = [parts[0]]
-        for _, _, _, samples in families:
-            for _, value in samples:
-                if value.__class__ is int:
-                    out.append(b"%d" % value)
-                else:  # microseconds: exact enough for any figure here, and integers print cheaply
-                    whole, micros = divmod(int(value * 1e6 + 0.5), 1000000)
-                    out.append(b"%d.%06d" % (whole, micros))
-                out.append(parts[len(out) // 2])
-        return b"".join(out)
+        if spool is None:
+            in_memory = on_disk = rejected = 0
+        else:
+            in_memory, rejected = spool.in_memory, spool.rejected
+            on_disk = spool.count - in_memory
+        return (*map(_OK, results), *map(_LATENCY, results), *self._stamps.values(), self._stamp, on_disk,
+                in_memory, rejected, self.written, self.write_failures, *map(retried.get, self.results, _ZEROS))
+
+    def _build(self, when: float, spool: Any, retried: dict[str, int]) -> tuple[bytes, str]:
+        """The file as a bytes %-template: the families rendered with a `%d` or `%.6f` for each number."""
+        marked = [(name, kind, text, [(where, value if name == "heartbeatd_build_info" else _FLOAT)
+                                      for where, value in samples])
+                  for name, kind, text, samples in self.families(when, spool, retried)]
+        formats = [_FORMATS.get(name, b"%d")
+                   for name, _, _, samples in marked if name != "heartbeatd_build_info" for _ in samples]
+        parts = [p.encode().replace(b"%", b"%%") for p in exposition(marked).split("\x00r")]
+        template = parts[0] + b"".join(f + p for f, p in zip(formats, parts[1:]))
+        return template, temporary_name(self.path)
+
+    def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:
+        """The file's bytes: this cycle's numbers in the template for this shape of figures.
+
+        Bytes throughout: encoding the whole text each cycle (后端 makes it UCS-2) and printing floats
+        with repr cost more than everything else a cycle writes (callgrind).
+        """
+        if self._stale:
+            self._template, self._stale = self._build(when, spool, retried), False
+        return self._template[0] % self.numbers(when, spool, retried)
 
     def write(self, when: float, spool: Any, retried: dict[str, int]) -> None:
         """Rewrite the file; a failure is one ERROR a minute, and the heartbeats go on regardless."""
         try:
             text = self.render(when, spool, retried)
-            write_atomically(self.path, text, self._template[2])
+            write_atomically(self.path, text, self._template[1])
         except Exception as exc:  # noqa: BLE001 - metrics must never cost a heartbeat
             self._repeats.failed("textfile", logging.ERROR,
                                  "指标文件写入失败 - cannot write HEARTBEAT_TEXTFILE %s: %s; the heartbeats are "

@@ -206,3 +206,39 @@ def test_label_values_are_escaped_and_every_family_has_help_and_type() -> None:
     names = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
     for name in names:
         assert f"# HELP {name} " in text and f"# TYPE {name} " in text
+
+
+def test_the_cycle_template_writes_what_the_families_say() -> None:
+    """render() formats a flat tuple into a template made once: it must say what families() says, sample by sample."""
+    class Spool:
+        count, in_memory, rejected = 7, 2, 3
+
+    class Writer:
+        inserted = 0
+
+    textfile, writer = Textfile(Path("/nonexistent/x.prom"), Repeats(time.monotonic)), Writer()
+    cycles = [
+        [ProbeResult("后端", "10.0.0.1", True, 0.000123), ProbeResult("redis", "127.0.0.1", False, 0.2, "down"),
+         ProbeResult("postgres", "127.0.0.1", True, 0.0045)],
+        [ProbeResult("后端", "10.0.0.1", True, 0.0002), ProbeResult("redis", "127.0.0.1", True, 0.001),
+         ProbeResult("postgres", "127.0.0.2", True, 1.5)],  # redis up for the first time, postgres moved
+        [ProbeResult("后端", "10.0.0.1", True, 0.0002), ProbeResult("redis", "127.0.0.1", False, 0.2, "down"),
+         ProbeResult("postgres", "127.0.0.2", False, 0.5, "down")],  # the same shape: the template is reused
+    ]
+    for n, results in enumerate(cycles):
+        when = 1.7e9 + n * 30.25
+        writer.inserted += 3
+        textfile.observe(results, when, "failed" if n == 2 else None, writer)
+        retried = {"redis": n}
+        written = textfile.render(when, Spool(), retried).decode()
+        expected = exposition(textfile.families(when, Spool(), retried))
+        promtool_check(written)
+        parse = lambda text: [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1]))  # noqa: E731
+                              for line in text.splitlines() if not line.startswith("#")]
+        got, want = parse(written), parse(expected)
+        assert [name for name, _ in got] == [name for name, _ in want]
+        for (name, a), (_, b) in zip(got, want):
+            assert abs(a - b) < 1e-6, name
+    assert 'heartbeatd_up{service="postgres",ip="127.0.0.2"} 0' in written
+    assert "heartbeatd_write_failures_total 1" in written and "heartbeatd_rows_written_total 9" in written
+    assert 'heartbeatd_spool_rows{where="disk"} 5' in written
