@@ -73,16 +73,19 @@ def temporary_name(path: Path) -> str:
     return str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
-def write_atomically(path: Path, text: "str | bytes", tmp: Optional[str] = None) -> None:
+def write_atomically(path: "str | bytes | os.PathLike[str]", text: "str | bytes", tmp: "str | bytes | None" = None,
+                     chmod: bool = True) -> None:
     """Write `path` through a temporary file in the same directory and a rename; 0644 whatever the umask.
 
     node_exporter runs as another user and reads only `*.prom`: the temporary name does not end so.
+    `chmod=False` when the caller knows the umask leaves 0644 as it is.
     """
-    tmp = tmp or temporary_name(path)
+    tmp = tmp or temporary_name(Path(os.fsdecode(path)))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         try:
-            os.fchmod(fd, 0o644)
+            if chmod:
+                os.fchmod(fd, 0o644)
             data = text.encode() if isinstance(text, str) else text
             while data:
                 data = data[os.write(fd, data):]
@@ -95,6 +98,13 @@ def write_atomically(path: Path, text: "str | bytes", tmp: Optional[str] = None)
         except OSError:
             pass
         raise
+
+
+def umask_keeps_0644() -> bool:
+    """Whether files this process creates 0644 stay 0644 (no fchmod needed). Not thread-safe: a moment's umask(0)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return not mask & 0o644
 
 
 _DISK, _MEMORY, _VERSION = labels(where="disk"), labels(where="memory"), labels(version=__version__)
@@ -130,7 +140,8 @@ class Textfile:
     def __init__(self, path: Path, repeats: Repeats) -> None:
         self.path = path
         self._repeats = repeats
-        self._template: tuple[bytes, str] = (b"", "")  # (the file's bytes with a format per number, temporary file)
+        # (the file's bytes with a format per number, the path and the temporary file's as bytes, fchmod needed)
+        self._template: tuple[bytes, bytes, bytes, bool] = (b"", b"", b"", True)
         self._stale = True  # the services, their addresses or the path changed: build the template again
         self.written = 0  # rows inserted into the table (live and from the spool)
         self.write_failures = 0  # cycles whose write to the table failed
@@ -215,7 +226,7 @@ class Textfile:
         return (*map(_OK, results), *map(_LATENCY, results), *self._stamps.values(), self._stamp, on_disk,
                 in_memory, rejected, self.written, self.write_failures, *map(retried.get, self.results, _ZEROS))
 
-    def _build(self, when: float, spool: Any, retried: dict[str, int]) -> tuple[bytes, str]:
+    def _build(self, when: float, spool: Any, retried: dict[str, int]) -> tuple[bytes, bytes, bytes, bool]:
         """The file as a bytes %-template: the families rendered with a `%d` or `%.6f` for each number."""
         marked = [(name, kind, text, [(where, value if name == "heartbeatd_build_info" else _FLOAT)
                                       for where, value in samples])
@@ -224,7 +235,8 @@ class Textfile:
                    for name, _, _, samples in marked if name != "heartbeatd_build_info" for _ in samples]
         parts = [p.encode().replace(b"%", b"%%") for p in exposition(marked).split("\x00r")]
         template = parts[0] + b"".join(f + p for f, p in zip(formats, parts[1:]))
-        return template, temporary_name(self.path)
+        # Paths as bytes, made here: a Path's __fspath__ is Python code, run at every os call.
+        return template, os.fsencode(self.path), os.fsencode(temporary_name(self.path)), not umask_keeps_0644()
 
     def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:
         """The file's bytes: this cycle's numbers in the template for this shape of figures.
@@ -240,7 +252,8 @@ class Textfile:
         """Rewrite the file; a failure is one ERROR a minute, and the heartbeats go on regardless."""
         try:
             text = self.render(when, spool, retried)
-            write_atomically(self.path, text, self._template[1])
+            _, path, tmp, chmod = self._template
+            write_atomically(path, text, tmp, chmod)
         except Exception as exc:  # noqa: BLE001 - metrics must never cost a heartbeat
             self._repeats.failed("textfile", logging.ERROR,
                                  "指标文件写入失败 - cannot write HEARTBEAT_TEXTFILE %s: %s; the heartbeats are "
