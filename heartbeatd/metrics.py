@@ -284,5 +284,5 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float) -> list[
 
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        return exc.strerror + (f": {os.fsdecode(exc.filename)}" if exc.filename else "")
     return f"{type(exc).__name__}: {exc}"
