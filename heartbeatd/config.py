@@ -319,6 +319,24 @@ def _retention(text: str, problems: list[str]) -> Optional[float]:
     return retention
 
 
+def _backend_ip(text: str, problems: list[str]) -> Optional[str]:
+    """HEARTBEAT_BACKEND_IP in its canonical form; empty: detect it."""
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        problems.append(f"HEARTBEAT_BACKEND_IP: not an IP address: {text!r}")
+        return text
+
+
+def _log_level(text: str, problems: list[str]) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
 def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
     """Build and validate the configuration; raise ConfigError listing every problem."""
     sources: dict[str, str] = {}
@@ -336,20 +354,13 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     before = len(problems)
     timeout = _seconds("HEARTBEAT_TIMEOUT", get("HEARTBEAT_TIMEOUT"), TIMEOUT_RANGE[0], TIMEOUT_RANGE[1], problems)
     timeout_ok = len(problems) == before
-    backend_ip = get("HEARTBEAT_BACKEND_IP") or None
-    if backend_ip:
-        try:
-            backend_ip = str(ipaddress.ip_address(backend_ip))
-        except ValueError:
-            problems.append(f"HEARTBEAT_BACKEND_IP: not an IP address: {backend_ip!r}")
+    backend_ip = _backend_ip(get("HEARTBEAT_BACKEND_IP"), problems)
     table = _table(get("HEARTBEAT_TABLE"), problems)
     max_rows = _max_rows(get("HEARTBEAT_SPOOL_MAX_ROWS"), problems)
     retention = _retention(merged.get("HEARTBEAT_RETENTION", "").strip(), problems)
     retries = _retries(get("HEARTBEAT_RETRIES"), problems)
     textfile = _textfile(merged.get("HEARTBEAT_TEXTFILE", "").strip(), problems)
-    log_level = get("HEARTBEAT_LOG_LEVEL").upper()
-    if log_level not in LOG_LEVELS:
-        problems.append(f"HEARTBEAT_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_level = _log_level(get("HEARTBEAT_LOG_LEVEL"), problems)
     # Checked here, so at start and on every reload alike: a reload must not get the daemon killed.
     watchdog = _watchdog_problem(timeout, environ) if timeout_ok else None
     if watchdog:

@@ -8,7 +8,6 @@ import queue
 import signal
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Callable, Optional
 
 from heartbeatd.config import Config, ConfigError
@@ -78,7 +77,7 @@ class Daemon:
         self.stop_pending: Callable[[], bool] = self.signals.stop_pending
         self._repeats = Repeats(clock)
         self._next = clock()  # monotonic time of the next cycle start
-        self.textfile: Optional[Textfile] = None  # HEARTBEAT_TEXTFILE's writer, once it is set
+        self.textfile = Textfile(None, self._repeats)  # HEARTBEAT_TEXTFILE's writer, idle while it is empty
         self.cycle = self._cycle(config, build(config, None))
 
     def _cycle(self, config: Config, services: Services) -> Cycle:
@@ -124,14 +123,6 @@ class Daemon:
         return outcome
 
     # -- the loop --------------------------------------------------------------------------
-
-    def write_textfile(self, outcome: CycleOutcome, path: Path) -> None:
-        """The cycle's figures into HEARTBEAT_TEXTFILE (after a cycle that failed, the file is left to age)."""
-        if self.textfile is None:
-            self.textfile = Textfile(path, self._repeats)
-        services = self.cycle.services
-        self.textfile.after_cycle(path, outcome.results, (outcome.report_time or self._wall()).timestamp(),
-                                  outcome.write_error, services.writer, services.spool, self.cycle.checks.retried)
 
     def _nap(self) -> bool:
         """Sleep until the next start, pinging the watchdog and handling signals; False means stop."""
@@ -197,8 +188,8 @@ class Daemon:
                 left = max(0.0, self._next - self._clock())
                 summary = outcome.summary() if outcome else "cycle failed"
                 self.notifier.status(f"{summary}; next in {left:.3g}s{self.cycle.delivery.status()}")
-                if outcome is not None and (path := self.cycle.config.textfile) is not None:
-                    self.write_textfile(outcome, path)
+                if outcome is not None and self.cycle.config.textfile is not None:
+                    self.textfile.after(self.cycle, outcome)
         finally:
             self.services.close()
         return 0

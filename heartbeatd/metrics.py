@@ -16,11 +16,14 @@ import logging
 import operator
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from heartbeatd import __version__
-from heartbeatd.heartbeat import ProbeResult
+from heartbeatd.heartbeat import ProbeResult, utcnow
 from heartbeatd.repeats import Repeats, log
+
+if TYPE_CHECKING:
+    from heartbeatd.cycle import Cycle, CycleOutcome
 
 Sample = tuple[str, float]  # (labels as written inside the braces, or "", value)
 Family = tuple[str, str, str, Sequence[Sample]]  # (name, type, help, samples)
@@ -137,7 +140,7 @@ class Textfile:
     call: the per-cycle instruction count in the README is its measure).
     """
 
-    def __init__(self, path: Path, repeats: Repeats) -> None:
+    def __init__(self, path: Optional[Path], repeats: Repeats) -> None:
         self.path = path
         self._repeats = repeats
         # (the file's bytes with a format per number, the path and the temporary file's as bytes, fchmod needed)
@@ -152,13 +155,14 @@ class Textfile:
         self._stamp = b"0"  # the last cycle's time, as the file writes it
         self.results: dict[str, ProbeResult] = {}  # service -> its last result
 
-    def after_cycle(self, path: Path, results: Sequence[ProbeResult], when: float, write_error: Optional[str],
-                    writer: Any, spool: Any, retried: dict[str, int]) -> None:
-        """Take one cycle's figures and rewrite the file (`path`: a reload may have moved it)."""
-        if path != self.path:
+    def after(self, cycle: "Cycle", outcome: "CycleOutcome") -> None:
+        """Take a cycle's figures and rewrite HEARTBEAT_TEXTFILE (a reload may have moved it)."""
+        path = cycle.config.textfile
+        if path is not self.path:  # identity: Path.__eq__ is Python code; a reload makes a new one anyway
             self.path, self._stale = path, True
-        self.observe(results, when, write_error, writer)
-        self.write(when, spool, retried)
+        services, when = cycle.services, (outcome.report_time or utcnow()).timestamp()
+        self.observe(outcome.results, when, outcome.write_error, services.writer)
+        self.write(when, services.spool, cycle.checks.retried)
 
     def observe(self, results: Sequence[ProbeResult], when: float, write_error: Optional[str], writer: Any) -> None:
         """Take one cycle's figures (`when`: its report_time, unix seconds)."""
@@ -236,7 +240,8 @@ class Textfile:
         parts = [p.encode().replace(b"%", b"%%") for p in exposition(marked).split("\x00r")]
         template = parts[0] + b"".join(f + p for f, p in zip(formats, parts[1:]))
         # Paths as bytes, made here: a Path's __fspath__ is Python code, run at every os call.
-        return template, os.fsencode(self.path), os.fsencode(temporary_name(self.path)), not umask_keeps_0644()
+        path = self.path or Path("/nonexistent/HEARTBEAT_TEXTFILE-is-empty.prom")  # never written: `after` sets it
+        return template, os.fsencode(path), os.fsencode(temporary_name(path)), not umask_keeps_0644()
 
     def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:
         """The file's bytes: this cycle's numbers in the template for this shape of figures.

@@ -107,15 +107,7 @@ class Spool:
         if not held:
             return 0
         try:
-            db = self.file.database()
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany(INSERT, [stored(r) for r in held])
-                count = db.execute("SELECT count(*) FROM spool WHERE rejected IS NULL").fetchone()[0]
-                dropped = max(0, count - self.max_rows)
-                if dropped:  # by insertion order: a wall clock that stepped back must not matter
-                    db.execute("DELETE FROM spool WHERE id IN (SELECT id FROM spool WHERE rejected IS NULL "
-                               "ORDER BY id LIMIT ?)", (dropped,))
+            count, dropped = _append(self.file.database(), held, self.max_rows)
         except FILE_ERRORS as exc:
             self.write_error = self.file.why(exc, "write")
             self._hold(rows)
@@ -125,8 +117,8 @@ class Spool:
             return dropped
         self.write_error = None
         self._memory.clear()
-        self._disk = int(count) - int(dropped)
-        return int(dropped)
+        self._disk = count - dropped
+        return dropped
 
     def oldest(self, limit: int) -> list[tuple[int, Row]]:
         """Up to `limit` waiting rows, first written first: the file's (ids > 0), then memory's (ids < 0)."""
@@ -136,11 +128,7 @@ class Spool:
                 db = self.file.database()
                 found, unreadable = _parse(db.execute(PENDING + " ORDER BY id LIMIT ?", (limit,)).fetchall())
                 if unreadable:  # a row this daemon cannot read back is set aside, never a failed cycle
-                    log.error("心跳缓存错误 - %d row(s) in %s cannot be read back (%s); kept aside with the "
-                              "rejected rows", len(unreadable), self.path, unreadable[0][0])
-                    with db:
-                        db.execute("BEGIN IMMEDIATE")
-                        db.executemany("UPDATE spool SET rejected = ? WHERE id = ?", unreadable)
+                    _set_aside_unreadable(db, unreadable, self.path)
                     self._recount()
             except FILE_ERRORS as exc:
                 if isinstance(exc, (sqlite3.Error, Damaged)):
@@ -210,6 +198,27 @@ class Spool:
                           self.path, self.write_error, len(self._memory))
                 self._memory.clear()
         self.file.close()
+
+
+def _append(db: sqlite3.Connection, held: Sequence[Row], max_rows: int) -> tuple[int, int]:
+    """Rows into the file in one fsync'd transaction, the oldest beyond `max_rows` dropped: (waiting, dropped)."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(INSERT, [stored(r) for r in held])
+        count = int(db.execute("SELECT count(*) FROM spool WHERE rejected IS NULL").fetchone()[0])
+        dropped = max(0, count - max_rows)
+        if dropped:  # by insertion order: a wall clock that stepped back must not matter
+            db.execute("DELETE FROM spool WHERE id IN (SELECT id FROM spool WHERE rejected IS NULL "
+                       "ORDER BY id LIMIT ?)", (dropped,))
+    return count, dropped
+
+
+def _set_aside_unreadable(db: sqlite3.Connection, unreadable: Sequence[tuple[str, int]], path: Path) -> None:
+    log.error("心跳缓存错误 - %d row(s) in %s cannot be read back (%s); kept aside with the rejected rows",
+              len(unreadable), path, unreadable[0][0])
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("UPDATE spool SET rejected = ? WHERE id = ?", unreadable)
 
 
 def rejected_raw(spool: Spool) -> list[tuple[Any, ...]]:
