@@ -119,7 +119,8 @@ class Soak:
         self.good_env = (
             f"DATABASE_URL=postgresql://postgres@127.0.0.1:{self.pg_first.port},127.0.0.1:{self.pg_second.port}/soak\n"
             f"REDIS_URL=redis://127.0.0.1:{self.redis_proxy.port}/0\nHEARTBEAT_INTERVAL={INTERVAL}\n"
-            f"HEARTBEAT_TIMEOUT={TIMEOUT}\nHEARTBEAT_BACKEND_IP={BACKEND_IP}\nHEARTBEAT_SPOOL_PATH={self.spool}\n")
+            f"HEARTBEAT_TIMEOUT={TIMEOUT}\nHEARTBEAT_BACKEND_IP={BACKEND_IP}\nHEARTBEAT_SPOOL_PATH={self.spool}\n"
+            f"HEARTBEAT_TEXTFILE={self.small / 'heartbeatd.prom'}\n")  # on the tmpfs that spool-full fills
         self.env_file.write_text(self.good_env)
         self.env = clean_env(PYTHONHASHSEED=str(self.seed))
         self.spawn()
@@ -395,9 +396,21 @@ def check(soak: Soak) -> list[tuple[bool, str]]:
                                                   f"({WATCHDOG_USEC / 2e6:g}s): max gap {worst:.2f}s"))
 
     # A cycle's bug, a check's (its failed result), a reload's, or any traceback.
-    bug = re.compile(r"心跳周期异常|internal error|Traceback|重新加载配置失败 - .*\b[A-Z]\w*(Error|Exception): ")
+    bug = re.compile(r"心跳周期异常|internal error|Traceback|(重新加载配置失败|指标文件写入失败) - .*\b[A-Z]\w*(Error|Exception): ")
     bugs = [line for life in soak.lives for _, line in life.proc.lines if bug.search(line)]
     results.append((not bugs, f"no internal error in the log: {len(bugs)} {bugs[:2]}"))
+
+    # The textfile, written through full disks and restarts: whole at the end, every service up, no
+    # temporary file left behind.
+    prom = soak.small / "heartbeatd.prom"
+    text = prom.read_text() if prom.exists() else ""
+    ups = dict(re.findall(r'^heartbeatd_up\{service="([^"]+)",ip="[^"]*"\} ([01])$', text, re.M))
+    whole = bool(text) and all(re.fullmatch(r'# (HELP|TYPE) .*|[a-z_]+(\{[^}]*\})? -?[0-9.]+', line)
+                               for line in text.splitlines())
+    strays = [p.name for p in soak.small.iterdir() if p.name.endswith(".tmp")]
+    results.append((whole and ups == {"后端": "1", "redis": "1", "postgres": "1"} and not strays,
+                    f"the textfile whole at the end, every service up: up {ups}, well-formed {whole}, "
+                    f"temporary files left {strays}"))
 
     held = sqlite3.connect(str(soak.spool)).execute(
         "SELECT count(*) - count(rejected), count(rejected) FROM spool").fetchone()

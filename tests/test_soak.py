@@ -19,5 +19,5 @@ def test_short_seeded_soak_passes_every_check() -> None:
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     checks = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(checks) == 8 and all(line.startswith("PASS") for line in checks), report
+    assert len(checks) == 9 and all(line.startswith("PASS") for line in checks), report
     assert "daemon-kill" in result.stdout and "table-refuses" in result.stdout, report
