@@ -239,8 +239,35 @@ class Ledger:
                 return None
             cur.execute(self._q(PRUNE_SERVICES))
             services = [r[0] for r in cur.fetchall()]
+        pid = conn.get_backend_pid()
+        try:
+            return self._prune_batches(services, self._param(cutoff), dry_run, progress)
+        except KeyboardInterrupt:
+            self._cancel(pid)
+            raise
+
+    def _cancel(self, pid: int) -> None:
+        """Ctrl-C in a batch: a DELETE the client stopped waiting for is the server's to finish (one
+        stuck behind a lock runs once the lock goes), so cancel it from a second connection, by the
+        same deadline. psycopg2 has closed ours by now, and its own cancel() blocks the whole process
+        with no timeout while a frozen server does not answer."""
+        if self._helper is None:
+            return
+        try:
+            with deadline(self.timeout):
+                other = self._helper()
+                try:
+                    with other.cursor() as cur:
+                        cur.execute("SELECT pg_cancel_backend(%s)", (pid,))
+                finally:
+                    other.close()
+        except Exception:  # noqa: BLE001 - best effort: what was removed stays removed either way
+            pass
+
+    def _prune_batches(self, services: list[str], when: Any, dry_run: bool,
+                       progress: Callable[[int], None]) -> int:
+        conn = self.conn
         removed = 0
-        when = self._param(cutoff)
         for service in services:
             after = self._param(datetime(1, 1, 2, tzinfo=UTC))
             while True:

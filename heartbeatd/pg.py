@@ -65,18 +65,12 @@ def _wait(conn: Any, _ok: int = POLL_OK, _read: int = POLL_READ, _write: int = P
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(f"timed out after {round(seconds, 2):g}s")
         # fileno() each time: while connecting, libpq moves on to the next address on a new socket.
-        try:
-            if state == _read:
-                ready = _select((conn.fileno(),), (), (), remaining)[0]
-            elif state == _write:
-                ready = _select((), (conn.fileno(),), (), remaining)[1]
-            else:  # pragma: no cover - psycopg2 documents only the three states
-                raise psycopg2.OperationalError(f"bad poll state {state!r}")
-        except KeyboardInterrupt:
-            # Ctrl-C in a read command: psycopg2 closes the connection once this callback raises,
-            # so this is the last moment to take back the statement in flight.
-            cancel_quietly(conn, seconds or 5.0)
-            raise
+        if state == _read:
+            ready = _select((conn.fileno(),), (), (), remaining)[0]
+        elif state == _write:
+            ready = _select((), (conn.fileno(),), (), remaining)[1]
+        else:  # pragma: no cover - psycopg2 documents only the three states
+            raise psycopg2.OperationalError(f"bad poll state {state!r}")
         if not ready:
             raise DeadlineExceeded(f"timed out after {round(seconds, 2):g}s")
         state = conn.poll()
@@ -146,22 +140,6 @@ def close_quietly(conn: Any) -> None:
         conn.close()
     except Exception:  # noqa: BLE001 - closing a broken connection must not end anything
         pass
-
-
-def cancel_quietly(conn: Any, seconds: float) -> None:
-    """Ask the server to cancel `conn`'s statement in flight, waiting at most `seconds`; never raises.
-
-    A client that stops waiting does not stop the server: without this, a statement stuck behind a
-    lock goes on to run once the lock is released, after its client has gone. libpq's cancel
-    request has no timeout of its own, so it runs in a thread we stop waiting for."""
-    def send() -> None:
-        try:
-            conn.cancel()
-        except Exception:  # noqa: BLE001 - a connection already gone has nothing to cancel
-            pass
-    sender = threading.Thread(target=send, name="pg-cancel", daemon=True)
-    sender.start()
-    sender.join(seconds)
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,45 @@ def test_prune_interrupted_resumes(pg: PgServer) -> None:
     assert count(pg) == (0, 100)
 
 
+@pytest.mark.parametrize("command", ["status", "prune"])
+def test_ctrl_c_against_a_frozen_server_ends_by_the_timeout(pg_own: PgServer, command: str) -> None:
+    """The reason an operator presses Ctrl-C: the server hangs. prune's cancel of its batch is
+    bounded too (a frozen server answers no cancel request)."""
+    pg_own.dbname = "postgres"  # type: ignore[attr-defined]
+    init_table(pg_own)
+    seed_old_and_new(pg_own, 30_000, 10)
+    holder = pg_own.connect()
+    holder.autocommit = False
+    with holder.cursor() as cur:  # status waits on the table, prune on a row of its second service
+        cur.execute("LOCK TABLE service_heartbeat IN ACCESS EXCLUSIVE MODE" if command == "status" else
+                    "SELECT 1 FROM service_heartbeat WHERE service_name = 'redis' ORDER BY report_time LIMIT 1 "
+                    "FOR UPDATE")
+    args = [command] + (["--older-than", "30d"] if command == "prune" else [])
+    proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", *args], env=env_for(pg_own, HEARTBEAT_TIMEOUT="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not pg_own.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'heartbeatd' AND wait_event_type = 'Lock'"):
+            time.sleep(0.05)
+        pg_own.freeze()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            err = "(still running)"
+        took = time.monotonic() - started
+    finally:
+        pg_own.thaw()
+        proc.kill()
+        holder.rollback()
+        holder.close()
+    assert proc.returncode == 130 and took < 2 + 3, f"Ctrl-C ended after {took:.1f}s (HEARTBEAT_TIMEOUT=2): {err}"
+    assert "Traceback" not in err
+
+
 def test_table_missing_is_one_line(pg: PgServer) -> None:
     for command in (["status"], ["report"], ["prune", "--older-than", "30d"]):
         result = cli(command, env_for(pg))
