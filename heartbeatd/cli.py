@@ -50,6 +50,7 @@ See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
 LEDGER_HELP = """\
   status         newest heartbeat per service and IP seen in --window (1d): fresh or stale; exit 1 if any stale
+                 (--format prometheus [--output FILE]: 0 once written, 1 if FILE cannot be written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
                  --service, --ip, --gap SECONDS, --format text|json|csv)
   prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts

@@ -85,8 +85,8 @@ class Daemon:
         old = getattr(self, "cycle", None)
         cycle = Cycle(config, services, loop=self, repeats=self._repeats, clock=self._clock, wall=self._wall,
                       last_ip=old.last_ip if old is not None else None)
-        if old is not None:
-            cycle.checks.retried = old.checks.retried  # a counter: it goes on across reloads
+        if old is not None:  # counters, and the once-a-minute line's story, go on across reloads
+            cycle.checks.retried, cycle.checks.told = old.checks.retried, old.checks.told
         return cycle
 
     @property
@@ -161,6 +161,7 @@ class Daemon:
         else:
             self.services.close(keep_spool=services.spool is self.services.spool)
             self.cycle = self._cycle(new, services)
+            self.textfile.retarget(new.textfile)
             self._on_config(new)
             # A shorter new interval takes effect now, not after the old one has run out.
             self._next = min(self._next, self._clock() + new.interval)

@@ -76,15 +76,24 @@ def temporary_name(path: Path) -> str:
     return str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def write_atomically(path: "str | bytes | os.PathLike[str]", text: "str | bytes", tmp: "str | bytes | None" = None,
                      chmod: bool = True) -> None:
     """Write `path` through a temporary file in the same directory and a rename; 0644 whatever the umask.
 
     node_exporter runs as another user and reads only `*.prom`: the temporary name does not end so.
-    `chmod=False` when the caller knows the umask leaves 0644 as it is.
+    The temporary file is always a new one (O_EXCL, O_NOFOLLOW): whoever else may write that
+    directory cannot plant a link there that we would write through. `chmod=False` when the caller
+    knows the umask leaves a new file 0644.
     """
     tmp = tmp or temporary_name(Path(os.fsdecode(path)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(tmp, _CREATE, 0o644)
+    except FileExistsError:  # left by a write that was killed, or planted: removed, never followed
+        os.unlink(tmp)
+        fd = os.open(tmp, _CREATE, 0o644)
     try:
         try:
             if chmod:
@@ -101,6 +110,23 @@ def write_atomically(path: "str | bytes | os.PathLike[str]", text: "str | bytes"
         except OSError:
             pass
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of writers of `path` that are gone (a daemon SIGKILLed mid-write)."""
+    for found in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = found.name[len(path.name) + 2:-4]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                found.unlink()
+            except OSError:
+                pass
+        except OSError:  # alive, another user's
+            pass
 
 
 def umask_keeps_0644() -> bool:
@@ -159,10 +185,20 @@ class Textfile:
         """Take a cycle's figures and rewrite HEARTBEAT_TEXTFILE (a reload may have moved it)."""
         path = cycle.config.textfile
         if path is not self.path:  # identity: Path.__eq__ is Python code; a reload makes a new one anyway
-            self.path, self._stale = path, True
+            self.retarget(path)
         services, when = cycle.services, (outcome.report_time or utcnow()).timestamp()
         self.observe(outcome.results, when, outcome.write_error, services.writer)
         self.write(when, services.spool, cycle.checks.retried)
+
+    def retarget(self, path: Optional[Path]) -> None:
+        """HEARTBEAT_TEXTFILE moved or emptied (a reload): the old file goes, or its last figures
+        would stand forever (and a moved one would give node_exporter every series twice)."""
+        old, self.path, self._stale = self.path, path, True
+        if old is not None and old != path:
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
 
     def observe(self, results: Sequence[ProbeResult], when: float, write_error: Optional[str], writer: Any) -> None:
         """Take one cycle's figures (`when`: its report_time, unix seconds)."""
@@ -212,7 +248,7 @@ class Textfile:
             ("heartbeatd_rows_written_total", "counter", "Rows inserted into the table since the daemon started.",
              [("", self.written)]),
             ("heartbeatd_write_failures_total", "counter",
-             "Cycles whose write to the table failed since the daemon started (their rows were spooled).",
+             "Cycles since the daemon started whose write to the table was tried and failed (their rows were spooled).",
              [("", self.write_failures)]),
             ("heartbeatd_check_retries_total", "counter",
              "Quick retries of a check that failed fast (HEARTBEAT_RETRIES) since the daemon started.",
@@ -241,6 +277,7 @@ class Textfile:
         template = parts[0] + b"".join(f + p for f, p in zip(formats, parts[1:]))
         # Paths as bytes, made here: a Path's __fspath__ is Python code, run at every os call.
         path = self.path or Path("/nonexistent/HEARTBEAT_TEXTFILE-is-empty.prom")  # never written: `after` sets it
+        remove_stale_temporaries(path)
         return template, os.fsencode(path), os.fsencode(temporary_name(path)), not umask_keeps_0644()
 
     def render(self, when: float, spool: Any, retried: dict[str, int]) -> bytes:

@@ -184,3 +184,20 @@ def test_heartbeat_retries_is_checked(tmp_path: Path) -> None:
     result = cli(["check-config"], clean_env(HEARTBEAT_RETRIES="0"))
     assert "HEARTBEAT_RETRIES=0" in result.stdout, result.stdout + result.stderr
 
+
+
+def test_a_retry_that_ends_otherwise_keeps_the_first_failure_in_its_line() -> None:
+    """Refused, then out of time on the retry: the line says both, the refusal first."""
+    clock = Clock()
+
+    class RefusedThenTimedOut(AlwaysRefused):
+        def check(self, found: Any, until: float) -> ProbeResult:
+            if not self.untils:
+                return super().check(found, until)
+            self.untils.append(until)
+            clock.now = until
+            return ProbeResult(REDIS, "10.0.0.2", False, 0.5, "timed out after 1s")
+
+    probe = RefusedThenTimedOut(clock, cost=0.1)
+    result = Checks(1.0, 1, clock=clock, sleep=lambda s: None).run(probe, {}, {})
+    assert not result.ok and result.error == "Connection refused (tried again: timed out after 1s)"

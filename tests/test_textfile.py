@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -242,3 +243,50 @@ def test_the_cycle_template_writes_what_the_families_say() -> None:
     assert 'heartbeatd_up{service="postgres",ip="127.0.0.2"} 0' in written
     assert "heartbeatd_write_failures_total 1" in written and "heartbeatd_rows_written_total 9" in written
     assert 'heartbeatd_spool_rows{where="disk"} 5' in written
+
+
+def test_the_temporary_file_never_follows_a_planted_link_and_stale_ones_go(tmp_path: Path) -> None:
+    """Anyone who may write the directory (group heartbeatd, per README) could plant `.NAME.PID.tmp`."""
+    from heartbeatd.metrics import temporary_name, write_atomically
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    target = tmp_path / "ledger.prom"
+    os.symlink(victim, temporary_name(target))
+    write_atomically(target, "metric 1\n")
+    assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert target.read_text() == "metric 1\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert not os.path.lexists(temporary_name(target))
+    # A daemon SIGKILLed mid-write left its temporary file: the next writer's first template removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".heartbeatd.prom.{dead.pid}.tmp"
+    stale.write_text("half")
+    alive = tmp_path / f".heartbeatd.prom.{os.getppid()}.tmp"  # a live process's: left alone
+    alive.write_text("busy")
+    textfile = Textfile(tmp_path / "heartbeatd.prom", Repeats(time.monotonic))
+    textfile.observe([ProbeResult("redis", "10.0.0.5", True, 0.001)], 1.0e9, None, None)
+    textfile.write(1.0e9, None, {})
+    assert not stale.exists() and alive.exists() and (tmp_path / "heartbeatd.prom").exists()
+
+
+def test_a_textfile_moved_or_emptied_on_reload_leaves_no_frozen_file(
+        daemon: Callable[..., DaemonProcess], pg: PgServer, redis_own: RedisServer, tmp_path: Path) -> None:
+    """A file left behind would say its last figures forever (and, moved, give node_exporter every series twice)."""
+    init_table(pg)
+    first, second = tmp_path / "heartbeatd.prom", tmp_path / "heartbeatd2.prom"
+    env_file = tmp_path / "hb.env"
+    base = (f"DATABASE_URL={db_url(pg)}\nREDIS_URL={redis_own.url()}\nHEARTBEAT_INTERVAL=0.3\n"
+            f"HEARTBEAT_SPOOL_PATH={tmp_path / 'spool.db'}\n")
+    env_file.write_text(base + f"HEARTBEAT_TEXTFILE={first}\n")
+    proc = daemon(clean_env(), ["--env-file", str(env_file)])
+    proc.wait_for(first.exists, what="the first textfile")
+    env_file.write_text(base + f"HEARTBEAT_TEXTFILE={second}\n")
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(lambda: second.exists() and not first.exists(), what="the textfile moved")
+    env_file.write_text(base)
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(lambda: not second.exists(), what="the textfile gone with HEARTBEAT_TEXTFILE emptied")
+    proc.wait_log("配置已重新加载", count=2)
+    assert proc.stop() == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".prom", ".tmp"))]

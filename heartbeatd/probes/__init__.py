@@ -114,7 +114,7 @@ class Checks:
         self.pause = min(0.5, timeout / 10, interval / 20)
         self._clock, self._sleep = clock, sleep
         self.retried: dict[str, int] = {}
-        self._told: dict[str, tuple[float, int]] = {}  # service -> (when the last INFO line went out, retries since)
+        self.told: dict[str, tuple[float, int]] = {}  # service -> (when the last INFO line went out, retries since)
 
     def run(self, probe: Probe, found: Mapping[str, ProbeResult], last_ip: Mapping[str, str]) -> ProbeResult:
         """The check's result, by HEARTBEAT_TIMEOUT from now, retries included."""
@@ -131,18 +131,20 @@ class Checks:
             result = checked(probe, found, until, last_ip, clock)
         if result.ok:
             self._tell(result, first)
+        elif result.error != first.error:  # the first failure says what happened; the last one, how it ended
+            result = result._replace(error=f"{first.error} (tried again: {result.error})")
         return result
 
     def _tell(self, result: ProbeResult, first: ProbeResult) -> None:
         now = self._clock()
-        when, since = self._told.get(result.service, (None, 0))
+        when, since = self.told.get(result.service, (None, 0))
         if when is not None and now - when < self.QUIET:
-            self._told[result.service] = (when, since + 1)
+            self.told[result.service] = (when, since + 1)
             return
         more = f"; {since} more success(es) on retry since the last line" if since else ""
         log.info("服务重试成功 - 服务: %s, IP: %s (the first attempt failed: %s%s)", result.service, result.ip,
                  first.error, more)
-        self._told[result.service] = (now, 0)
+        self.told[result.service] = (now, 0)
 
 
 def peer_ip(fd: int) -> Optional[str]:
