@@ -74,7 +74,7 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Passwords that must never appear in any output."""
-        return secret_forms(s for s in (url_password(self.database_url), url_password(self.redis_url)) if s)
+        return secret_forms(url_secrets(self.database_url) + url_secrets(self.redis_url))
 
     def describe(self) -> list[str]:
         """The effective configuration as `NAME=value` lines, passwords masked."""
@@ -99,7 +99,7 @@ class Config:
 # `scheme://user:` then everything up to the last `@`: the password, however malformed (a raw `#`,
 # `@` or `/` in it must not let any of it out through urlsplit's or a driver's reading of the URL).
 _USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:)(?P<password>.*)@(?P<tail>[^@]*)$", re.S)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)")
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)([^&#]*)")
 
 
 def url_password(url: str) -> Optional[str]:
@@ -109,6 +109,13 @@ def url_password(url: str) -> Optional[str]:
         return found.group("password")
     query = _QUERY_PASSWORD.search(url)
     return query.group(2) if query and query.group(2) else None
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every password in a URL: its userinfo's, and `password=` or `sentinel_password=` options."""
+    found = _USERINFO.match(url)
+    secrets = [found.group("password")] if found and found.group("password") else []
+    return secrets + [m.group(2) for m in _QUERY_PASSWORD.finditer(url) if m.group(2)]
 
 
 def mask_url(url: str) -> str:
@@ -173,10 +180,73 @@ def _check_database_url(value: str, problems: list[str]) -> None:
     _check_url("DATABASE_URL", value, ("postgresql", "postgres"), problems)
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """`redis+sentinel://[user:password@]host[:port][,host2[:port2],…]/service_name[/db][?options]`.
+
+    The userinfo is the master's (as in a redis:// URL); `sentinel_username` and
+    `sentinel_password` are the sentinels' own. Sentinels default to port 26379.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int
+    username: Optional[str]
+    password: Optional[str]
+    sentinel_username: Optional[str]
+    sentinel_password: Optional[str]
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """The parts of a redis+sentinel:// URL; ValueError naming what is wrong (never a password)."""
+    found = _USERINFO.match(url)
+    username = password = None
+    if found:
+        username = unquote(found.group("head").partition("://")[2][:-1]) or None
+        password = unquote(found.group("password")) or None
+        url = found.group("head").partition("://")[0] + "://" + found.group("tail")
+    elif "@" in url.partition("://")[2].partition("/")[0]:
+        username = unquote(url.partition("://")[2].partition("@")[0]) or None
+        url = url.partition("://")[0] + "://" + url.partition("@")[2]
+    parts = urlsplit(url)
+    sentinels = []
+    for host, port in _hosts_ports(parts.netloc):
+        if not host:
+            raise ValueError("a sentinel with no host (redis+sentinel://host[:port][,host2[:port2]]/service_name)")
+        sentinels.append((host, int(port) if port else SENTINEL_PORT))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("the path must be /service_name or /service_name/db (the master's name in the sentinels)")
+    if len(path) == 2 and not re.fullmatch(r"[0-9]{1,9}", path[1]):
+        raise ValueError(f"database must be a number, got {path[1]!r}")
+    options: dict[str, str] = {}
+    for item in filter(None, parts.query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in _SENTINEL_OPTIONS:
+            raise ValueError(f"unknown option {key!r} (redis+sentinel:// takes {', '.join(_SENTINEL_OPTIONS)})")
+        options[key] = unquote(value)
+    return SentinelURL(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username,
+                       password, options.get("sentinel_username") or None, options.get("sentinel_password") or None)
+
+
 def _check_redis_url(value: str, problems: list[str]) -> None:
     name = "REDIS_URL"
-    parts = _check_url(name, value, ("redis", "rediss", "unix"), problems)
+    if value.startswith("rediss+sentinel://"):
+        problems.append(f"{name}: rediss+sentinel:// (TLS to the sentinels) is not supported; use redis+sentinel://")
+        return
+    parts = _check_url(name, value, ("redis", "rediss", SENTINEL_SCHEME, "unix"), problems)
     if parts is None:
+        return
+    if parts.scheme == SENTINEL_SCHEME:
+        try:
+            parse_sentinel_url(value)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
         return
     if parts.scheme == "unix":
         if not parts.path:
@@ -366,7 +436,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     if watchdog:
         problems.append(watchdog)
     if problems:
-        secrets = [p for p in (url_password(database_url), url_password(redis_url)) if p]
+        secrets = url_secrets(database_url) + url_secrets(redis_url)
         raise ConfigError([mask(_name_source(p, sources), secrets) for p in problems])
     return Config(
         database_url=database_url,

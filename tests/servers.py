@@ -201,11 +201,12 @@ class RedisServer:
     """A private redis-server, nothing saved to disk."""
 
     def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None, password: Optional[str] = None,
-                 netns: Optional[str] = None) -> None:
+                 netns: Optional[str] = None, extra: Sequence[str] = ()) -> None:
         self.host = host
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.password = password
         self.netns = netns
+        self.extra = list(extra)  # more redis-server options (--replicaof ...)
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.dir = Path(tempfile.mkdtemp(prefix="hb-redis-"))
 
@@ -220,6 +221,7 @@ class RedisServer:
                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        cmd += self.extra
         if self.netns:
             cmd += ["--protected-mode", "no"]  # reachable from the other test namespace only
             cmd = ["ip", "netns", "exec", self.netns] + cmd
@@ -268,6 +270,54 @@ class RedisServer:
         """Stop and remove its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelServer(RedisServer):
+    """A private `redis-server --sentinel` watching one master, on its own port, config in its directory."""
+
+    def __init__(self, master: RedisServer, name: str = "mymaster", quorum: int = 2, password: Optional[str] = None,
+                 host: str = "127.0.0.1") -> None:
+        super().__init__(host=host)
+        self.master, self.name, self.quorum, self.sentinel_password = master, name, quorum, password
+
+    def start(self) -> "SentinelServer":
+        """Start (a restart keeps what it learnt: the config file is its own)."""
+        conf = self.dir / "sentinel.conf"
+        if not conf.exists():
+            auth = f"requirepass {self.sentinel_password}\nsentinel sentinel-pass {self.sentinel_password}\n" \
+                if self.sentinel_password else ""
+            master_auth = f"sentinel auth-pass {self.name} {self.master.password}\n" if self.master.password else ""
+            conf.write_text(
+                f"port {self.port}\nbind {self.host}\ndir {self.dir}\nprotected-mode no\n{auth}"
+                f"sentinel monitor {self.name} {self.master.host} {self.master.port} {self.quorum}\n{master_auth}"
+                f"sentinel down-after-milliseconds {self.name} 1000\nsentinel failover-timeout {self.name} 4000\n"
+                f"sentinel parallel-syncs {self.name} 1\n")
+        self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis sentinel on port {self.port} did not start")
+
+    def ask(self, *command: str) -> Any:
+        """One command to this sentinel (redis-py, decoded replies)."""
+        import redis
+        client = redis.Redis(host=self.host, port=self.port, password=self.sentinel_password, decode_responses=True,
+                             socket_timeout=5)
+        try:
+            return client.execute_command(*command)
+        finally:
+            client.close()
+
+    def master_addr(self) -> Optional[tuple[str, int]]:
+        reply = self.ask("SENTINEL", "get-master-addr-by-name", self.name)
+        return (reply[0], int(reply[1])) if reply else None
 
 
 class PgBouncer:

@@ -45,7 +45,7 @@ def from_config(config: Config, resolver: object) -> SpoolDiskProbe:
     return SpoolDiskProbe(str(config.spool_path.parent))
 '''
 # ... and the one line that registers it.
-MODULES_LINE = 'MODULES = ("redis_ping", "postgres_connect", "backend_host")'
+MODULES_LINE = 'MODULES = ("redis_ping", "redis_sentinel", "postgres_connect", "backend_host")'
 # The optional column: one entry in COLUMNS, with the function that takes its value from the result.
 COLUMNS_END = '''    Column("latency_ms", "double precision", "extra", value=lambda result: round(result.latency * 1000, 3)),\n'''
 IP_FAMILY = '''    Column("ip_family", "smallint", "extra", value=lambda result: 6 if ":" in result.ip else 4),\n'''

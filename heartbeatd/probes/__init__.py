@@ -25,7 +25,7 @@ from heartbeatd.names import Resolver
 # The line a check that raised leaves at DEBUG is the cycle's, as the other lines of a cycle are.
 log = logging.getLogger("heartbeatd.daemon")
 
-MODULES = ("redis_ping", "postgres_connect", "backend_host")  # the order the checks run in
+MODULES = ("redis_ping", "redis_sentinel", "postgres_connect", "backend_host")  # the order the checks run in
 
 
 class Probe(Protocol):

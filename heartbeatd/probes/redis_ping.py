@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from heartbeatd.config import Config, ConfigError, mask
+from heartbeatd.config import SENTINEL_SCHEME, Config, ConfigError, mask
 from heartbeatd.heartbeat import LOOPBACK, REDIS, ProbeResult
 from heartbeatd.names import LookupFailed, Resolver
 from heartbeatd.probes import peer_ip, register
@@ -138,7 +138,10 @@ class _Plain(redis.Connection):
         return sock
 
 
-class _TCP(_Plain):
+class TCPConnection(_Plain):
+    """redis-py's Connection over TCP to `hb_address`, whose socket never waits past `hb_deadline`
+    (also the sentinel check's, to each sentinel and to the master)."""
+
     def _connect(self) -> Any:
         return _DeadlineSocket(super()._connect(), self)
 
@@ -158,7 +161,7 @@ class _Unix(redis.UnixDomainSocketConnection):
         return _DeadlineSocket(super()._connect(), self)  # type: ignore[no-untyped-call]
 
 
-CLASSES = {"redis": _TCP, "rediss": _TLS, "unix": _Unix}
+CLASSES = {"redis": TCPConnection, "rediss": _TLS, "unix": _Unix}
 
 
 def make_connection(url: str, timeout: float) -> Any:
@@ -248,6 +251,8 @@ class RedisProbe:
 
 
 @register
-def from_config(config: Config, resolver: Resolver) -> RedisProbe:
-    """The Redis check of REDIS_URL."""
+def from_config(config: Config, resolver: Resolver) -> Optional[RedisProbe]:
+    """The Redis check of REDIS_URL (a redis+sentinel:// URL is redis_sentinel's)."""
+    if config.redis_url.startswith(SENTINEL_SCHEME + "://"):
+        return None
     return RedisProbe(config.redis_url, config.timeout, resolver)
