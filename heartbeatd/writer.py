@@ -14,25 +14,18 @@ from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_ut
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types
 
-# Every writer of this table takes one transaction-scoped advisory lock. The live rows take it as
-# the replay does, so an INSERT whose client gave up (a backend frozen in its commit) still holds it
-# when it commits later, and the replay of the same rows waits for it and then sees them, instead
-# of writing them a second time (the soak, seed 7). Both are sent in one round trip after the
-# server-side timeout: when our deadline gives up on a stalled INSERT (a lock, a frozen backend),
-# the server cancels it too instead of committing it much later.
+# Every write of this table takes one transaction-scoped advisory lock, as a statement of its own,
+# and inserts only the rows not already there. The INSERT's snapshot is taken once the lock is
+# held, so it sees what another writer holding it committed: check-and-insert is atomic against
+# any other writer of the same rows (two daemons, `heartbeatd rejected --retry` beside the daemon),
+# with or without a unique index. Live rows are no exception: an INSERT whose client gave up can
+# still reach the server later (a frozen path that delivers what it held, a daemon killed after
+# sending), after the replay of the same rows from the spool; it then inserts nothing (the soak,
+# seed 7, 60 minutes). A frozen commit holds the lock, so the replay waits for it. Both statements
+# go in one round trip after the server-side timeout: when our deadline gives up on a stalled
+# INSERT (a lock, a frozen backend), the server cancels it too instead of committing much later.
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
 LOCK = "SELECT pg_advisory_xact_lock(hashtext({lock_key}))"
-# The live INSERT takes the lock inside its own statement (one result fewer to take apart, every
-# cycle): the rows are joined to it, so none is inserted before it is held.
-INSERT = TIMEOUT + "WITH lock AS MATERIALIZED (" + LOCK + """)
-INSERT INTO {table} ({columns})
-SELECT {picked} FROM (VALUES {values}) AS v ({columns}), lock"""
-# Replayed rows may already be in the table (the daemon died between PostgreSQL's commit and
-# the spool's delete, or a write timed out after the commit): insert only the missing ones. Here
-# the lock is a statement of its own, before the INSERT: the INSERT's snapshot is then taken once
-# the lock is held, so it sees what a writer holding it committed. That makes check-and-insert
-# atomic against another writer of the same rows (two daemons, `heartbeatd rejected --retry`
-# beside the daemon, a live INSERT committed late), with or without a unique index.
 INSERT_MISSING = TIMEOUT + LOCK + """;
 INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
@@ -104,7 +97,7 @@ class Writer:
         self._shape: Optional[_Shape] = None
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
-        self._queries: dict[tuple[int, bool], str] = {}
+        self._queries: dict[int, str] = {}
         self.inserted = 0  # rows inserted since this writer was made
 
     @property
@@ -125,9 +118,9 @@ class Writer:
         self._queries.clear()  # composed for the columns the table had
         return _Shape(types)
 
-    def _query(self, cur: Any, shape: "_Shape", count: int, dedupe: bool) -> str:
+    def _query(self, cur: Any, shape: "_Shape", count: int) -> str:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
-        key = (count, dedupe)
+        key = count
         query = self._queries.get(key)
         if query is None:
             # Out of a VALUES list in a subquery a string is text and a NULL is text: every value
@@ -142,7 +135,7 @@ class Writer:
             values = sql.SQL(", ").join([row] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
             picked = [sql.SQL("v.") + n for n in names]
-            query = sql.SQL(INSERT_MISSING if dedupe else INSERT).format(
+            query = sql.SQL(INSERT_MISSING).format(
                 timeout=sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
                 columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(picked),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
@@ -152,7 +145,10 @@ class Writer:
         return query
 
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
-        """Insert `rows` in one statement within the timeout; raise WriteError if not committed."""
+        """Insert those of `rows` not in the table yet, within the timeout; raise WriteError if not committed.
+
+        `dedupe` says the rows come from the spool (the caller's bookkeeping); every write
+        deduplicates whatever it says (see INSERT_MISSING)."""
         if not rows:
             return
         try:
@@ -160,7 +156,7 @@ class Writer:
                 shape = self._shape
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
-                cur.execute(self._query(cur, shape, len(rows), dedupe), shape.params(rows, self._clock()))
+                cur.execute(self._query(cur, shape, len(rows)), shape.params(rows, self._clock()))
                 # Rows the statement inserted: a replay of rows already in the table inserts none,
                 # which is no sign that the table takes rows.
                 self.inserted += max(0, cur.rowcount)

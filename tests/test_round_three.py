@@ -448,15 +448,19 @@ def test_a_live_insert_frozen_in_its_commit_is_not_written_twice_by_the_replay(p
 def test_a_backlog_that_fails_after_the_live_rows_committed_leaves_them_recorded(
         pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
     init_table(pg)
-    # A role that may INSERT but not SELECT: the live INSERT gets in, the deduplicated replay
-    # (NOT EXISTS reads the table) is refused with 42501.
-    pg.sql("CREATE ROLE inserter LOGIN", db=pg.dbname)
-    pg.sql("GRANT INSERT ON service_heartbeat TO inserter", db=pg.dbname)
-    pg.sql("GRANT USAGE ON SEQUENCE service_heartbeat_id_seq TO inserter", db=pg.dbname)
+    # A trigger that refuses rows older than ten minutes with 42501, as a revoked privilege would
+    # (no data error: the batch is not split or set aside): the live INSERT gets in, the backlog's
+    # replay is refused.
+    pg.sql("CREATE FUNCTION no_old_rows() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+           "IF NEW.report_time < now() AT TIME ZONE 'utc' - interval '10 minutes' THEN "
+           "RAISE EXCEPTION 'permission denied for old rows' USING ERRCODE = '42501'; END IF; RETURN NEW; END $$",
+           db=pg.dbname)
+    pg.sql("CREATE TRIGGER no_old_rows BEFORE INSERT ON service_heartbeat FOR EACH ROW EXECUTE FUNCTION no_old_rows()",
+           db=pg.dbname)
     spool = Spool(tmp_path / "spool.db", 1000)
     spool.append([Row("后端", "10.9.9.8", datetime.now(timezone.utc) - timedelta(hours=1))])
     spool.close()
-    proc = daemon(env_for(pg, redis_server, tmp_path, DATABASE_URL=db_url(pg, user="inserter")))
+    proc = daemon(env_for(pg, redis_server, tmp_path))
     proc.wait_for(lambda: statuses(proc, "next in") >= 4, what="four cycles")
     assert proc.stop() == 0
     cycles = statuses(proc, "next in")
@@ -492,3 +496,20 @@ def test_a_table_with_an_inet_address_column_takes_live_and_replayed_rows(pg: Pg
             assert info.value.sqlstate == state and info.value.data_error, info.value  # that row's refusal
     finally:
         conn.close()
+
+
+def test_a_live_insert_that_reaches_the_server_after_its_replay_inserts_nothing(pg: PgServer) -> None:
+    """A live INSERT whose client gave up can still reach the server later (a frozen path that then
+    delivers what it held, a daemon killed after sending), after the next daemon replayed the same
+    rows from the spool: the soak's 60-minute run, seed 7, wrote such a postgres row twice."""
+    import psycopg2
+    from heartbeatd.writer import Writer
+    init_table(pg)
+    row = Row("postgres", "10.8.8.9", datetime(2026, 12, 3, 14, 24, 16, 818584, tzinfo=timezone.utc))
+    conn = psycopg2.connect(db_url(pg))
+    conn.autocommit = True
+    Writer(("service_heartbeat",), timeout=3.0).write(conn, [row], dedupe=True)  # the replay, first
+    writer = Writer(("service_heartbeat",), timeout=3.0)
+    writer.write(conn, [row])  # the late live INSERT, as the cycle sends it
+    conn.close()
+    assert [(r[0], r[1]) for r in rows(pg)] == [("postgres", "10.8.8.9")] and writer.inserted == 0
