@@ -1,6 +1,6 @@
-"""A Debian bookworm container with systemd as PID 1, booted with systemd-nspawn, for end-to-end tests.
+"""A Debian container (bookworm or trixie) with systemd as PID 1, booted with systemd-nspawn, for end-to-end tests.
 
-The root file system is built once with debootstrap and cached outside the clone; the container
+Each release's root file system is built once with debootstrap and cached outside the clone; the container
 runs it with --volatile=overlay so the cache is never written. It shares the host's network, so
 the daemon inside reaches the test's private servers on 127.0.0.1.
 """
@@ -19,13 +19,20 @@ from pathlib import Path
 from typing import Optional
 
 CACHE = Path("/var/cache/heartbeatd-e2e")
+# The Debian releases the end-to-end test runs on: today's stable and the one before it.
+RELEASES = ("bookworm",)
 # systemd as PID 1 and python3 for the stand-in backend - but none of the .deb's dependencies:
 # `apt-get install ./heartbeatd_*.deb` must find them through its Depends: line, or the test fails.
 INCLUDE = ["systemd", "systemd-sysv", "dbus", "python3"]
-# apt's downloads and package lists, kept between runs (the root file system itself is never written).
-APT_BINDS = {CACHE / "apt-archives": "/var/cache/apt/archives", CACHE / "apt-lists": "/var/lib/apt/lists"}
 CGROUP_TREES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def apt_binds(release: str) -> dict[Path, str]:
+    """apt's downloads and package lists, kept between runs and apart per release (the root file system itself
+    is never written)."""
+    return {CACHE / f"apt-archives-{release}": "/var/cache/apt/archives",
+            CACHE / f"apt-lists-{release}": "/var/lib/apt/lists"}
 
 
 def apt_mirror() -> str:
@@ -41,16 +48,16 @@ def apt_mirror() -> str:
     raise RuntimeError("no Debian mirror found in apt's sources")
 
 
-def rootfs() -> Path:
-    """The cached bookworm root file system, built on first use (about a minute, ~300 MB)."""
+def rootfs(release: str = "bookworm") -> Path:
+    """The cached root file system of `release`, built on first use (about a minute, ~300 MB)."""
     key = hashlib.sha256(",".join(INCLUDE).encode()).hexdigest()[:12]
-    path = CACHE / f"bookworm-{key}"
+    path = CACHE / f"{release}-{key}"
     if (path / ".complete").exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / f"partial-{uuid.uuid4().hex[:8]}"
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", "bookworm", str(partial),
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", release, str(partial),
                         apt_mirror()], check=True, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PATH=PATH))
     except subprocess.CalledProcessError as exc:
@@ -65,7 +72,9 @@ def rootfs() -> Path:
 class Container:
     """One booted container; `run` executes a command inside it with nsenter."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, release: str = "bookworm") -> None:
+        self.release = release
+        root = rootfs(release)
         self.name = f"hb-e2e-{uuid.uuid4().hex[:8]}"
         # nspawn --keep-unit would otherwise leave its payload at the top of the host's cgroup
         # trees: give it cgroups of its own, removed afterwards.
@@ -81,7 +90,7 @@ class Container:
                     f.write(str(os.getpid()))
 
         binds = []
-        for host, inside in APT_BINDS.items():
+        for host, inside in apt_binds(release).items():
             (host / "partial").mkdir(parents=True, exist_ok=True)
             binds.append(f"--bind={host}:{inside}")
         self.proc = subprocess.Popen(
@@ -124,7 +133,7 @@ class Container:
 
     def apt_install(self, what: str) -> str:
         """`apt-get install -y WHAT` inside, fetching lists at most once a day (cached across runs)."""
-        lists = CACHE / "apt-lists"
+        lists = CACHE / f"apt-lists-{self.release}"
         fresh = [p for p in lists.glob("*Packages*") if time.time() - p.stat().st_mtime < 86400]
         opts = "-o Acquire::Check-Valid-Until=false -o APT::Sandbox::User=root"
         if not fresh:

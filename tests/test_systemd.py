@@ -1,7 +1,8 @@
 """A real systemd citizen: the unit's hardening, the Debian package, and end to end under systemd.
 
-The end-to-end test boots Debian bookworm with systemd as PID 1 in systemd-nspawn, installs the
-built .deb and drives it as an operator would. It fails (never skips) when it cannot run.
+The end-to-end test boots Debian bookworm and Debian trixie, each with systemd as PID 1 in
+systemd-nspawn, installs the built .deb and drives it as an operator would, with the same checks on
+both. It fails (never skips) when it cannot run.
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ def test_package_contents_and_lintian(deb: Path) -> None:
     assert tags == [], lint.stdout
 
 
-@pytest.fixture
-def container() -> Iterator[nspawn.Container]:
+@pytest.fixture(params=nspawn.RELEASES)
+def container(request: pytest.FixtureRequest) -> Iterator[nspawn.Container]:
+    """A booted container of each release in turn."""
     if os.geteuid() != 0:
         pytest.fail("the systemd end-to-end test needs root (CI runs as root)")
     need("systemd-nspawn", "debootstrap", "nsenter")
-    box = nspawn.Container(nspawn.rootfs())
+    box = nspawn.Container(request.param)
     try:
         state = box.wait_booted()
         assert state in ("running", "degraded"), f"container did not boot: {state}"
