@@ -20,11 +20,15 @@ from typing import Optional
 
 CACHE = Path("/var/cache/heartbeatd-e2e")
 # The Debian releases the end-to-end test runs on: today's stable and the one before it.
-RELEASES = ("bookworm",)
+RELEASES = ("bookworm", "trixie")
 # systemd as PID 1 and python3 for the stand-in backend - but none of the .deb's dependencies:
 # `apt-get install ./heartbeatd_*.deb` must find them through its Depends: line, or the test fails.
 INCLUDE = ["systemd", "systemd-sysv", "dbus", "python3"]
 CGROUP_TREES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
+# On a host with hybrid cgroups, nspawn gives the container the legacy (v1) hierarchy. Trixie's systemd 257
+# still boots on it but deprecated and tainted ("cgroupsv1"), which no trixie host runs: give it the unified
+# (v2) hierarchy, as trixie boots by default, so the unit's hardening is applied as it is there.
+NSPAWN_ENV = {"trixie": {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}}
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -97,7 +101,7 @@ class Container:
             ["systemd-nspawn", "-D", str(root), "-M", self.name, "--register=no", "--keep-unit",
              "--volatile=overlay", "--console=read-only", *binds, "-b"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups,
-            env=dict(os.environ, PATH=PATH))
+            env=dict(os.environ, PATH=PATH, **NSPAWN_ENV.get(release, {})))
         self.pid = self._find_init()
 
     def _find_init(self, timeout: float = 60) -> int:
