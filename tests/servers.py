@@ -203,7 +203,7 @@ class RedisServer:
     def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None, password: Optional[str] = None,
                  netns: Optional[str] = None, extra: Sequence[str] = ()) -> None:
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or (free_port() if netns else free_port(host))  # a namespace address is not ours to bind
         self.password = password
         self.netns = netns
         self.extra = list(extra)  # more redis-server options (--replicaof ...)
