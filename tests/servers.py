@@ -228,21 +228,26 @@ class RedisServer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         ping = ["redis-cli", "-h", self.host, "-p", str(self.port), "ping"]
+        while self.netns and time.monotonic() < deadline:
+            probe = subprocess.run(["ip", "netns", "exec", self.netns] + ping, capture_output=True, text=True)
+            if probe.stdout.strip() in ("PONG", "NOAUTH Authentication required."):
+                return self
+            time.sleep(0.05)
+        if not self.netns and self._answers(deadline):
+            return self
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def _answers(self, deadline: float) -> bool:
+        """Whether the server on host:port answers a PING (any reply) before `deadline`."""
         while time.monotonic() < deadline:
-            if self.netns:
-                probe = subprocess.run(["ip", "netns", "exec", self.netns] + ping, capture_output=True, text=True)
-                if probe.stdout.strip() in ("PONG", "NOAUTH Authentication required."):
-                    return self
-                time.sleep(0.05)
-                continue
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64):
-                        return self
+                        return True
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        return False
 
     def stop(self) -> None:
         """Stop it and wait for the port to close."""
@@ -294,15 +299,8 @@ class SentinelServer(RedisServer):
                 f"sentinel parallel-syncs {self.name} 1\n")
         self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64):
-                        return self
-            except OSError:
-                time.sleep(0.05)
+        if self._answers(time.monotonic() + 20):
+            return self
         raise RuntimeError(f"redis sentinel on port {self.port} did not start")
 
     def ask(self, *command: str) -> Any:
