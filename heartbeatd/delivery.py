@@ -2,8 +2,9 @@
 
 The guarantees of the write side live here, once: a row is set aside as rejected only when the
 table took other rows in the same attempt (a table that refuses every row is the table's fault,
-and its rows stay spooled); a refused row is tried once more alone before it is; rows that did
-not reach the table go to the spool; and the watchdog is pinged between statements.
+and its rows stay spooled), and only once the table has refused it again while taking a row like
+those it took, in one transaction that holds the table still (Writer.judge); rows that did not
+reach the table go to the spool; and the watchdog is pinged between statements.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from heartbeatd.config import Config
 from heartbeatd.heartbeat import Row, naive_utc
 from heartbeatd.repeats import Repeats, log
 from heartbeatd.spool import SpoolWriteFailed
-from heartbeatd.writer import Batch, Refused, WriteError, write_split
+from heartbeatd.writer import Batch, Refused, Refusal, WriteError, write_split
 
 REPLAY_BATCH = 500  # rows per backfill statement: one short transaction, well within the timeout
 Written = list[tuple[int, Row]]
@@ -38,6 +39,7 @@ class RowWriter(Protocol):
     inserted: int  # rows inserted so far (a deduplicated replay of rows already there inserts none)
 
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None: ...
+    def judge(self, conn: Any, row: Row) -> Optional[Refusal]: ...
 
 
 class RowSpool(Protocol):
@@ -96,30 +98,43 @@ class Delivery:
                 self._repeats.end("rejected", None)  # a cycle that set nothing aside ends the episode
             return
         if not taken:
-            why = refused[0][2].split(" DETAIL: ")[0]
-            kept = "; the rows stay in the local spool and are tried again every cycle" if self.spool else ""
-            raise WriteError(f"table {self.table} refuses every row: {why}{kept}", kind=f"refuses every row: {why}")
-        late, refused = self.confirm(conn, refused, dedupe=False, until=until)
+            raise self.refuses_every_row(refused[0][2])
+        late, refused, table_refuses = self.confirm(conn, refused, until=until)
         recorded += [row for _, row in late]
         rejected += self.set_aside(refused) or []
+        if table_refuses is not None:
+            raise self.refuses_every_row(table_refuses)
 
-    def confirm(self, conn: Any, refused: Sequence[Refused], dedupe: bool, until: float) -> tuple[Written, list[Refused]]:
-        """Each refused row tried once more, alone, before it is set aside.
+    def refuses_every_row(self, why: str) -> WriteError:
+        """The table, not the rows, is at fault: they stay where they are, and this is said once a minute."""
+        why = why.split(" DETAIL: ")[0]
+        kept = "; the rows stay in the local spool and are tried again every cycle" if self.spool else ""
+        return WriteError(f"table {self.table} refuses every row: {why}{kept}", kind=f"refuses every row: {why}")
 
-        The table may have been fixed between two statements of the attempt (the column dropped
-        after this row was refused and before its neighbour was taken): then the row gets in.
+    def confirm(self, conn: Any, refused: Sequence[Refused], until: float) -> tuple[Written, list[Refused], Optional[str]]:
+        """Each refused row tried once more alone, with the table held still (Writer.judge), before it is set aside.
+
+        The table may change between two statements of an attempt (a NOT NULL column added after
+        the neighbours were taken, or dropped after this row was refused): a row is set aside only
+        when the table refuses it while taking a row like those it took, in one transaction.
+        Returns the rows written now, those at fault, and the reason if the table refuses every row
+        (the rest are then left where they were, as are those not tried before `until`).
         """
         written: Written = []
-        still: list[Refused] = []
+        at_fault: list[Refused] = []
         until = max(until, self._clock() + self.config.timeout)
         for i, row, _ in refused:
             if self._clock() >= until:
                 break  # the rest stay where they were (a live row is spooled), tried again next cycle
-            ok, bad = self.write(conn, [(i, row)], dedupe=dedupe, until=until)
-            written += ok
-            still += bad
+            refusal = self.writer.judge(conn, row)
             self.loop.alive()
-        return written, still
+            if refusal is None:
+                written.append((i, row))
+            elif refusal.row_at_fault:
+                at_fault.append((i, row, refusal.why))
+            else:
+                return written, at_fault, refusal.why
+        return written, at_fault, None
 
     def set_aside(self, refused: Sequence[Refused]) -> Optional[list[Row]]:
         """Rows the table refused while it took others: kept aside in the spool, logged with the reason.
@@ -244,15 +259,20 @@ class Backfill:
         written, refused = d.write(conn, batch, dedupe=True, until=budget_end, split=not whole)
         if whole and refused:
             return False, False  # the table refuses this cycle's rows and the backlog's: nothing is set aside
-        recorded = True
+        recorded, table_refuses = True, None
         if refused:
-            late, refused = d.confirm(conn, refused, dedupe=True, until=budget_end)
+            late, refused, table_refuses = d.confirm(conn, refused, until=budget_end)
             written += late
             recorded = not refused or d.set_aside(refused) is not None
+        deleted = True
         try:
             spool.delete([i for i, _ in written])
         except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them
             d.spool_failed("心跳缓存不可写 - %s", exc)
+            deleted = False
+        if table_refuses is not None:  # the rest of the backlog stays as it is
+            raise d.refuses_every_row(table_refuses)
+        if not deleted:
             return False, bool(refused)
         if written:
             rows = [row for _, row in written]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions as ext
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_utc, utcnow
@@ -30,6 +31,15 @@ INSERT_MISSING = TIMEOUT + LOCK + """;
 INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
+# A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
+# ACCESS SHARE (what SELECT takes; the role has SELECT) conflicts with every ALTER TABLE that can
+# make a table refuse rows (a NOT NULL column added or its default dropped, a CHECK added, a
+# partition detached), so between the row's refusal and the witness's acceptance the table cannot
+# change. The advisory lock first, as every write takes it, so no writer waits on us in between.
+# ROLLBACK TO SAVEPOINT releases only what was taken after it: both locks stay.
+JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + LOCK + """;
+LOCK TABLE {table} IN ACCESS SHARE MODE;
+SAVEPOINT heartbeatd_row"""
 
 
 class WriteError(Exception):
@@ -49,6 +59,13 @@ class WriteError(Exception):
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Refusal(NamedTuple):
+    """Why the table refused a row, and whether the row is at fault (the table took a witness beside it)."""
+
+    why: str
+    row_at_fault: bool
 
 
 Batch = Sequence[tuple[int, Row]]  # rows with the caller's ids (spool ids, or 0 for live rows)
@@ -99,6 +116,8 @@ class Writer:
         self._server_timeout_ms = max(1, int(timeout * 800))
         self._queries: dict[int, str] = {}
         self.inserted = 0  # rows inserted since this writer was made
+        # A row of the last statement that inserted rows: what `judge` shows the table takes rows like.
+        self.witness: Optional[Row] = None
 
     @property
     def name(self) -> str:
@@ -159,18 +178,82 @@ class Writer:
                 cur.execute(self._query(cur, shape, len(rows)), shape.params(rows, self._clock()))
                 # Rows the statement inserted: a replay of rows already in the table inserts none,
                 # which is no sign that the table takes rows.
-                self.inserted += max(0, cur.rowcount)
+                count = cur.rowcount
+                if count > 0:
+                    self.inserted += count
+                    self.witness = rows[-1]
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
-            self._shape = None  # the table may have changed: look its columns up again
-            if isinstance(exc, WriteError):
-                raise
-            if isinstance(exc, psycopg2.errors.UndefinedTable):
-                raise self._missing_table() from exc
-            if isinstance(exc, (ValueError, OverflowError)):
-                # A value the driver cannot send (a NUL byte, a time out of range): refused by us,
-                # before the server saw it - this row's fault, like a data exception (class 22).
-                raise WriteError(_one_line(exc), "22000", type(exc).__name__) from exc
-            raise WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__) from exc
+            raise self._write_error(exc) from exc
+
+    def judge(self, conn: Any, row: Row) -> Optional[Refusal]:
+        """A refused row tried once more, alone, with the table held still: None once it is written.
+
+        If the table refuses it again, a fresh copy of the last row the table took (`witness`,
+        report_time now) is tried in the same transaction and rolled back: taken, the row is at
+        fault; refused too, the table is (it refuses every row). The table can change between two
+        statements of an attempt, so only a refusal beside an acceptance in one transaction says
+        which. WriteError for any other failure, as for write().
+        """
+        witness = self.witness
+        try:
+            with deadline(self.timeout), conn.cursor() as cur:
+                shape = self._shape
+                if shape is None:
+                    shape = self._shape = self._lookup(cur)
+                query = self._query(cur, shape, 1)
+                cur.execute(sql.SQL(JUDGE_BEGIN).format(
+                    timeout=sql.Literal(self._server_timeout_ms), table=self._ident,
+                    lock_key=sql.Literal(f"heartbeatd:{self.name}")))
+                why = self._refused(cur, query, shape, row)
+                if why is None:
+                    count = cur.rowcount
+                    cur.execute("COMMIT")
+                    if count > 0:
+                        self.inserted += count
+                        self.witness = row
+                    return None
+                cur.execute("ROLLBACK TO SAVEPOINT heartbeatd_row")
+                # No witness yet (nothing taken by this writer): nothing proves the row at fault.
+                at_fault = witness is not None and self._refused(
+                    cur, query, shape, witness._replace(report_time=self._clock())) is None
+                cur.execute("ROLLBACK")  # the witness never stays
+                return Refusal(why, at_fault)
+        except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
+            self._abandon(conn)
+            raise self._write_error(exc) from exc
+
+    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row) -> Optional[str]:
+        """One row's INSERT in the open transaction: None if taken, the reason if refused for a data reason."""
+        try:
+            cur.execute(query, shape.params([row], self._clock()))
+        except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
+            error = self._write_error(exc)
+            if not error.data_error:
+                raise error from exc
+            return str(error)
+        return None
+
+    def _abandon(self, conn: Any) -> None:
+        """Leave no transaction open on a connection that may be used again (best effort, bounded)."""
+        try:
+            if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+                with deadline(self.timeout), conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - a connection that cannot roll back is discarded by its owner
+            pass
+
+    def _write_error(self, exc: BaseException) -> WriteError:
+        """Any failure of a write as the WriteError that says what the operator should know."""
+        self._shape = None  # the table may have changed: look its columns up again
+        if isinstance(exc, WriteError):
+            return exc
+        if isinstance(exc, psycopg2.errors.UndefinedTable):
+            return self._missing_table()
+        if isinstance(exc, (ValueError, OverflowError)):
+            # A value the driver cannot send (a NUL byte, a time out of range): refused by us,
+            # before the server saw it - this row's fault, like a data exception (class 22).
+            return WriteError(_one_line(exc), "22000", type(exc).__name__)
+        return WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__)
 
 
 # `_Shape.params` sends the required columns in this order, as fast as a tuple can be built: a

@@ -16,7 +16,7 @@ from heartbeatd.notify import Notifier, watchdog_period
 from heartbeatd.repeats import Repeats
 from heartbeatd.heartbeat import BACKEND, POSTGRES, REDIS, ProbeResult, Row
 from heartbeatd.spool import Spool
-from heartbeatd.writer import WriteError
+from heartbeatd.writer import Refusal, WriteError
 
 
 class Clock:
@@ -97,6 +97,16 @@ class FakeWriter:
             raise WriteError(self.error)
         self.written += [(r, dedupe) for r in rows]
         self.inserted += len(rows)
+
+    def judge(self, conn: Any, row: Row) -> Optional[Refusal]:
+        """As Writer.judge, for a table that takes any row but one it refuses (no witness to hold still)."""
+        try:
+            self.write(conn, [row], dedupe=True)
+        except WriteError as exc:
+            if not exc.data_error:
+                raise
+            return Refusal(str(exc), row_at_fault=True)
+        return None
 
 
 def make(tmp_path: Path, clock: Clock, interval: str = "30", cost: float = 0.0, spool: bool = True,

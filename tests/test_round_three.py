@@ -377,6 +377,104 @@ def test_rows_already_in_the_table_are_no_sign_that_it_takes_rows(
     assert spooled_rows(tmp_path / "spool.db") == []
 
 
+class _AlterOnce:
+    """The loop around a cycle whose first watchdog ping (just after the live INSERT) lets an ALTER TABLE land."""
+
+    def __init__(self, alter: Callable[[], Any]) -> None:
+        self.alter: Callable[[], Any] | None = alter
+
+    def alive(self) -> None:
+        alter, self.alter = self.alter, None
+        if alter is not None:
+            alter()
+
+    def stop_pending(self) -> bool:
+        return False
+
+    def replay_until(self) -> float:
+        return float("inf")
+
+
+def _delivery(pg: PgServer, spool: Spool, loop: Any) -> Any:
+    import time
+
+    from heartbeatd.config import load
+    from heartbeatd.delivery import Delivery
+    from heartbeatd.repeats import Repeats
+    from heartbeatd.writer import Writer
+    config = load({"DATABASE_URL": db_url(pg), "HEARTBEAT_SPOOL_PATH": str(spool.path)})
+    return Delivery(config, Writer(("service_heartbeat",), 5), spool, loop, Repeats(time.monotonic), time.monotonic)
+
+
+# 1.5.0 (the 50-minute soak, seed 7): the table took the cycle's live rows, then a NOT NULL column
+# was added before the backlog's statement; the backlog, refused again row by row, was set aside as
+# the rows' fault, and stayed a gap in the table once the column was dropped. Forced here without a
+# race: the ALTER TABLE lands at the watchdog ping between the live INSERT and the replay.
+def test_a_table_changed_between_two_statements_of_an_attempt_sets_nothing_aside(pg: PgServer, tmp_path: Path) -> None:
+    from heartbeatd.writer import WriteError
+    init_table(pg)
+    now = datetime.now(timezone.utc)
+    backlog = [Row("后端", "10.9.9.9", now - timedelta(hours=1, seconds=-30 * i)) for i in range(4)]
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append(backlog)
+    conn = pg.connect(pg.dbname)
+    try:
+        def add_column() -> None:
+            pg.sql("ALTER TABLE service_heartbeat ADD COLUMN host text NOT NULL DEFAULT 'x'", db=pg.dbname)
+            pg.sql("ALTER TABLE service_heartbeat ALTER COLUMN host DROP DEFAULT", db=pg.dbname)
+        delivery = _delivery(pg, spool, _AlterOnce(add_column))
+        live = [Row("后端", "10.0.0.1", now), Row("redis", "10.0.0.2", now)]
+        recorded: list[Row] = []
+        rejected: list[Row] = []
+        with pytest.raises(WriteError, match='refuses every row: null value in column "host"'):
+            delivery.write_cycle(conn, live, recorded, rejected)
+        assert recorded == live and rejected == []
+        assert spool.rejected == 0 and spool.count == 4, "the backlog stays spooled, nothing set aside"
+        pg.sql("ALTER TABLE service_heartbeat DROP COLUMN host", db=pg.dbname)
+        later = [Row("后端", "10.0.0.1", now + timedelta(seconds=30))]
+        delivery.write_cycle(conn, later, recorded, rejected)  # the same connection: no transaction left open
+        assert recorded == live + later and rejected == [] and spool.count == 0 and spool.rejected == 0
+        assert sorted(r[2] for r in rows(pg) if r[0] == "后端") == sorted(
+            r.report_time.replace(tzinfo=None) for r in backlog + live[:1] + later)
+    finally:
+        conn.close()
+        spool.close()
+
+
+# The other side of the same rule: a row refused while a row like those the table took gets in (a
+# CHECK on report_time) is set aside, beside a unique index that a witness copied as it was would
+# trip, and the witness never stays in the table.
+def test_a_row_refused_beside_a_taken_one_is_set_aside_and_the_witness_never_stays(pg: PgServer, tmp_path: Path) -> None:
+    from heartbeatd.spool import rejected_rows
+    init_table(pg)
+    pg.sql("CREATE UNIQUE INDEX ON service_heartbeat (service_name, ip_address, report_time)", db=pg.dbname)
+    pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT recent "
+           "CHECK (report_time > now() AT TIME ZONE 'utc' - interval '1 day')", db=pg.dbname)
+    now = datetime.now(timezone.utc)
+    old = [Row("后端", "10.9.9.9", now - timedelta(days=2, seconds=30 * i)) for i in range(2)]
+    recent = Row("后端", "10.9.9.9", now - timedelta(hours=1))
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append([old[0], recent, old[1]])
+    conn = pg.connect(pg.dbname)
+    try:
+        delivery = _delivery(pg, spool, _AlterOnce(lambda: None))
+        live = [Row("后端", "10.0.0.1", now), Row("redis", "10.0.0.2", now)]
+        recorded: list[Row] = []
+        rejected: list[Row] = []
+        delivery.write_cycle(conn, live, recorded, rejected)
+        assert recorded == live and rejected == []  # `rejected` lists this cycle's own rows set aside
+        assert [(row, 'new row for relation "service_heartbeat" violates check constraint "recent"' in why)
+                for _, row, why in rejected_rows(spool)] == [(r, True) for r in old]
+        assert spool.count == 0 and spool.rejected == 2
+        found = rows(pg)
+        assert sorted((r[0], r[1], r[2]) for r in found) == sorted(
+            (r.service, r.ip, r.report_time.replace(tzinfo=None)) for r in live + [recent])
+        assert delivery.writer.inserted == 3
+    finally:
+        conn.close()
+        spool.close()
+
+
 # 1.2.0 before this test (the 15-minute soak, seed 7): a live INSERT whose client had given up, its
 # backend frozen before it finished committing, committed after the replay of the same rows had
 # checked the table and written them again. Forced here without a race: a synchronous standby that
