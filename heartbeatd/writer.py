@@ -32,12 +32,18 @@ INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
 # A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
-# ACCESS SHARE (what SELECT takes; the role has SELECT) conflicts with every ALTER TABLE that can
-# make a table refuse rows (a NOT NULL column added or its default dropped, a CHECK added, a
-# partition detached), so between the row's refusal and the witness's acceptance the table cannot
-# change. The advisory lock first, as every write takes it, so no writer waits on us in between.
-# ROLLBACK TO SAVEPOINT releases only what was taken after it: both locks stay.
-JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + LOCK + """;
+# ACCESS SHARE (what SELECT takes; the role has SELECT) conflicts with what ALTER TABLE takes to
+# make a table refuse rows (a NOT NULL column added or its default dropped, a CHECK added, a plain
+# DETACH PARTITION), so between the row's refusal and the witness's acceptance those cannot land.
+# (A trigger's function replaced, or a partition detached CONCURRENTLY, can; only a row already
+# refused once and again alone is then set aside on that word.) The advisory lock first, as every
+# write takes it, so no writer waits on us in between. ROLLBACK TO SAVEPOINT releases only what was
+# taken after it: both locks stay. Deferred constraints are checked at each INSERT, not at COMMIT,
+# so a refusal is the row's answer, not the commit's. Unlike a write, this takes several round
+# trips: a client that stalls between them (frozen, its network gone) must not leave the locks held
+# by an idle transaction until TCP gives up, so the server ends that too within the timeout.
+JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + "SET LOCAL idle_in_transaction_session_timeout = {timeout};\n" + LOCK + """;
+SET CONSTRAINTS ALL IMMEDIATE;
 LOCK TABLE {table} IN ACCESS SHARE MODE;
 SAVEPOINT heartbeatd_row"""
 
@@ -181,7 +187,8 @@ class Writer:
                 count = cur.rowcount
                 if count > 0:
                     self.inserted += count
-                    self.witness = rows[-1]
+                    if count == len(rows):  # each one inserted now, the last one too: a row it takes
+                        self.witness = rows[-1]
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
             raise self._write_error(exc) from exc
 

@@ -475,6 +475,75 @@ def test_a_row_refused_beside_a_taken_one_is_set_aside_and_the_witness_never_sta
         spool.close()
 
 
+# A deferred constraint refuses at COMMIT: the last try alone must hear it as the row's refusal
+# (a plain write does, at its implicit commit), or the row would neither be set aside nor leave the
+# spool, and the batches behind it would never drain.
+def test_a_row_a_deferred_constraint_refuses_is_set_aside_and_the_backlog_drains(pg: PgServer, tmp_path: Path) -> None:
+    from heartbeatd.spool import rejected_rows
+    init_table(pg)
+    pg.sql("CREATE TABLE services (name varchar(50) PRIMARY KEY); "
+           "INSERT INTO services VALUES ('后端'), ('redis'), ('postgres'); "
+           "ALTER TABLE service_heartbeat ADD CONSTRAINT known FOREIGN KEY (service_name) REFERENCES services "
+           "DEFERRABLE INITIALLY DEFERRED", db=pg.dbname)
+    now = datetime.now(timezone.utc)
+    good = [Row("后端", "10.9.9.9", now - timedelta(minutes=10, seconds=30 * i)) for i in range(3)]
+    ghost = Row("ghost", "10.9.9.9", now - timedelta(minutes=5))
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append([good[0], ghost] + good[1:])
+    conn = pg.connect(pg.dbname)
+    try:
+        delivery = _delivery(pg, spool, _AlterOnce(lambda: None))
+        live = [Row("后端", "10.0.0.1", now)]
+        recorded: list[Row] = []
+        delivery.write_cycle(conn, live, recorded, [])
+        assert recorded == live
+        assert [(row, "violates foreign key constraint" in why) for _, row, why in rejected_rows(spool)] == [(ghost, True)]
+        assert spool.count == 0 and len(rows(pg)) == 4
+    finally:
+        conn.close()
+        spool.close()
+
+
+# The last try takes several round trips in one transaction that holds the advisory lock every
+# writer takes: a client stalled between two of them (frozen, its network gone) must not hold it
+# past the timeout, or every other writer of the table (a second daemon, `rejected --retry`) and
+# any ALTER TABLE would wait on an idle transaction until TCP gave up.
+def test_a_last_try_stalled_between_its_statements_holds_no_lock_past_the_timeout(pg: PgServer) -> None:
+    import time
+
+    import psycopg2
+    import psycopg2.extensions
+
+    from heartbeatd.writer import WriteError, Writer
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_ghost CHECK (service_name <> 'ghost')", db=pg.dbname)
+    held: list[int] = []
+
+    class Stalling(psycopg2.extensions.cursor):
+        def execute(self, query: Any, vars: Any = None) -> Any:
+            if query == "ROLLBACK TO SAVEPOINT heartbeatd_row":  # the row refused, the witness next
+                time.sleep(2.5)  # the client stalls with the transaction open, well past the 1 s timeout
+                # Asked from another thread: this one's libpq waits are under the judge's deadline.
+                look = threading.Thread(target=lambda: held.append(pg.sql(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", db=pg.dbname)[0][0]))
+                look.start()
+                look.join(10)
+            return super().execute(query, vars)
+
+    conn = psycopg2.connect(host=str(pg.root), port=pg.port, user="postgres", dbname=pg.dbname,
+                            cursor_factory=Stalling)
+    conn.autocommit = True
+    try:
+        writer = Writer(("service_heartbeat",), timeout=1.0)
+        now = datetime.now(timezone.utc)
+        writer.write(conn, [Row("后端", "10.0.0.1", now)])
+        with pytest.raises(WriteError):
+            writer.judge(conn, Row("ghost", "10.0.0.1", now))
+        assert held == [0], "the stalled transaction still held the advisory lock"
+    finally:
+        conn.close()
+
+
 # 1.2.0 before this test (the 15-minute soak, seed 7): a live INSERT whose client had given up, its
 # backend frozen before it finished committing, committed after the replay of the same rows had
 # checked the table and written them again. Forced here without a race: a synchronous standby that
