@@ -270,15 +270,15 @@ class Backfill:
         except SpoolWriteFailed as exc:  # the rows are in the table; a later replay skips them
             d.spool_failed("心跳缓存不可写 - %s", exc)
             deleted = False
+        if written and deleted:
+            rows = [row for _, row in written]
+            log.info("补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",
+                     len(rows), naive_utc(rows[0].report_time), naive_utc(rows[-1].report_time), spool.count)
         if table_refuses is not None:  # the rest of the backlog stays as it is
             raise d.refuses_every_row(table_refuses)
         if not deleted:
             return False, bool(refused)
-        if written:
-            rows = [row for _, row in written]
-            log.info("补写心跳 - %d row(s) from the spool, report_time %s .. %s, %d left",
-                     len(rows), naive_utc(rows[0].report_time), naive_utc(rows[-1].report_time), spool.count)
-        elif not refused:
+        if not written and not refused:
             return False, False  # out of time before the table said anything about this batch
         # When the spool cannot set them aside now, the same rows would come back at once: stop.
         return recorded, bool(refused)
