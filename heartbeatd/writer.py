@@ -32,20 +32,26 @@ INSERT INTO {table} ({columns})
 SELECT {picked} FROM (VALUES {values}) AS v ({columns})
  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
 # A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
-# ACCESS SHARE (what SELECT takes; the role has SELECT) conflicts with what ALTER TABLE takes to
-# make a table refuse rows (a NOT NULL column added or its default dropped, a CHECK added, a plain
-# DETACH PARTITION), so between the row's refusal and the witness's acceptance those cannot land.
-# (A trigger's function replaced, or a partition detached CONCURRENTLY, can; only a row already
-# refused once and again alone is then set aside on that word.) The advisory lock first, as every
-# write takes it, so no writer waits on us in between. ROLLBACK TO SAVEPOINT releases only what was
-# taken after it: both locks stay. Deferred constraints are checked at each INSERT, not at COMMIT,
-# so a refusal is the row's answer, not the commit's. Unlike a write, this takes several round
-# trips: a client that stalls between them (frozen, its network gone) must not leave the locks held
-# by an idle transaction until TCP gives up, so the server ends that too within the timeout.
+# a SELECT of nothing from it takes ACCESS SHARE until the transaction ends (as LOCK TABLE would,
+# but with no more than the SELECT privilege the deduplication needs, column privileges too), and
+# that conflicts with what ALTER TABLE takes to make a table refuse rows (a NOT NULL column added
+# or its default dropped, a CHECK added, a plain DETACH PARTITION): between the row's refusal and
+# the witness's acceptance those cannot land. (A trigger's function replaced, or a partition
+# detached CONCURRENTLY, can; only a row already refused once and again alone is then set aside on
+# that word.) The advisory lock first, as every write takes it, so no writer waits on us in
+# between. ROLLBACK TO SAVEPOINT releases only what was taken after it: both locks stay. Deferred
+# constraints are checked at each INSERT, not at COMMIT, so a refusal is the row's answer, not the
+# commit's. The row's INSERT follows in the same round trip (an error leaves the transaction open
+# and aborted, its savepoint there to go back to), as the witness's does its ROLLBACK TO: two round
+# trips in all, three when the table refuses every row. A client that stalls between them (frozen,
+# its network gone) must not leave the locks held by an idle transaction until TCP gives up, so
+# the server ends that too within the timeout.
 JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + "SET LOCAL idle_in_transaction_session_timeout = {timeout};\n" + LOCK + """;
 SET CONSTRAINTS ALL IMMEDIATE;
-LOCK TABLE {table} IN ACCESS SHARE MODE;
-SAVEPOINT heartbeatd_row"""
+SELECT FROM {table} WHERE false;
+SAVEPOINT heartbeatd_row;
+"""
+JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
 class WriteError(Exception):
@@ -121,6 +127,7 @@ class Writer:
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
         self._queries: dict[int, str] = {}
+        self._begin: Optional[str] = None  # JUDGE_BEGIN for this table
         self.inserted = 0  # rows inserted since this writer was made
         # A row of the last statement that inserted rows: what `judge` shows the table takes rows like.
         self.witness: Optional[Row] = None
@@ -197,9 +204,10 @@ class Writer:
 
         If the table refuses it again, a fresh copy of the last row the table took (`witness`,
         report_time now) is tried in the same transaction and rolled back: taken, the row is at
-        fault; refused too, the table is (it refuses every row). The table can change between two
-        statements of an attempt, so only a refusal beside an acceptance in one transaction says
-        which. WriteError for any other failure, as for write().
+        fault (Refusal with the row's reason); refused too, the table is (it refuses every row:
+        Refusal with the witness's reason). The table can change between two statements of an
+        attempt, so only a refusal beside an acceptance in one transaction says which. WriteError
+        for any other failure, as for write().
         """
         witness = self.witness
         try:
@@ -207,11 +215,8 @@ class Writer:
                 shape = self._shape
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
-                query = self._query(cur, shape, 1)
-                cur.execute(sql.SQL(JUDGE_BEGIN).format(
-                    timeout=sql.Literal(self._server_timeout_ms), table=self._ident,
-                    lock_key=sql.Literal(f"heartbeatd:{self.name}")))
-                why = self._refused(cur, query, shape, row)
+                insert = self._query(cur, shape, 1)
+                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -219,18 +224,30 @@ class Writer:
                         self.inserted += count
                         self.witness = row
                     return None
-                cur.execute("ROLLBACK TO SAVEPOINT heartbeatd_row")
-                # No witness yet (nothing taken by this writer): nothing proves the row at fault.
-                at_fault = witness is not None and self._refused(
-                    cur, query, shape, witness._replace(report_time=self._clock())) is None
-                cur.execute("ROLLBACK")  # the witness never stays
-                return Refusal(why, at_fault)
+                if witness is None:  # nothing taken by this writer yet: nothing proves the row at fault
+                    cur.execute("ROLLBACK")
+                    return Refusal(why, False)
+                # The witness never stays: taken, its ROLLBACK follows in the same round trip.
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert), shape,
+                                          witness._replace(report_time=self._clock()))
+                if table_why is None:
+                    return Refusal(why, True)
+                cur.execute("ROLLBACK")
+                return Refusal(table_why, False)
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
             self._abandon(conn)
             raise self._write_error(exc) from exc
 
+    def _judge_begin(self, cur: Any) -> str:
+        begin = self._begin
+        if begin is None:
+            begin = self._begin = sql.SQL(JUDGE_BEGIN).format(
+                timeout=sql.Literal(self._server_timeout_ms), table=self._ident,
+                lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
+        return begin
+
     def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row) -> Optional[str]:
-        """One row's INSERT in the open transaction: None if taken, the reason if refused for a data reason."""
+        """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a data reason."""
         try:
             cur.execute(query, shape.params([row], self._clock()))
         except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
@@ -251,7 +268,14 @@ class Writer:
 
     def _write_error(self, exc: BaseException) -> WriteError:
         """Any failure of a write as the WriteError that says what the operator should know."""
-        self._shape = None  # the table may have changed: look its columns up again
+        error = self._classify(exc)
+        if not error.data_error:
+            # The table may have changed: look its columns up again. A refusal of the values says
+            # nothing of them, and a lookup after each would cost a split or a last try a round trip.
+            self._shape = None
+        return error
+
+    def _classify(self, exc: BaseException) -> WriteError:
         if isinstance(exc, WriteError):
             return exc
         if isinstance(exc, psycopg2.errors.UndefinedTable):

@@ -411,12 +411,14 @@ def _delivery(pg: PgServer, spool: Spool, loop: Any) -> Any:
 # the rows' fault, and stayed a gap in the table once the column was dropped. Forced here without a
 # race: the ALTER TABLE lands at the watchdog ping between the live INSERT and the replay.
 def test_a_table_changed_between_two_statements_of_an_attempt_sets_nothing_aside(pg: PgServer, tmp_path: Path) -> None:
+    from heartbeatd.spool import rejected_rows
     from heartbeatd.writer import WriteError
     init_table(pg)
     now = datetime.now(timezone.utc)
     backlog = [Row("后端", "10.9.9.9", now - timedelta(hours=1, seconds=-30 * i)) for i in range(4)]
+    too_long = Row("x" * 60, "10.9.9.9", now - timedelta(hours=1))  # refused for itself too (varchar(50))
     spool = Spool(tmp_path / "spool.db", 1000)
-    spool.append(backlog)
+    spool.append([too_long] + backlog)  # judged first
     conn = pg.connect(pg.dbname)
     try:
         def add_column() -> None:
@@ -426,14 +428,16 @@ def test_a_table_changed_between_two_statements_of_an_attempt_sets_nothing_aside
         live = [Row("后端", "10.0.0.1", now), Row("redis", "10.0.0.2", now)]
         recorded: list[Row] = []
         rejected: list[Row] = []
+        # The table's reason, not that of the row it was judging (too long, refused first).
         with pytest.raises(WriteError, match='refuses every row: null value in column "host"'):
             delivery.write_cycle(conn, live, recorded, rejected)
         assert recorded == live and rejected == []
-        assert spool.rejected == 0 and spool.count == 4, "the backlog stays spooled, nothing set aside"
+        assert spool.rejected == 0 and spool.count == 5, "the backlog stays spooled, nothing set aside"
         pg.sql("ALTER TABLE service_heartbeat DROP COLUMN host", db=pg.dbname)
         later = [Row("后端", "10.0.0.1", now + timedelta(seconds=30))]
         delivery.write_cycle(conn, later, recorded, rejected)  # the same connection: no transaction left open
-        assert recorded == live + later and rejected == [] and spool.count == 0 and spool.rejected == 0
+        assert recorded == live + later and rejected == [] and spool.count == 0
+        assert [(row, "value too long" in why) for _, row, why in rejected_rows(spool)] == [(too_long, True)]
         assert sorted(r[2] for r in rows(pg) if r[0] == "后端") == sorted(
             r.report_time.replace(tzinfo=None) for r in backlog + live[:1] + later)
     finally:
@@ -442,8 +446,7 @@ def test_a_table_changed_between_two_statements_of_an_attempt_sets_nothing_aside
 
 
 # The other side of the same rule: a row refused while a row like those the table took gets in (a
-# CHECK on report_time) is set aside, beside a unique index that a witness copied as it was would
-# trip, and the witness never stays in the table.
+# CHECK on report_time) is set aside, beside a unique index, and the witness never stays in the table.
 def test_a_row_refused_beside_a_taken_one_is_set_aside_and_the_witness_never_stays(pg: PgServer, tmp_path: Path) -> None:
     from heartbeatd.spool import rejected_rows
     init_table(pg)
@@ -472,6 +475,44 @@ def test_a_row_refused_beside_a_taken_one_is_set_aside_and_the_witness_never_sta
         assert delivery.writer.inserted == 3
     finally:
         conn.close()
+        spool.close()
+
+
+# On a slow link a refused row's last try must still fit in the timeout, or the batch it is in comes
+# back first every cycle and nothing behind it is ever replayed: two round trips, not one per
+# statement (a review found six: 1.5.0's try alone drained this in one cycle).
+def test_a_last_try_over_a_slow_link_fits_in_the_timeout_and_the_backlog_drains(pg: PgServer, tmp_path: Path) -> None:
+    import psycopg2
+
+    from heartbeatd.config import load
+    from heartbeatd.delivery import Delivery
+    from heartbeatd.repeats import Repeats
+    from heartbeatd.spool import rejected_rows
+    from heartbeatd.writer import Writer
+    from proxy import DelayProxy
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_ghost CHECK (service_name <> 'ghost')", db=pg.dbname)
+    now = datetime.now(timezone.utc)
+    good = [Row("后端", "10.9.9.9", now - timedelta(minutes=5, seconds=30 * i)) for i in range(2)]
+    ghost = Row("ghost", "10.9.9.9", now - timedelta(minutes=5))
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append([good[0], ghost, good[1]])
+    proxy = DelayProxy(pg.host, pg.port, 0.0)
+    conn = psycopg2.connect(host="127.0.0.1", port=proxy.port, user="postgres", dbname=pg.dbname)
+    conn.autocommit = True
+    try:
+        proxy.delay = 0.2  # each reply 0.2 s late (an error's two parts 0.4 s): at most 5 round trips a second
+        import time
+        config = load({"DATABASE_URL": db_url(pg), "HEARTBEAT_SPOOL_PATH": str(spool.path), "HEARTBEAT_TIMEOUT": "1"})
+        delivery = Delivery(config, Writer(("service_heartbeat",), 1.0), spool, _AlterOnce(lambda: None),
+                            Repeats(time.monotonic), time.monotonic)
+        live = [Row("后端", "10.0.0.1", now)]
+        delivery.write_cycle(conn, live, [], [])
+        assert spool.count == 0 and [row for _, row, _ in rejected_rows(spool)] == [ghost]
+        assert len(rows(pg)) == 3
+    finally:
+        conn.close()
+        proxy.close()
         spool.close()
 
 
@@ -521,7 +562,7 @@ def test_a_last_try_stalled_between_its_statements_holds_no_lock_past_the_timeou
 
     class Stalling(psycopg2.extensions.cursor):
         def execute(self, query: Any, vars: Any = None) -> Any:
-            if query == "ROLLBACK TO SAVEPOINT heartbeatd_row":  # the row refused, the witness next
+            if query.startswith("ROLLBACK TO SAVEPOINT heartbeatd_row"):  # the row refused, the witness next
                 time.sleep(2.5)  # the client stalls with the transaction open, well past the 1 s timeout
                 # Asked from another thread: this one's libpq waits are under the judge's deadline.
                 look = threading.Thread(target=lambda: held.append(pg.sql(
