@@ -40,7 +40,9 @@ RETRIES_LIMIT = 5
 BLOCKING_STEPS = 3
 # Files in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) that replace a variable.
 CREDENTIALS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
-_IDENT = re.compile(r"^[^\x00\"]{1,63}$")
+# No `%`: psycopg2 reads every `%` of a statement sent with parameters as its own, and the
+# table's name is in each (a quoted identifier keeps it as it is): `a%b` failed every write.
+_IDENT = re.compile(r"^[^\x00\"%]{1,63}$")
 
 
 class ConfigError(Exception):
@@ -290,7 +292,7 @@ def format_duration(seconds: float) -> str:
 def _table(value: str, problems: list[str]) -> tuple[str, ...]:
     parts = tuple(value.split("."))
     if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
-        problems.append(f"HEARTBEAT_TABLE: must be table or schema.table (1-63 characters each, no quotes), got {value!r}")
+        problems.append(f"HEARTBEAT_TABLE: must be table or schema.table (1-63 characters each, no quotes or %), got {value!r}")
         return ("service_heartbeat",)
     return parts
 

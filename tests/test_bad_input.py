@@ -55,6 +55,7 @@ BAD = [
     ("HEARTBEAT_BACKEND_IP", "::ffff:zz", "not an IP address"),
     ("HEARTBEAT_TABLE", "", None),  # empty means the default: not an error
     ("HEARTBEAT_TABLE", 'a"b', "must be table or schema.table"),
+    ("HEARTBEAT_TABLE", "ops.a%b", "no quotes or %"),
     ("HEARTBEAT_LOG_LEVEL", "verbose", "must be one of"),
 ]
 

@@ -77,6 +77,7 @@ def test_credentials_replace_variables(tmp_path: Path) -> None:
     ("HEARTBEAT_BACKEND_IP", "10.0.0.300", "not an IP address"),
     ("HEARTBEAT_TABLE", "a.b.c", "must be table or schema.table"),
     ("HEARTBEAT_TABLE", 'x"y', "must be table or schema.table"),
+    ("HEARTBEAT_TABLE", "beats%x", "no quotes or %"),
     ("HEARTBEAT_SPOOL_MAX_ROWS", "-1", "must be a whole number from 1 to"),
 ])
 def test_each_bad_value_is_named(tmp_path: Path, name: str, value: str, fragment: str) -> None:
