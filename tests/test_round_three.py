@@ -395,15 +395,17 @@ class _AlterOnce:
         return float("inf")
 
 
-def _delivery(pg: PgServer, spool: Spool, loop: Any) -> Any:
+def _delivery(pg: PgServer, spool: Spool, loop: Any, timeout: float = 5.0) -> Any:
     import time
 
     from heartbeatd.config import load
     from heartbeatd.delivery import Delivery
     from heartbeatd.repeats import Repeats
     from heartbeatd.writer import Writer
-    config = load({"DATABASE_URL": db_url(pg), "HEARTBEAT_SPOOL_PATH": str(spool.path)})
-    return Delivery(config, Writer(("service_heartbeat",), 5), spool, loop, Repeats(time.monotonic), time.monotonic)
+    config = load({"DATABASE_URL": db_url(pg), "HEARTBEAT_SPOOL_PATH": str(spool.path),
+                   "HEARTBEAT_TIMEOUT": f"{timeout:g}"})
+    return Delivery(config, Writer(("service_heartbeat",), timeout), spool, loop, Repeats(time.monotonic),
+                    time.monotonic)
 
 
 # 1.5.0 (the 50-minute soak, seed 7): the table took the cycle's live rows, then a NOT NULL column
@@ -484,11 +486,7 @@ def test_a_row_refused_beside_a_taken_one_is_set_aside_and_the_witness_never_sta
 def test_a_last_try_over_a_slow_link_fits_in_the_timeout_and_the_backlog_drains(pg: PgServer, tmp_path: Path) -> None:
     import psycopg2
 
-    from heartbeatd.config import load
-    from heartbeatd.delivery import Delivery
-    from heartbeatd.repeats import Repeats
     from heartbeatd.spool import rejected_rows
-    from heartbeatd.writer import Writer
     from proxy import DelayProxy
     init_table(pg)
     pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_ghost CHECK (service_name <> 'ghost')", db=pg.dbname)
@@ -502,10 +500,7 @@ def test_a_last_try_over_a_slow_link_fits_in_the_timeout_and_the_backlog_drains(
     conn.autocommit = True
     try:
         proxy.delay = 0.2  # each reply 0.2 s late (an error's two parts 0.4 s): at most 5 round trips a second
-        import time
-        config = load({"DATABASE_URL": db_url(pg), "HEARTBEAT_SPOOL_PATH": str(spool.path), "HEARTBEAT_TIMEOUT": "1"})
-        delivery = Delivery(config, Writer(("service_heartbeat",), 1.0), spool, _AlterOnce(lambda: None),
-                            Repeats(time.monotonic), time.monotonic)
+        delivery = _delivery(pg, spool, _AlterOnce(lambda: None), timeout=1.0)
         live = [Row("后端", "10.0.0.1", now)]
         delivery.write_cycle(conn, live, [], [])
         assert spool.count == 0 and [row for _, row, _ in rejected_rows(spool)] == [ghost]
