@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit
 
 from dotenv import dotenv_values
 
@@ -76,7 +76,7 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Passwords that must never appear in any output."""
-        return secret_forms(url_secrets(self.database_url) + url_secrets(self.redis_url))
+        return secret_forms(config_secrets(self.database_url, self.redis_url, self.backend_check))
 
     def describe(self) -> list[str]:
         """The effective configuration as `NAME=value` lines, passwords masked."""
@@ -86,7 +86,7 @@ class Config:
             f"HEARTBEAT_INTERVAL={self.interval:g}",
             f"HEARTBEAT_TIMEOUT={self.timeout:g}",
             f"HEARTBEAT_BACKEND_IP={self.backend_ip or '(detected)'}",
-            f"HEARTBEAT_BACKEND_CHECK={self.backend_check or '(none: the host is up)'}",
+            f"HEARTBEAT_BACKEND_CHECK={mask_url(self.backend_check) or '(none: the host is up)'}",
             f"HEARTBEAT_TABLE={'.'.join(self.table)}",
             f"HEARTBEAT_SPOOL_PATH={self.spool_path}",
             f"HEARTBEAT_SPOOL_MAX_ROWS={self.spool_max_rows}",
@@ -98,37 +98,127 @@ class Config:
         ]
 
 
-# `scheme://user:` then everything up to the last `@`: the password, however malformed (a raw `#`,
-# `@` or `/` in it must not let any of it out through urlsplit's or a driver's reading of the URL).
-_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:)(?P<password>.*)@(?P<tail>[^@]*)$", re.S)
-_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)([^&#]*)")
+# The options that hold a secret, in a URL's query, whichever driver reads them: libpq's own
+# secret options (those it marks secret: password, sslpassword; tests check the two agree),
+# redis-py's password and ssl_password (its key file's), the sentinels' sentinel_password.
+SECRET_OPTIONS = ("password", "sslpassword", "ssl_password", "sentinel_password")
+_SECRET_QUERY = re.compile(r"([?&](?:%s)=)([^&]*)" % "|".join(SECRET_OPTIONS))
+PG_SCHEMES = ("postgresql", "postgres")
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_SCHEMES = (SENTINEL_SCHEME, "rediss+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Schemes whose URLs are read by urlsplit (redis-py's reader; HEARTBEAT_BACKEND_CHECK's).
+_SPLIT_SCHEMES = REDIS_SCHEMES + SENTINEL_SCHEMES + ("http", "https", "tcp")
+# What an operator means: `scheme://user:` then everything up to the last `@` - a password with a
+# raw `@`, `/`, `?` or `#`. Used only where the driver's own reading leaves an `@` behind (below).
+_AS_WRITTEN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:(?P<password>.*)@[^@]*$", re.S)
+_LIBPQ_USERINFO_STOP = re.compile(r"[@/]")
+_SPLIT_NETLOC_STOP = re.compile(r"[/?#]")
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def _userinfo_end(url: str) -> int:
+    """Where the driver's reading of the userinfo ends (the index of its `@`), or -1: none.
+
+    libpq reads up to the first `@` met before any `/`; urlsplit (redis-py) reads the last `@`
+    before the first `/`, `?` or `#`.
+    """
+    start = url.find("://") + 3
+    if _scheme(url) in PG_SCHEMES:
+        found = _LIBPQ_USERINFO_STOP.search(url, start)
+        return found.start() if found and found.group() == "@" else -1
+    stop = _SPLIT_NETLOC_STOP.search(url, start)
+    return url.rfind("@", start, stop.start() if stop else len(url))
+
+
+def _password_span(url: str) -> Optional[tuple[int, int]]:
+    """Where the password the driver reads stands in the URL (raw, percent-encoded), if any."""
+    if _scheme(url) not in PG_SCHEMES + _SPLIT_SCHEMES:
+        found = _AS_WRITTEN.match(url)  # a scheme we refuse: hide whatever may be a password
+        return found.span("password") if found and found.group("password") else None
+    end = _userinfo_end(url)
+    colon = url.find(":", url.find("://") + 3, end) if end >= 0 else -1
+    return (colon + 1, end) if colon >= 0 and end > colon + 1 else None
+
+
+def misread_password(url: str) -> Optional[str]:
+    """The password as written, when the URL's driver would cut it short (a raw `@`, `/`, `?`, `#`).
+
+    That is when an `@` is left, after the userinfo the driver reads, before the query: `p@ss@db`,
+    `pa/ss@db`; an `@` inside the query (`?application_name=ops@host1`) is the query's own.
+    """
+    found = _AS_WRITTEN.match(url)
+    if not found or not found.group("password"):
+        return None
+    end = _userinfo_end(url)
+    rest = url[end + 1 if end >= 0 else url.find("://") + 3:]
+    if "@" in rest.partition("?")[0] or (_scheme(url) in _SPLIT_SCHEMES and _split_cut(url)):
+        return found.group("password")
+    return None
+
+
+def _split_cut(url: str) -> bool:
+    """Whether urlsplit cut a userinfo at a raw `?` or `#`: no host before it, or an `@` in a query
+    item that is no `name=value` (`redis://:12?34@cache/0` would otherwise go to localhost:12)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if "@" in parts.netloc:
+        return False
+    return (not _hosts_ports(parts.netloc)[0][0] and parts.scheme != "unix") or "@" in parts.fragment or any(
+        "@" in item and "=" not in item for item in parts.query.split("&"))
+
+
+def password_hint(name: str, url: str) -> Optional[str]:
+    """The one line for a password the driver would misread, naming the raw characters; else None."""
+    written = misread_password(url)
+    if written is None:
+        return None
+    meaningful = "@/" if _scheme(url) in PG_SCHEMES else "@/?#"
+    raw = sorted({c for c in meaningful if c in written}) or sorted({c for c in "@/?#" if c in written})
+    return (f"{name}: the password holds a raw {' '.join(repr(c) for c in raw)}: "
+            "percent-encode it (@ is %40, # is %23, / is %2F, ? is %3F)")
 
 
 def url_password(url: str) -> Optional[str]:
-    """The password in a URL's userinfo or `password=` query option, if any (raw, as written)."""
-    found = _USERINFO.match(url)
-    if found and found.group("password"):
-        return found.group("password")
-    query = _QUERY_PASSWORD.search(url)
-    return query.group(2) if query and query.group(2) else None
+    """The password in a URL's userinfo as its driver reads it (raw, as written), if any."""
+    span = _password_span(url)
+    return url[span[0]:span[1]] if span else None
 
 
 def url_secrets(url: str) -> list[str]:
-    """Every password in a URL: its userinfo's, and `password=` or `sentinel_password=` options."""
-    found = _USERINFO.match(url)
-    secrets = [found.group("password")] if found and found.group("password") else []
-    return secrets + [m.group(2) for m in _QUERY_PASSWORD.finditer(url) if m.group(2)]
+    """Every secret in a URL: its userinfo's password, the secret options' values, and a password
+    the driver would misread, as written."""
+    found = [url_password(url), misread_password(url)] + [m.group(2) for m in _SECRET_QUERY.finditer(url)]
+    return [s for s in found if s]
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`: everything between `://user:` and the last `@`."""
-    url = _USERINFO.sub(lambda m: f"{m.group('head')}***@{m.group('tail')}", url)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+    """The URL with every secret shown as `***`: its password, and the values of the secret options."""
+    written = misread_password(url)
+    span = _password_span(url)
+    if written is not None:  # refused anyway; hide all of what was meant as the password
+        found = _AS_WRITTEN.match(url)
+        assert found is not None
+        span = found.span("password")
+    if span:
+        url = url[:span[0]] + "***" + url[span[1]:]
+    return _SECRET_QUERY.sub(r"\1***", url)
+
+
+def config_secrets(*urls: str) -> list[str]:
+    """The secrets of every URL of a configuration (DATABASE_URL, REDIS_URL, HEARTBEAT_BACKEND_CHECK)."""
+    return [secret for url in urls for secret in url_secrets(url)]
 
 
 def secret_forms(secrets: Iterable[str]) -> tuple[str, ...]:
-    """Each secret as written and percent-decoded: either may appear in a message."""
-    return tuple(sorted({form for s in secrets if s for form in (s, unquote(s)) if form}, key=len, reverse=True))
+    """Each secret as written and percent-decoded (`+` as a space too, as redis-py reads a query)."""
+    forms = {form for s in secrets if s for form in (s, unquote(s), unquote_plus(s)) if form}
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -139,7 +229,7 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 
 
 def _hosts_ports(netloc: str) -> list[tuple[str, str]]:
-    """Split a (possibly multi-host) libpq netloc into (host, port) pairs."""
+    """Split a (possibly multi-host) netloc into (host, port) pairs."""
     hosts = netloc.rpartition("@")[2]
     pairs = []
     for item in hosts.split(","):
@@ -152,24 +242,29 @@ def _hosts_ports(netloc: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_scheme(name: str, value: str, schemes: tuple[str, ...], problems: list[str]) -> bool:
+    """Whether the URL has one of `schemes` (else a problem noted, the URL masked)."""
+    scheme = _scheme(value)
+    if scheme in schemes:
+        return True
+    wanted = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
+    got = scheme + "://" if scheme else "none"
+    problems.append(f"{name}: scheme must be {wanted}, got {got} in {mask_url(value)!r}")
+    return False
+
+
 def _check_url(name: str, value: str, schemes: tuple[str, ...], problems: list[str]) -> Optional[SplitResult]:
-    """Parse a URL and check its scheme and ports; None (with a problem noted) if unusable."""
-    password = _USERINFO.match(value)
-    if password:
-        raw = sorted({c for c in "@#/?" if c in password.group("password")})
-        if raw:
-            problems.append(f"{name}: the password holds a raw {' '.join(repr(c) for c in raw)}: "
-                            f"percent-encode it (@ is %40, # is %23, / is %2F, ? is %3F)")
-            return None
+    """urlsplit's reading of a URL (redis-py's), its scheme and ports checked; None if unusable."""
+    if not _check_scheme(name, value, schemes, problems):
+        return None
+    hint = password_hint(name, value)
+    if hint:
+        problems.append(hint)
+        return None
     try:
         parts = urlsplit(value)
     except ValueError as exc:
         problems.append(f"{name}: unparseable URL {mask_url(value)!r}: {exc}")
-        return None
-    if parts.scheme not in schemes:
-        wanted = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
-        got = parts.scheme + "://" if parts.scheme else "none"
-        problems.append(f"{name}: scheme must be {wanted}, got {got} in {mask_url(value)!r}")
         return None
     if parts.scheme != "unix":
         for _host, port in _hosts_ports(parts.netloc):
@@ -179,10 +274,13 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...], problems: list[s
 
 
 def _check_database_url(value: str, problems: list[str]) -> None:
-    _check_url("DATABASE_URL", value, ("postgresql", "postgres"), problems)
+    """The scheme, and a password libpq would misread; libpq itself judges the rest (heartbeatd.pg)."""
+    if _check_scheme("DATABASE_URL", value, PG_SCHEMES, problems):
+        hint = password_hint("DATABASE_URL", value)
+        if hint:
+            problems.append(hint)
 
 
-SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
@@ -206,16 +304,9 @@ class SentinelURL:
 
 def parse_sentinel_url(url: str) -> SentinelURL:
     """The parts of a redis+sentinel:// URL; ValueError naming what is wrong (never a password)."""
-    found = _USERINFO.match(url)
-    username = password = None
-    if found:
-        username = unquote(found.group("head").partition("://")[2][:-1]) or None
-        password = unquote(found.group("password")) or None
-        url = found.group("head").partition("://")[0] + "://" + found.group("tail")
-    elif "@" in url.partition("://")[2].partition("/")[0]:
-        username = unquote(url.partition("://")[2].partition("@")[0]) or None
-        url = url.partition("://")[0] + "://" + url.partition("@")[2]
-    parts = urlsplit(url)
+    parts = urlsplit(url)  # as redis-py reads its own URLs (a password the split would cut is refused before)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
     sentinels = []
     for host, port in _hosts_ports(parts.netloc):
         if not host:
@@ -438,7 +529,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
     if watchdog:
         problems.append(watchdog)
     if problems:
-        secrets = url_secrets(database_url) + url_secrets(redis_url)
+        secrets = config_secrets(database_url, redis_url, get("HEARTBEAT_BACKEND_CHECK"))
         raise ConfigError([mask(_name_source(p, sources), secrets) for p in problems])
     return Config(
         database_url=database_url,
@@ -487,5 +578,5 @@ def _name_source(problem: str, sources: Mapping[str, str]) -> str:
 
 
 def with_sources(config: Config, error: ConfigError) -> ConfigError:
-    """Problems found later (by a driver's parser), naming the file each value came from."""
-    return ConfigError([_name_source(p, dict(config.sources)) for p in error.problems])
+    """Problems found later (by a driver's parser), naming the file each value came from, secrets masked."""
+    return ConfigError([mask(_name_source(p, dict(config.sources)), config.secrets) for p in error.problems])

@@ -60,9 +60,6 @@ def test_credentials_replace_variables(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, value, fragment", [
     ("DATABASE_URL", "mysql://db/x", "scheme must be postgresql://"),
     ("DATABASE_URL", "localhost:5432", "scheme must be postgresql://"),
-    ("DATABASE_URL", "postgresql://db:99999/x", "bad port '99999'"),
-    ("DATABASE_URL", "postgresql://db:abc/x", "bad port 'abc'"),
-    ("DATABASE_URL", "postgresql://[::1/x", "unparseable URL"),
     ("REDIS_URL", "http://cache:6379", "scheme must be redis://"),
     ("REDIS_URL", "redis://cache:0/0", "bad port '0'"),
     ("REDIS_URL", "redis://cache:6379/db", "database must be a number"),

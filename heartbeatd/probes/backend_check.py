@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 from urllib.parse import quote, urlsplit
 
-from heartbeatd.config import ConfigError
+from heartbeatd.config import ConfigError, mask, mask_url, url_secrets
 from heartbeatd.names import LookupFailed, Resolver
 
 # What may stand unencoded in a request target (RFC 3986 pchar, `/`, `?`, and `%` of an existing escape).
@@ -28,22 +28,23 @@ SYSTEMCTL = ("/usr/bin/systemctl", "/bin/systemctl")
 
 
 def validate(spec: str) -> Optional[str]:
-    """What is wrong with a HEARTBEAT_BACKEND_CHECK value, or None."""
+    """What is wrong with a HEARTBEAT_BACKEND_CHECK value, or None (the value shown with any password masked)."""
     if not spec:
         return None
     if spec.startswith("systemd:"):
         return None if UNIT.match(spec[8:]) else f"systemd: needs a unit name such as app.service, got {spec[8:]!r}"
+    shown = mask(mask_url(spec), url_secrets(spec))  # as written, and as urlsplit reads it: never the password
     try:
         parts = urlsplit(spec)
         port = parts.port
     except ValueError as exc:
-        return f"bad URL {spec!r}: {exc}"
+        return f"bad URL {shown!r}: {mask(str(exc), url_secrets(spec))}"
     if parts.scheme not in ("tcp", "http", "https"):
-        return f"must be systemd:NAME.service, tcp://HOST:PORT, http://… or https://…, got {spec!r}"
+        return f"must be systemd:NAME.service, tcp://HOST:PORT, http://… or https://…, got {shown!r}"
     if not parts.hostname:
-        return f"no host in {spec!r}"
+        return f"no host in {shown!r}"
     if parts.scheme == "tcp" and not port:
-        return f"tcp:// needs a port, got {spec!r}"
+        return f"tcp:// needs a port, got {shown!r}"
     if parts.username or parts.password:
         return "no user or password in the URL: the check only reads an open endpoint"
     try:

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from heartbeatd.config import SENTINEL_SCHEME, Config, ConfigError, mask
+from heartbeatd.config import SENTINEL_SCHEME, Config, ConfigError, mask, url_secrets
 from heartbeatd.heartbeat import LOOPBACK, REDIS, ProbeResult
 from heartbeatd.names import LookupFailed, Resolver
 from heartbeatd.probes import peer_ip, register
@@ -178,8 +178,7 @@ def make_connection(url: str, timeout: float) -> Any:
         text = str(exc)
         if "unexpected keyword argument" in text:
             text = "unknown option " + text.rpartition("argument")[2].strip()
-        password = urlsplit(url).password if "@" in url else None
-        raise ConfigError([f"REDIS_URL: {mask(text, [password] if password else [])}"]) from None
+        raise ConfigError([f"REDIS_URL: {mask(text, url_secrets(url))}"]) from None
 
 
 class RedisProbe:
@@ -190,11 +189,11 @@ class RedisProbe:
     def __init__(self, url: str, timeout: float, resolver: Optional[Resolver] = None) -> None:
         self.url = url
         self.timeout = timeout
-        parts = urlsplit(url)
-        self._host = "" if parts.scheme == "unix" else (parts.hostname or "localhost")
-        self._has_password = bool(parts.password)
+        self._conn: Any = make_connection(url, timeout)  # first: it judges the URL
+        read = redis.connection.parse_url(url)  # type: ignore[no-untyped-call] # redis-py's own reading
+        self._host = "" if urlsplit(url).scheme == "unix" else (read.get("host") or "localhost")
+        self._has_password = bool(read.get("password"))
         self._resolver = resolver or Resolver()
-        self._conn: Any = make_connection(url, timeout)
         self.last_ip: Optional[str] = None
         self._peer_of: Any = None  # the socket last_ip was read from
         self._addresses: list[str] = []  # what the host last resolved to
