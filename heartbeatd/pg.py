@@ -10,7 +10,10 @@ thread that set it: a helper thread sets its own, and never runs under another's
 libpq is handed one host at a time, by address (`hostaddr=`, the name kept in `host=` for TLS
 verification), each with its own share of the deadline: a frozen first host of several costs its
 share, not the whole timeout, and the next one is still tried. The name lookups are ours and
-bounded too; `target_session_attrs` is checked by libpq on each host as usual.
+bounded too; `target_session_attrs` is checked by libpq on each host as usual. The hosts and ports
+are libpq's own complete reading (`heartbeatd.conninfo`): what the URL leaves out comes from the
+PG* variables and the service file, as for psql; the rest (user, database, .pgpass, sslmode) libpq
+applies itself on each attempt.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import psycopg2
 import psycopg2.extensions as ext
 from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE
 
-from heartbeatd.config import ConfigError, mask, url_password
+from heartbeatd import conninfo
+from heartbeatd.config import SECRET_OPTIONS, ConfigError, mask, password_hint, url_secrets
 from heartbeatd.heartbeat import normalize_ip
 from heartbeatd.names import LookupFailed, Resolver, is_address
 
 T = TypeVar("T")
-DEFAULT_PORT = "5432"
 # libpq: `connection to server at "10.0.0.5", port 5432 failed: ` - we name host:port ourselves.
 _LIBPQ_PREFIX = re.compile(r'^connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*") failed: ')
 
@@ -152,33 +155,58 @@ class Host:
 
     @property
     def is_socket(self) -> bool:
-        return self.host == "" or self.host.startswith("/") or self.host.startswith("@")
+        return not self.hostaddr and (self.host == "" or self.host.startswith("/") or self.host.startswith("@"))
 
 
 def _split(value: Optional[str]) -> list[str]:
     return value.split(",") if value else []
 
 
+def _refused(text: str, secrets: list[str]) -> ConfigError:
+    return ConfigError([f"DATABASE_URL: {mask(' '.join(text.split()), secrets)}"])
+
+
 def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
-    """libpq's own reading of the URL, and its hosts; ConfigError (password masked) if libpq refuses it."""
+    """libpq's own reading of the URL, and its hosts as libpq completes them (PG* variables, the
+    service file); ConfigError (passwords masked) if libpq refuses it."""
+    hint = password_hint("DATABASE_URL", dsn)
+    if hint:  # libpq would cut the password short: say so, and show none of it
+        raise ConfigError([hint])
+    secrets = url_secrets(dsn)
     try:
         options = ext.parse_dsn(dsn)
-    except psycopg2.Error as exc:
-        password = url_password(dsn)
-        text = " ".join(str(exc).split())
-        raise ConfigError([f"DATABASE_URL: {mask(text, [password] if password else [])}"]) from None
-    hosts = _split(options.pop("host", None)) or [""]
-    ports = _split(options.pop("port", None)) or [DEFAULT_PORT]
-    addrs = _split(options.pop("hostaddr", None))
+        secrets += [value for key, value in options.items() if key in SECRET_OPTIONS]
+        found = conninfo.effective(dsn)
+    except (psycopg2.Error, ValueError) as exc:
+        raise _refused(str(exc), secrets) from None
+    if found.problem:
+        raise _refused(found.problem, secrets)
+    for key in ("host", "port", "hostaddr"):  # each attempt names its own (below)
+        options.pop(key, None)
+    hosts = _split(found.options.get("host")) or [""]
+    ports = _split(found.options.get("port")) or [""]
+    addrs = _split(found.options.get("hostaddr"))
     if len(ports) == 1:
         ports *= len(hosts)
     if len(ports) != len(hosts) or (addrs and len(addrs) != len(hosts)):
         raise ConfigError([f"DATABASE_URL: {len(hosts)} host(s) but {len(ports)} port(s)"
                            + (f" and {len(addrs)} hostaddr(s)" if addrs else "")])
+    # libpq's rule: an empty entry of a port list is its compiled-in port (not PGPORT).
+    ports = [port or _default_port() for port in ports]
     for port in ports:
-        if not re.fullmatch(r"[0-9]{1,5}", port or DEFAULT_PORT) or not 0 < int(port or DEFAULT_PORT) < 65536:
-            raise ConfigError([f"DATABASE_URL: bad port {port!r} (must be 1-65535)"])
-    return options, [Host(h, p or DEFAULT_PORT, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
+        if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+            raise _refused(f"bad port {port!r} (must be 1-65535)", secrets)
+    return options, [Host(h, p, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
+
+
+_compiled_port: Optional[str] = None
+
+
+def _default_port() -> str:
+    global _compiled_port
+    if _compiled_port is None:
+        _compiled_port = conninfo.compiled_default("port") or "5432"
+    return _compiled_port
 
 
 SERVER_ADDRESS = "SELECT host(inet_server_addr())"
@@ -217,7 +245,7 @@ class Connector:
         known = self._fixed.get(host)
         if known is not None:  # an address or a socket: nothing to look up, nothing to rebuild
             return known
-        label = f"{host.host or 'local socket'}:{host.port}"
+        label = f"{host.host or host.hostaddr or 'local socket'}:{host.port}"
         if host.is_socket:
             return [(label, self._dsn(host, ""))]
         addresses = [host.hostaddr] if host.hostaddr else self._resolver.lookup(host.host, until)

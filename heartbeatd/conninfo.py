@@ -1,0 +1,133 @@
+"""libpq's own reading of a connection string, with every default it applies, asked of libpq itself.
+
+psycopg2 exposes libpq's parser (`parse_dsn`, PQconninfoParse) but not the defaults libpq fills in
+when it connects: the `PG*` variables, the service file (`service=` or PGSERVICE, PGSERVICEFILE),
+its compiled-in port. Those come only from a PGconn, so we ask the libpq psycopg2 itself loaded
+for one with PQconnectStart and read it back with PQconninfo. So that no connection and no name
+lookup is started, the string carries a `target_session_attrs` libpq refuses: libpq checks it
+after it has applied every default and split the host list, and before it touches the network.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import psycopg2
+import psycopg2.extensions as ext
+
+# libpq refuses this value (its own error names it), and so starts nothing.
+_STOP = "heartbeatd-reads-only"
+
+
+class _Option(ctypes.Structure):
+    """libpq's PQconninfoOption."""
+
+    _fields_ = [("keyword", ctypes.c_char_p), ("envvar", ctypes.c_char_p), ("compiled", ctypes.c_char_p),
+                ("val", ctypes.c_char_p), ("label", ctypes.c_char_p), ("dispchar", ctypes.c_char_p),
+                ("dispsize", ctypes.c_int)]
+
+
+def _loaded_libpq() -> str:
+    """The path of the libpq psycopg2 is linked to (the wheel bundles its own), else the system's."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.strip() else ""
+                if path.rpartition("/")[2].startswith("libpq"):
+                    return path
+    except OSError:
+        pass
+    found = ctypes.util.find_library("pq")
+    if not found:
+        raise RuntimeError("libpq not found (psycopg2's own, nor the system's)")
+    return found
+
+
+_lib: Optional[Any] = None
+
+
+def _libpq() -> Any:
+    global _lib
+    if _lib is None:
+        ext.libpq_version()  # psycopg2 imported first, so that its libpq is the one mapped
+        lib = ctypes.CDLL(_loaded_libpq())
+        lib.PQconnectStart.restype, lib.PQconnectStart.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+        lib.PQconninfo.restype, lib.PQconninfo.argtypes = ctypes.POINTER(_Option), [ctypes.c_void_p]
+        lib.PQconndefaults.restype, lib.PQconndefaults.argtypes = ctypes.POINTER(_Option), []
+        lib.PQerrorMessage.restype, lib.PQerrorMessage.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        lib.PQconninfoFree.restype, lib.PQconninfoFree.argtypes = None, [ctypes.POINTER(_Option)]
+        lib.PQfinish.restype, lib.PQfinish.argtypes = None, [ctypes.c_void_p]
+        _lib = lib
+    return _lib
+
+
+def _text(value: Optional[bytes]) -> str:
+    return value.decode("utf-8", "replace") if value is not None else ""
+
+
+def _read(options: Any) -> list[_Option]:
+    found = []
+    index = 0
+    while options[index].keyword is not None:
+        found.append(options[index])
+        index += 1
+    return found
+
+
+@dataclass(frozen=True)
+class Effective:
+    """What libpq will connect with: every option after the URL, the service file and PG* variables."""
+
+    options: dict[str, str]  # keyword -> value (set ones only)
+    problem: Optional[str]  # libpq's own complaint about the options (a bad sslmode, an unknown service, …)
+
+
+def effective(dsn: str) -> Effective:
+    """libpq's reading of `dsn` with its defaults applied; nothing is connected and nothing looked up.
+
+    ValueError (libpq's words) if libpq cannot even parse it.
+    """
+    try:
+        probe = ext.make_dsn(dsn, target_session_attrs=_STOP)
+    except psycopg2.Error as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+    lib = _libpq()
+    conn = lib.PQconnectStart(probe.encode("utf-8"))
+    if not conn:
+        raise MemoryError("libpq could not allocate a connection")
+    try:
+        error = " ".join(_text(lib.PQerrorMessage(conn)).split())
+        raw = lib.PQconninfo(conn)
+        try:
+            options = {_text(o.keyword): _text(o.val) for o in _read(raw) if o.val is not None} if raw else {}
+        finally:
+            if raw:
+                lib.PQconninfoFree(raw)
+    finally:
+        lib.PQfinish(conn)
+    if not options:  # refused while reading the options: the service file, a bad option
+        return Effective({}, error or "libpq refused the connection string")
+    return Effective(options, None if _STOP in error else error)
+
+
+def secret_keywords() -> frozenset[str]:
+    """The options libpq itself marks as secret (dispchar `*`: password, sslpassword, …)."""
+    lib = _libpq()
+    raw = lib.PQconndefaults()
+    try:
+        return frozenset(_text(o.keyword) for o in _read(raw) if _text(o.dispchar) == "*")
+    finally:
+        lib.PQconninfoFree(raw)
+
+
+def compiled_default(keyword: str) -> str:
+    """libpq's compiled-in default of an option (`port`: 5432 unless built otherwise)."""
+    lib = _libpq()
+    raw = lib.PQconndefaults()
+    try:
+        return next((_text(o.compiled) for o in _read(raw) if _text(o.keyword) == keyword), "")
+    finally:
+        lib.PQconninfoFree(raw)
