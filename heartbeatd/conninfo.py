@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -123,6 +124,7 @@ def secret_keywords() -> frozenset[str]:
         lib.PQconninfoFree(raw)
 
 
+@functools.lru_cache(maxsize=None)
 def compiled_default(keyword: str) -> str:
     """libpq's compiled-in default of an option (`port`: 5432 unless built otherwise)."""
     lib = _libpq()

@@ -192,21 +192,11 @@ def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
         raise ConfigError([f"DATABASE_URL: {len(hosts)} host(s) but {len(ports)} port(s)"
                            + (f" and {len(addrs)} hostaddr(s)" if addrs else "")])
     # libpq's rule: an empty entry of a port list is its compiled-in port (not PGPORT).
-    ports = [port or _default_port() for port in ports]
+    ports = [port or conninfo.compiled_default("port") for port in ports]
     for port in ports:
         if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
             raise _refused(f"bad port {port!r} (must be 1-65535)", secrets)
     return options, [Host(h, p, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
-
-
-_compiled_port: Optional[str] = None
-
-
-def _default_port() -> str:
-    global _compiled_port
-    if _compiled_port is None:
-        _compiled_port = conninfo.compiled_default("port") or "5432"
-    return _compiled_port
 
 
 SERVER_ADDRESS = "SELECT host(inet_server_addr())"
