@@ -26,6 +26,8 @@ _SCRUB = ("DATABASE_URL", "REDIS_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHD
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without heartbeatd's and systemd's variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("HEARTBEAT_")}
+    # Not this machine's /etc/heartbeatd/heartbeatd.env, should it have one: every command would read it.
+    env["HEARTBEAT_ENV_FILE"] = "/nonexistent/heartbeatd.env"
     env.update(extra)
     return env
 
