@@ -20,7 +20,7 @@ from heartbeatd.daemon import Daemon
 from heartbeatd.heartbeat import naive_utc, utcnow
 from heartbeatd.ledger import Ledger, TableMissing, parse_when
 from heartbeatd.notify import Notifier
-from heartbeatd.pg import Connector, DatabaseUnreachable, reason
+from heartbeatd.pg import Connector, DatabaseUnreachable, explain, reason
 from heartbeatd.delivery import retry_rejected
 from heartbeatd.spool import Spool, SpoolUnavailable, rejected_raw, rejected_rows
 from heartbeatd.writer import WriteError, Writer
@@ -451,8 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_run(config, args.env_file)
     except ConfigError as exc:  # found by a driver's own parser when the services were built
         return _config_error(exc.problems)
-    except DatabaseUnreachable as exc:
-        print(f"heartbeatd: database unreachable: {exc}", file=sys.stderr)
+    except DatabaseUnreachable as exc:  # still 69 when the login or the database is refused: a connection failed
+        print("heartbeatd: {}: {}".format(*explain(str(exc))), file=sys.stderr)
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
