@@ -41,6 +41,8 @@ BLOCKING_STEPS = 3
 # The daemon's env file (the unit's --env-file): every command reads it when no --env-file is given.
 DEFAULT_ENV_FILE = Path("/etc/heartbeatd/heartbeatd.env")
 ENV_FILE_VARIABLE = "HEARTBEAT_ENV_FILE"  # another path for it (a test's, a second instance's)
+# How the env file was chosen, as its messages name it: the option, the daemon's, the working directory's.
+FROM_OPTION, FROM_DAEMON, FROM_CWD = "--env-file", "env file", "./.env"
 # Files in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) that replace a variable.
 CREDENTIALS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 # No `%`: psycopg2 reads every `%` of a statement sent with parameters as its own, and the
@@ -74,7 +76,7 @@ class Config:
     retention: Optional[float] = None  # seconds of history `heartbeatd prune` keeps; None: keep everything
     retries: int = 1  # quick retries of a check that failed fast, within its timeout
     textfile: Optional[Path] = None  # node_exporter textfile the daemon rewrites after every cycle; None: off
-    env_file_how: str = ""  # how env_file was chosen: "--env-file", "env file" (the daemon's), "./.env"
+    env_file_how: str = ""  # how env_file was chosen: FROM_OPTION, FROM_DAEMON or FROM_CWD
     sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
@@ -103,9 +105,9 @@ class Config:
 
 
 # What check-config says of the env file read, by how it was chosen.
-_HOW = {"--env-file": " (--env-file: its values win over the environment)",
-        "env file": " (the daemon's env file: its values win over the environment)",
-        "./.env": " (./.env in the working directory: the environment wins over it)"}
+_HOW = {FROM_OPTION: " (--env-file: its values win over the environment)",
+        FROM_DAEMON: " (the daemon's env file: its values win over the environment)",
+        FROM_CWD: " (./.env in the working directory: the environment wins over it)"}
 
 
 # `scheme://user:` then everything up to the last `@`: the password, however malformed (a raw `#`,
@@ -396,12 +398,10 @@ def _exists(path: Path) -> bool:
     """True when there is something at `path`; False only when nothing is (a denied lookup is not "missing")."""
     try:
         path.stat()
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        raise ConfigError([f"env file {path}: cannot read it: {_why_unreadable(exc)}"]) from None
+        raise ConfigError([f"{FROM_DAEMON} {path}: cannot read it: {_why_unreadable(exc)}"]) from None
     return True
 
 
@@ -413,16 +413,16 @@ def env_file_in_use(environ: Mapping[str, str], env_file: Optional[Path], cwd: O
     operator's command sees what the daemon sees; ./.env only where there is no daemon's file.
     """
     if env_file is not None:
-        return env_file, "--env-file"
+        return env_file, FROM_OPTION
     daemons = default_env_file(environ)
     if _exists(daemons):
-        return daemons, "env file"
+        return daemons, FROM_DAEMON
     dotenv = (cwd or Path.cwd()) / ".env"
-    return (dotenv, "./.env") if dotenv.is_file() else (None, "")
+    return (dotenv, FROM_CWD) if dotenv.is_file() else (None, "")
 
 
 def merged_environment(
-    environ: Mapping[str, str], env_file: Optional[Path], how: str = "--env-file",
+    environ: Mapping[str, str], env_file: Optional[Path], how: str = FROM_OPTION,
     sources: Optional[dict[str, str]] = None,
 ) -> dict[str, str]:
     """Environment with the env file env_file_in_use() chose (`how`) and credentials applied, in order of precedence.
@@ -432,8 +432,9 @@ def merged_environment(
     found = sources if sources is not None else {}
     merged = dict(environ)
     if env_file is not None:
-        from_file = _read_dotenv(env_file, "--env-file" if how == "--env-file" else "env file")
-        if how == "./.env":  # a working directory's file: the environment wins over it
+        # ./.env's messages say "env file" too: the path shows which.
+        from_file = _read_dotenv(env_file, FROM_OPTION if how == FROM_OPTION else FROM_DAEMON)
+        if how == FROM_CWD:  # a working directory's file: the environment wins over it
             found.update({k: str(env_file) for k in from_file if k not in environ})
             merged = {**from_file, **environ}
         else:  # the operator's or the daemon's file: it wins over the environment
