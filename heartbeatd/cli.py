@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NamedTuple, NoReturn, Optional, Sequence
 
 import psycopg2
 
@@ -19,7 +20,7 @@ from heartbeatd.daemon import Daemon
 from heartbeatd.heartbeat import naive_utc, utcnow
 from heartbeatd.ledger import Ledger, TableMissing, parse_when
 from heartbeatd.notify import Notifier
-from heartbeatd.pg import Connector, DatabaseUnreachable, reason
+from heartbeatd.pg import Connector, DatabaseUnreachable, explain, reason
 from heartbeatd.delivery import retry_rejected
 from heartbeatd.spool import Spool, SpoolUnavailable, rejected_raw, rejected_rows
 from heartbeatd.writer import WriteError, Writer
@@ -37,10 +38,11 @@ commands:
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
-configuration (environment variables; an --env-file wins over the environment, ./.env does not):
+configuration (environment variables, and one env file: --env-file PATH, else the daemon's
+/etc/heartbeatd/heartbeatd.env (HEARTBEAT_ENV_FILE names another) if it exists, else ./.env;
+the values of the first two win over the environment, the environment wins over ./.env):
 {variables}
   A password may also come from $CREDENTIALS_DIRECTORY/database_url or .../redis_url (systemd LoadCredential=).
-  Under systemd the env file is /etc/heartbeatd/heartbeatd.env.
 
 exit statuses:
   0 ok   1 a service down / rows not recorded / stale   64 bad arguments   69 database unreachable
@@ -72,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="heartbeatd", formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Record heartbeats of this host, its Redis and its PostgreSQL into service_heartbeat.",
                      epilog=HELP_EPILOG.format(variables=variables, ledger=LEDGER_HELP))
-    parser.add_argument("--env-file", type=Path, metavar="PATH", help="dotenv file whose values win over the environment")
+    parser.add_argument("--env-file", type=Path, metavar="PATH",
+                        help="dotenv file whose values win over the environment (default: the daemon's "
+                             "/etc/heartbeatd/heartbeatd.env if it exists, else ./.env)")
     parser.add_argument("--version", action="version", version=f"heartbeatd {__version__}")
     # --env-file is accepted after the command too (`heartbeatd once --env-file F`).
     common = _Parser(add_help=False)
@@ -89,24 +93,87 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Duration(NamedTuple):
+    """A duration as the operator wrote it (for messages) and in seconds."""
+
+    text: str
+    seconds: float
+
+
+def _duration(minimum: float) -> Callable[[str], Duration]:
+    """An argparse type: `90s`, `30m`, `24h`, `7d`, `2w`, from `minimum` to MAX_DURATION."""
+    def parse(text: str) -> Duration:
+        seconds = configmod.parse_duration(text)
+        if seconds is None or not minimum <= seconds <= configmod.MAX_DURATION:
+            raise argparse.ArgumentTypeError(
+                f"not a duration from {configmod.format_duration(minimum)} to "
+                f"{configmod.format_duration(configmod.MAX_DURATION)} such as 6h, 7d or 30d: {text!r}")
+        return Duration(text, seconds)
+    return parse
+
+
+def _when(text: str) -> str:
+    """An argparse type: `24h`, `7d` (before now, at most MAX_DURATION) or a UTC date/time; the text, checked."""
+    seconds = configmod.parse_duration(text)
+    if seconds is not None and seconds > configmod.MAX_DURATION:
+        raise argparse.ArgumentTypeError(
+            f"at most {configmod.format_duration(configmod.MAX_DURATION)} back, got {text!r}")
+    try:
+        parse_when(text, utcnow())
+    except (ValueError, OverflowError) as exc:  # year 1 with an offset is before datetime.min in UTC
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ValueError) else
+                                         f"not a date/time datetime can hold in UTC: {text!r}") from None
+    return text
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from `low` to `high` (no nan, no inf)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds from {low:.10g} to {high:.10g}, got {text!r}")
+        return value
+    return parse
+
+
+def _output_file(text: str) -> Path:
+    """An argparse type: a file to write (a directory is refused here; an unwritable one when written, exit 1)."""
+    path = Path(text)
+    if not path.name or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file in it, such as "
+                                         f"{path / 'heartbeatd-ledger.prom'}")
+    return path
+
+
+# Bounds of the read side's options: an outage gap below 10 ms or a read of over an hour is a mistake.
+GAP_RANGE = (0.01, 30 * 86400.0)
+READ_TIMEOUT_RANGE = (0.01, 3600.0)
+
+
 def _ledger_arguments(commands: Any, common: _Parser) -> None:
-    """The read side's commands (status, report, prune)."""
+    """The read side's commands (status, report, prune); each value checked as it is parsed (bad: exit 64)."""
     status = commands.add_parser("status", parents=[common])
-    status.add_argument("--window", default="1d", help="how far back to look for services (default 1d)")
+    status.add_argument("--window", type=_duration(1), default=Duration("1d", 86400.0),
+                        help="how far back to look for services (default 1d)")
     status.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
-    status.add_argument("--output", type=Path, default=None, metavar="FILE",
+    status.add_argument("--output", type=_output_file, default=None, metavar="FILE",
                         help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
     report = commands.add_parser("report", parents=[common])
-    report.add_argument("--since", default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
-    report.add_argument("--until", default=None, help="as --since (default: now)")
+    report.add_argument("--since", type=_when, default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
+    report.add_argument("--until", type=_when, default=None, help="as --since (default: now)")
     report.add_argument("--service", default=None)
     report.add_argument("--ip", default=None)
-    report.add_argument("--gap", type=float, default=None,
+    report.add_argument("--gap", type=_seconds(*GAP_RANGE), default=None,
                         help="seconds without a heartbeat that make an outage (default 2 x interval + timeout)")
     report.add_argument("--format", choices=("text", "json", "csv"), default="text")
-    report.add_argument("--timeout", type=float, default=60.0, help="seconds the report's reads may take (60)")
+    report.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=60.0,
+                        help="seconds the report's reads may take (60)")
     prune = commands.add_parser("prune", parents=[common])
-    prune.add_argument("--older-than", default=None, help="30d, 12w ... (default: HEARTBEAT_RETENTION)")
+    prune.add_argument("--older-than", type=_duration(3600), default=None,
+                       help="30d, 12w ... at least 1h (default: HEARTBEAT_RETENTION)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
 
 
@@ -238,15 +305,12 @@ def _stale_after(config: Config) -> float:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     """One line per (service, ip) seen in the window: newest heartbeat, its age, fresh or stale."""
-    window = configmod.parse_duration(args.window)
-    if window is None:
-        return _usage(f"--window: not a duration such as 1d or 6h: {args.window!r}")
     if args.output is not None and args.format != "prometheus":
         return _usage("--output goes with --format prometheus")
     ledger = _ledger(config)
     now = utcnow()
     try:
-        found = ledger.latest(timedelta(seconds=window), _stale_after(config), now)
+        found = ledger.latest(timedelta(seconds=args.window.seconds), _stale_after(config), now)
     except READ_FAILURES as exc:
         return _read_failed("status", exc)
     finally:
@@ -264,7 +328,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             return EX_DOWN
         return EX_OK
     stale = [f for f in found if not f.fresh]
-    render.status(found, now, _stale_after(config), args.window, args.format, sys.stdout, sys.stderr)
+    render.status(found, now, _stale_after(config), args.window.text, args.format, sys.stdout, sys.stderr)
     return EX_OK if found and not stale else EX_DOWN
 
 
@@ -279,8 +343,6 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
     if until <= since:
         return _usage("--until must be after --since")
     gap = args.gap if args.gap is not None else _stale_after(config)
-    if gap <= 0:
-        return _usage("--gap must be > 0")
     ledger = _ledger(config)
     try:
         found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
@@ -295,9 +357,7 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
 def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     """Delete rows older than the retention, in short batches; safe to interrupt and to run anywhere."""
     if args.older_than is not None:
-        keep = configmod.parse_duration(args.older_than)
-        if keep is None or keep < 3600:
-            return _usage(f"--older-than: not a duration of at least 1h such as 30d: {args.older_than!r}")
+        keep = args.older_than.seconds
     elif config.retention is None:
         print("HEARTBEAT_RETENTION is empty: keeping everything, nothing pruned")
         return EX_OK
@@ -391,8 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_run(config, args.env_file)
     except ConfigError as exc:  # found by a driver's own parser when the services were built
         return _config_error(exc.problems)
-    except DatabaseUnreachable as exc:
-        print(f"heartbeatd: database unreachable: {exc}", file=sys.stderr)
+    except DatabaseUnreachable as exc:  # still 69 when the login or the database is refused: a connection failed
+        print("heartbeatd: {}: {}".format(*explain(str(exc))), file=sys.stderr)
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130

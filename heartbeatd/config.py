@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit
 
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 DEFAULTS: dict[str, str] = {
     "DATABASE_URL": "postgresql://localhost:5432/postgres",
@@ -38,6 +38,11 @@ RETRIES_LIMIT = 5
 # Steps of one cycle that may each block up to HEARTBEAT_TIMEOUT: Redis PING, PostgreSQL
 # connect, the INSERT. The watchdog is pinged between them.
 BLOCKING_STEPS = 3
+# The daemon's env file (the unit's --env-file): every command reads it when no --env-file is given.
+DEFAULT_ENV_FILE = Path("/etc/heartbeatd/heartbeatd.env")
+ENV_FILE_VARIABLE = "HEARTBEAT_ENV_FILE"  # another path for it (a test's, a second instance's)
+# How the env file was chosen, as its messages name it: the option, the daemon's, the working directory's.
+FROM_OPTION, FROM_DAEMON, FROM_CWD = "--env-file", "env file", "./.env"
 # Files in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) that replace a variable.
 CREDENTIALS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 # No `%`: psycopg2 reads every `%` of a statement sent with parameters as its own, and the
@@ -67,10 +72,11 @@ class Config:
     spool_path: Path
     spool_max_rows: int
     log_level: str
-    env_file: Optional[Path]
+    env_file: Optional[Path]  # the env file read: --env-file, the daemon's (/etc/heartbeatd/heartbeatd.env), ./.env
     retention: Optional[float] = None  # seconds of history `heartbeatd prune` keeps; None: keep everything
     retries: int = 1  # quick retries of a check that failed fast, within its timeout
     textfile: Optional[Path] = None  # node_exporter textfile the daemon rewrites after every cycle; None: off
+    env_file_how: str = ""  # how env_file was chosen: FROM_OPTION, FROM_DAEMON or FROM_CWD
     sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
@@ -94,7 +100,7 @@ class Config:
             f"HEARTBEAT_RETENTION={format_duration(self.retention) if self.retention else '(keep everything)'}",
             f"HEARTBEAT_RETRIES={self.retries}",
             f"HEARTBEAT_TEXTFILE={self.textfile or '(off)'}",
-            f"env file={self.env_file or '(none)'}",
+            f"env file={self.env_file or '(none)'}{_HOW.get(self.env_file_how, '') if self.env_file else ''}",
         ]
 
 
@@ -182,6 +188,12 @@ def password_hint(name: str, url: str) -> Optional[str]:
     raw = sorted({c for c in meaningful if c in written}) or sorted({c for c in "@/?#" if c in written})
     return (f"{name}: the password holds a raw {' '.join(repr(c) for c in raw)}: "
             "percent-encode it (@ is %40, # is %23, / is %2F, ? is %3F)")
+
+
+# What check-config says of the env file read, by how it was chosen.
+_HOW = {FROM_OPTION: " (--env-file: its values win over the environment)",
+        FROM_DAEMON: " (the daemon's env file: its values win over the environment)",
+        FROM_CWD: " (./.env in the working directory: the environment wins over it)"}
 
 
 def url_password(url: str) -> Optional[str]:
@@ -364,6 +376,9 @@ def _seconds(name: str, value: str, low: float, high: float, problems: list[str]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The longest duration any option or variable takes: 100 years back from now is still a date
+# (9999999w was an OverflowError, exit 70).
+MAX_DURATION = 36500 * 86400
 
 
 def parse_duration(text: str) -> Optional[float]:
@@ -388,11 +403,11 @@ def _table(value: str, problems: list[str]) -> tuple[str, ...]:
     return parts
 
 
-def _spool_path(value: str, environ: Mapping[str, str]) -> Path:
-    if value:
-        return Path(value)
+def _spool_path(value: str, environ: Mapping[str, str], cwd: Optional[Path]) -> Path:
+    """Absolute, so that every message names the real place (`.` named no directory an operator could find)."""
     state = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(state) / "spool.db" if state else Path("heartbeatd-spool.db")
+    path = Path(value) if value else Path(state) / "spool.db" if state else Path("heartbeatd-spool.db")
+    return (cwd or Path.cwd()) / path
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -402,37 +417,120 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError([f"{what} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]) \
             from None
     except OSError as exc:
-        raise ConfigError([f"{what} {path}: cannot read it: {exc.strerror or exc}"]) from None
+        raise ConfigError([f"{what} {path}: cannot read it: {_why_unreadable(exc)}"]) from None
+
+
+def _why_unreadable(exc: OSError) -> str:
+    """`permission denied (…)` and `no such file` must not read alike: the fixes differ."""
+    if isinstance(exc, PermissionError):
+        return "permission denied (the packaged env file is root:heartbeatd-conf 0640: run as root or a member of " \
+               "heartbeatd-conf)"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a directory"
+    return str(exc.strerror or exc)
+
+
+# A name as a shell would take it, optionally after `export`, then `=`: what a bad line meant to set.
+_ASSIGNMENT = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.?)")
+_NEWLINES = re.compile(r"\r\n|\n|\r")
+
+
+def _bad_line(original: str) -> str:
+    """Why python-dotenv could not read a line, in words that never quote its value (it may hold a password)."""
+    found = _ASSIGNMENT.match(original.strip())
+    if not found:
+        return "not NAME=value"
+    name, first = found.groups()
+    if first and first in "\"'":
+        return f"{name}={first}…: the {first} quote is not closed (or text follows the closing quote)"
+    return f"{name}=…: cannot be read as NAME=value"
 
 
 def _read_dotenv(path: Path, what: str) -> dict[str, str]:
-    # Decoded here first, so a file that is not UTF-8 is one clear line, not a traceback.
-    text = _read_text(path, what)
-    # interpolate=False: a `$` in a password must stay a `$`, as in systemd's EnvironmentFile=.
-    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
-    return {k: v for k, v in values.items() if v is not None}
+    """The file's NAME=value lines; ConfigError naming the file and line of any line python-dotenv cannot read.
+
+    python-dotenv itself only warns and drops such a line (0.21 and 1.x alike), and a daemon would then
+    run on the default of what the line meant to set: a bad line is a bad configuration here.
+    """
+    # Decoded here first, so a file that is not UTF-8 is one clear line, not a traceback. A BOM is
+    # dropped (python-dotenv 0.21 would make it part of the first name, and that value unused).
+    text = _read_text(path, what).removeprefix("\ufeff")
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    # parse_stream, not dotenv_values: its bindings say which lines failed (`error`) and where, where
+    # dotenv_values only logs a warning. Values are taken as written: `$` is not interpolated, as in
+    # systemd's EnvironmentFile=.
+    for binding in parse_stream(io.StringIO(text)):
+        original = binding.original.string
+        leading = original[:len(original) - len(original.lstrip())]
+        where = f"{what} {path}, line {binding.original.line + len(_NEWLINES.findall(leading))}"
+        if binding.error:
+            problems.append(f"{where}: {_bad_line(original)}")
+        elif binding.key is not None and binding.value is not None:
+            if binding.key in DEFAULTS and _NEWLINES.search(binding.value):
+                # A quoted value may span lines in dotenv; none of ours may: a quote was left open.
+                problems.append(f"{where}: {binding.key}'s quoted value runs over several lines (a quote not closed?)")
+            values[binding.key] = binding.value
+        elif binding.key is not None and not _ASSIGNMENT.match(binding.key + "="):
+            problems.append(f"{where}: not NAME=value")
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def default_env_file(environ: Mapping[str, str]) -> Path:
+    """The daemon's env file: `$HEARTBEAT_ENV_FILE`, else /etc/heartbeatd/heartbeatd.env."""
+    return Path(environ.get(ENV_FILE_VARIABLE) or DEFAULT_ENV_FILE)
+
+
+def _exists(path: Path) -> bool:
+    """True when there is something at `path`; False only when nothing is (a denied lookup is not "missing")."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise ConfigError([f"{FROM_DAEMON} {path}: cannot read it: {_why_unreadable(exc)}"]) from None
+    return True
+
+
+def env_file_in_use(environ: Mapping[str, str], env_file: Optional[Path], cwd: Optional[Path] = None
+                    ) -> tuple[Optional[Path], str]:
+    """(the env file to read, how it was chosen): `--env-file`, else the daemon's, else ./.env, else none.
+
+    The daemon's file is read as an --env-file is (its values win over the environment), so that an
+    operator's command sees what the daemon sees; ./.env only where there is no daemon's file.
+    """
+    if env_file is not None:
+        return env_file, FROM_OPTION
+    daemons = default_env_file(environ)
+    if _exists(daemons):
+        return daemons, FROM_DAEMON
+    dotenv = (cwd or Path.cwd()) / ".env"
+    return (dotenv, FROM_CWD) if dotenv.is_file() else (None, "")
 
 
 def merged_environment(
-    environ: Mapping[str, str], env_file: Optional[Path], cwd: Optional[Path] = None,
+    environ: Mapping[str, str], env_file: Optional[Path], how: str = FROM_OPTION,
     sources: Optional[dict[str, str]] = None,
 ) -> dict[str, str]:
-    """Environment with dotenv values and credentials applied in the documented order of precedence.
+    """Environment with the env file env_file_in_use() chose (`how`) and credentials applied, in order of precedence.
 
     `sources`, if given, is filled with the file each variable came from (absent: the environment).
     """
     found = sources if sources is not None else {}
+    merged = dict(environ)
     if env_file is not None:
-        if not env_file.is_file() or not os.access(env_file, os.R_OK):
-            raise ConfigError([f"--env-file: cannot read {env_file}"])
-        from_file = _read_dotenv(env_file, "--env-file")
-        found.update(dict.fromkeys(from_file, str(env_file)))
-        merged = {**environ, **from_file}
-    else:
-        default = (cwd or Path.cwd()) / ".env"
-        from_file = _read_dotenv(default, "env file") if default.is_file() else {}
-        found.update({k: str(default) for k in from_file if k not in environ})
-        merged = {**from_file, **environ}
+        # ./.env's messages say "env file" too: the path shows which.
+        from_file = _read_dotenv(env_file, FROM_OPTION if how == FROM_OPTION else FROM_DAEMON)
+        if how == FROM_CWD:  # a working directory's file: the environment wins over it
+            found.update({k: str(env_file) for k in from_file if k not in environ})
+            merged = {**from_file, **environ}
+        else:  # the operator's or the daemon's file: it wins over the environment
+            found.update(dict.fromkeys(from_file, str(env_file)))
+            merged = {**environ, **from_file}
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         for filename, variable in CREDENTIALS.items():
@@ -477,8 +575,9 @@ def _textfile(text: str, problems: list[str]) -> Optional[Path]:
 
 def _retention(text: str, problems: list[str]) -> Optional[float]:
     retention = parse_duration(text) if text else None
-    if text and (retention is None or retention < 3600):
-        problems.append(f"HEARTBEAT_RETENTION: must be a duration of at least 1h such as 30d or 12w, got {text!r}")
+    if text and (retention is None or not 3600 <= retention <= MAX_DURATION):
+        problems.append(f"HEARTBEAT_RETENTION: must be a duration from 1h to {format_duration(MAX_DURATION)} such as "
+                        f"30d or 12w, got {text!r}")
     return retention
 
 
@@ -503,7 +602,8 @@ def _log_level(text: str, problems: list[str]) -> str:
 def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optional[Path] = None) -> Config:
     """Build and validate the configuration; raise ConfigError listing every problem."""
     sources: dict[str, str] = {}
-    merged = merged_environment(environ, env_file, cwd, sources)
+    env_file, how = env_file_in_use(environ, env_file, cwd)
+    merged = merged_environment(environ, env_file, how, sources)
 
     def get(name: str) -> str:
         value = merged.get(name, "").strip()
@@ -539,10 +639,11 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         backend_ip=backend_ip,
         backend_check=get("HEARTBEAT_BACKEND_CHECK"),
         table=table,
-        spool_path=_spool_path(merged.get("HEARTBEAT_SPOOL_PATH", "").strip(), merged),
+        spool_path=_spool_path(merged.get("HEARTBEAT_SPOOL_PATH", "").strip(), merged, cwd),
         spool_max_rows=max_rows,
         log_level=log_level,
         env_file=env_file,
+        env_file_how=how,
         retention=retention,
         retries=retries,
         textfile=textfile,

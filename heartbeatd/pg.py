@@ -112,11 +112,18 @@ class deadline:  # noqa: N801 - used as `with deadline(seconds):`, like a functi
 
 
 def reason(exc: BaseException) -> str:
-    """One line from a driver error: libpq's lines joined as sentences, its own host prefix dropped."""
-    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    """One line from a driver error: libpq's lines joined as sentences, its own host prefixes dropped.
+
+    With sslmode=prefer (the default) libpq tries twice and reports both attempts, each with its
+    prefix: the same sentence is said once.
+    """
+    lines: list[str] = []
+    for raw in str(exc).splitlines():
+        line = _LIBPQ_PREFIX.sub("", " ".join(raw.split()))
+        if line and line not in lines:
+            lines.append(line)
     if not lines:
         return type(exc).__name__
-    lines[0] = _LIBPQ_PREFIX.sub("", lines[0])
     text = lines[0]
     for line in lines[1:]:
         # libpq wraps within a sentence ("... abnormally" / "before or while ...") and starts a new
@@ -125,6 +132,55 @@ def reason(exc: BaseException) -> str:
             text += "."
         text += " " + line
     return text
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A class of connection failure: how it reads in libpq's or the server's words, and what to change."""
+
+    summary: str  # the CLI's first words when the failures are of this kind alone
+    pattern: "re.Pattern[str]"
+    fix: str
+
+
+# psycopg2 gives no SQLSTATE for a failed connection (libpq has no result then): the server's
+# FATAL text and libpq's own are what there is. They are English unless the server's lc_messages
+# says otherwise; a failure no pattern knows keeps libpq's words alone.
+KINDS = (
+    Kind("cannot log in to PostgreSQL (authentication failed)",
+         re.compile(r"password authentication failed|no password supplied|authentication failed for user|"
+                    r"no pg_hba\.conf entry|pg_hba\.conf rejects|is not permitted to log in|role \"[^\"]*\" does not exist"),
+         "check the user and password in DATABASE_URL, that the role exists and may log in, and the line "
+         "of pg_hba.conf for this host"),
+    Kind("database does not exist",
+         re.compile(r'database "[^"]*" does not exist'),
+         "create it (sudo -u postgres createdb -O USER NAME) or correct its name in DATABASE_URL, then run "
+         "heartbeatd init-db"),
+    Kind("database unreachable",
+         re.compile(r"Connection refused|No such file or directory\. Is the server running locally"),
+         "start PostgreSQL, or correct the host and port in DATABASE_URL to the server's listen_addresses and port"),
+    Kind("database unreachable",
+         re.compile(r"timed out after|timeout expired|gave no answer in time"),
+         "nothing answered in HEARTBEAT_TIMEOUT: check the address, a firewall dropping packets, or a server "
+         "too busy to answer"),
+    Kind("database unreachable",
+         re.compile(r"name lookup of .* failed|could not translate host name"),
+         "correct the host name in DATABASE_URL, or this host's name service: /etc/hosts, /etc/resolv.conf"),
+)
+
+
+def explain(failures: str) -> tuple[str, str]:
+    """(what happened in a few words, the failures followed by what to change) for a failed connection.
+
+    `failures` is DatabaseUnreachable's or the probe's text (one `host:port: reason` per host, `; `
+    between them); each kind found adds its fix once.
+    """
+    found = [kind for kind in KINDS if kind.pattern.search(failures)]
+    summary = found[0].summary if len(found) == 1 else "database unreachable"
+    fixes = "; ".join(kind.fix for kind in found)
+    if not fixes:
+        return summary, failures
+    return summary, f"{failures}{'' if failures[-1:] in '.?!' else '.'} Fix: {fixes}."
 
 
 # libpq's words for a failure that a moment may cure, and that came at once (a timeout never is one).

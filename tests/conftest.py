@@ -27,6 +27,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without heartbeatd's and systemd's variables, plus `extra`."""
     # PG*: libpq applies them as defaults of DATABASE_URL; a test sets the ones it means.
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith(("HEARTBEAT_", "PG"))}
+    # Not this machine's /etc/heartbeatd/heartbeatd.env, should it have one: every command would read it.
+    env["HEARTBEAT_ENV_FILE"] = "/nonexistent/heartbeatd.env"
     env.update(extra)
     return env
 

@@ -20,7 +20,7 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert (config.interval, config.timeout) == (30.0, 5.0)
     assert config.backend_ip is None
     assert config.table == ("service_heartbeat",)
-    assert config.spool_path == Path("heartbeatd-spool.db")
+    assert config.spool_path == tmp_path / "heartbeatd-spool.db"  # absolute: messages name the real place
     assert config.spool_max_rows == 100000
     assert config.log_level == "INFO"
 
@@ -142,7 +142,7 @@ def test_env_file_flag_works_and_missing_file_is_78(tmp_path: Path) -> None:
     assert "HEARTBEAT_INTERVAL=12.5" in result.stdout
     result = cli(["--env-file", str(tmp_path / "nope.env"), "check-config"], clean_env(), cwd=tmp_path)
     assert result.returncode == 78
-    assert result.stderr.strip() == f"heartbeatd: --env-file: cannot read {tmp_path / 'nope.env'}"
+    assert result.stderr.strip() == f"heartbeatd: --env-file {tmp_path / 'nope.env'}: cannot read it: no such file"
 
 
 def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:

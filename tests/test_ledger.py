@@ -154,7 +154,8 @@ def test_database_unreachable(redis_server: RedisServer, tmp_path: Path) -> None
     assert once.returncode == 1
     assert "WARNING:heartbeatd.daemon:服务不可用 - 服务: postgres, IP: 127.0.0.1" in once.stderr
     assert re.search(r"ERROR:heartbeatd.daemon:数据库连接测试失败: 127\.0\.0\.1:[0-9]+: Connection refused\. "
-                     r"Is the server running on that host and accepting TCP/IP connections\?\n", once.stderr), once.stderr
+                     r"Is the server running on that host and accepting TCP/IP connections\? Fix: start PostgreSQL",
+                     once.stderr), once.stderr
     assert "hunter22" not in result.stderr + once.stderr + once.stdout
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from heartbeatd.config import Config
 from heartbeatd.heartbeat import LOOPBACK, POSTGRES, ProbeResult
 from heartbeatd.names import Resolver
-from heartbeatd.pg import Connector, close_quietly, server_address
+from heartbeatd.pg import Connector, close_quietly, explain, server_address
 from heartbeatd.probes import peer_ip, register
 
 class PostgresProbe:
@@ -39,7 +39,9 @@ class PostgresProbe:
         started = time.monotonic()
         conn, server_ip, failures = self.connector.connect(server_address, until)
         if conn is None:
-            return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - started, "; ".join(failures),
+            # The daemon's 数据库连接测试失败 line and `once` say what to change, not only what libpq said.
+            return ProbeResult(POSTGRES, self._down_ip(), False, time.monotonic() - started,
+                               explain("; ".join(failures))[1],
                                retry=self.connector.failed_fast)
         self._conn = conn
         ip = server_ip or peer_ip(conn.fileno()) or self._down_ip()

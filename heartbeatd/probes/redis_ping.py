@@ -174,7 +174,8 @@ def make_connection(url: str, timeout: float) -> Any:
             retry=Retry(NoBackoff(), 0), health_check_interval=0,
         )
         return pool.make_connection()
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, redis.RedisError) as exc:
+        # No connection is made here: a RedisError too is the URL's (`?protocol=4`: a ConnectionError).
         text = str(exc)
         if "unexpected keyword argument" in text:
             text = "unknown option " + text.rpartition("argument")[2].strip()
