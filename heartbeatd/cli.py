@@ -33,7 +33,7 @@ HELP_EPILOG = """\
 commands:
   run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
   once           one cycle: check, write, print one line per service
-  init-db        create the table and its indexes if missing
+  init-db        create the table and its indexes if missing; --with-latency also adds the latency_ms column
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
@@ -50,9 +50,10 @@ See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
 LEDGER_HELP = """\
   status         newest heartbeat per service and IP seen in --window (1d): fresh or stale; exit 1 if any stale
-                 (--format prometheus [--output FILE]: 0 once written, 1 if FILE cannot be written)
+                 (--format text|json|prometheus; prometheus [--output FILE]: 0 once written, 1 if FILE cannot be
+                 written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
-                 --service, --ip, --gap SECONDS, --format text|json|csv)
+                 --service, --ip, --gap SECONDS, --format text|json|csv, --timeout SECONDS)
   prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
 """
 

@@ -158,6 +158,21 @@ def test_every_command_help_mentions_env_file() -> None:
     assert not without, f"`heartbeatd COMMAND --help` does not mention --env-file PATH for: {without}"
 
 
+def test_heartbeatd_help_names_every_option_of_every_command() -> None:
+    """`heartbeatd --help` is the operator's first look: its command list shows each command's options."""
+    text = cli._parser().format_help()
+    listed = text.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0]
+    missing = []
+    for name, parser in commands().items():
+        entry = re.search(rf"^  {re.escape(name)} .*?(?=^  \S|\Z)", listed, re.M | re.S)
+        if entry is None:
+            missing.append(f"the command {name}")
+            continue
+        missing += [f"{name} {option}" for option in options(parser) if not mentions(entry.group(0), option)]
+    assert not missing, ("`heartbeatd --help` (HELP_EPILOG and LEDGER_HELP in heartbeatd/cli.py) does not list:\n  "
+                         + "\n  ".join(missing))
+
+
 # --- README's package list, man's warnings --------------------------------------------------------
 
 def install_deps_packages() -> set[str]:
