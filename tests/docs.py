@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAN_PAGE = ROOT / "packaging" / "heartbeatd.8"
 
-LEVELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL",
-          "exception": "ERROR"}
+LEVELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING", "error": "ERROR",
+          "critical": "CRITICAL", "exception": "ERROR"}
+LOGGER_ATTRIBUTES = ("log", "logger", "_log", "_logger")  # self.log.info(...)
 # Functions that hand a format on to a logger: name -> (the level: an argument's index or a fixed name,
 # the format's index). Their own logger call passes a parameter and is not a line of its own.
 RELAYS: dict[str, tuple[Union[int, str], int]] = {
@@ -59,6 +60,7 @@ class _Finder(ast.NodeVisitor):
 
     def __init__(self, path: Path, tree: ast.Module, shown: str) -> None:
         self.path, self.tree, self.shown = path, tree, shown
+        self.loggers = _loggers(tree)
         self.functions: list[Union[ast.FunctionDef, ast.AsyncFunctionDef]] = []
         self.found: list[LogFormat] = []
         self.problems: list[str] = []
@@ -75,7 +77,7 @@ class _Finder(ast.NodeVisitor):
         if not isinstance(node.func, ast.Attribute):
             return
         name, where = node.func.attr, f"{self.shown}:{node.lineno}"
-        if name in LEVELS and node.args:
+        if name in LEVELS and node.args and self._is_logger(node.func.value):
             level, fmt = LEVELS[name], node.args[0]
         elif name in RELAYS:
             level_at, at = RELAYS[name]
@@ -93,17 +95,28 @@ class _Finder(ast.NodeVisitor):
             return
         if relayed:  # a relay's own call: its callers' formats are the lines; a suffix it adds is one too
             level = ANY_LEVEL
-        self.found.extend(LogFormat(text, level, where) for text in texts)
+        self.found.extend(LogFormat(text.strip(), level, where) for text in texts)
+
+    def _is_logger(self, node: ast.expr) -> bool:
+        """`log`, `logging`, a name bound to logging.getLogger(...), or `self.log`: not `parser.error`."""
+        if isinstance(node, ast.Name):
+            return node.id in self.loggers
+        return isinstance(node, ast.Attribute) and node.attr in LOGGER_ATTRIBUTES
 
     def _strings(self, node: ast.expr) -> tuple[list[str], bool]:
         """The string constants `node` can be, and whether it passes on a relay's parameter."""
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            return [node.value.strip()], False
+            return [node.value], False
         if isinstance(node, ast.JoinedStr):
             raise Unreadable("an f-string")
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            left, right = self._strings(node.left), self._strings(node.right)
-            return left[0] + right[0], left[1] or right[1]
+            (left, left_relayed), (right, right_relayed) = self._strings(node.left), self._strings(node.right)
+            if left and right:
+                return [a + b for a in left for b in right], left_relayed or right_relayed
+            return left + right, left_relayed or right_relayed  # a relay's text and what it adds
+        if isinstance(node, ast.IfExp):
+            (body, body_relayed), (orelse, else_relayed) = self._strings(node.body), self._strings(node.orelse)
+            return body + orelse, body_relayed or else_relayed
         if isinstance(node, ast.Dict):
             return [s for value in node.values for s in self._strings(value)[0]], False
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
@@ -128,6 +141,16 @@ class _Finder(ast.NodeVisitor):
                                                         for t in node.targets):
                     return self._strings(node.value)
         raise Unreadable(f"the name {name!r}")
+
+
+def _loggers(tree: ast.Module) -> set[str]:
+    """Names a module's loggers go by: `logging`, `log`/`logger`, and any name bound to logging.getLogger()."""
+    names = {"logging", "log", "logger"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "getLogger":
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
 
 
 def _is_level(node: ast.expr) -> bool:

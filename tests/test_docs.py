@@ -100,11 +100,15 @@ def test_the_finder_sees_lines_through_relays_and_refuses_what_it_cannot_read(tm
     (package / "probe.py").write_text(
         'import logging\nlog = logging.getLogger("heartbeatd.daemon")\nLINES = {"a": "甲: %s"}\n'
         'def f(repeats, x):\n    line = LINES.get(x, "乙: %s")\n'
-        '    repeats.failed("k", logging.ERROR, line, x)\n    log.info(f"丙 {x}")\n', encoding="utf-8")
+        '    repeats.failed("k", logging.ERROR, line, x)\n    log.info(f"丙 {x}")\n'
+        '    parser.error(f"not a log line {x}")\n    hb.warning("丁 " + ("%s" if x else "%d"))\n'
+        'hb = logging.getLogger("heartbeatd.cli")\n', encoding="utf-8")
     found, problems = docs.log_formats(package)
-    assert {(f.text, f.level, f.where) for f in found} == {("甲: %s", "ERROR", "heartbeatd/probe.py:6"),
-                                                           ("乙: %s", "ERROR", "heartbeatd/probe.py:6")}
-    assert [p for p in problems if p.startswith("heartbeatd/probe.py:7: ") and "f-string" in p], problems
+    assert {(f.text, f.level, f.where) for f in found} == {
+        ("甲: %s", "ERROR", "heartbeatd/probe.py:6"), ("乙: %s", "ERROR", "heartbeatd/probe.py:6"),
+        ("丁 %s", "WARNING", "heartbeatd/probe.py:9"), ("丁 %d", "WARNING", "heartbeatd/probe.py:9")}
+    assert [p.split(" (")[0] for p in problems] == ["heartbeatd/probe.py:7: cannot read the format of this log call"]
+    assert "f-string" in problems[0]
 
 
 # --- Options, --help -----------------------------------------------------------------------------
