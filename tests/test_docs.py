@@ -205,7 +205,7 @@ def test_the_man_page_has_no_warnings_at_80_columns() -> None:
     if man is None:
         pytest.fail("man is missing: tests/install-deps installs it (Debian package man-db)")
     result = subprocess.run([man, "--warnings", "-l", str(docs.MAN_PAGE)], capture_output=True, text=True,
-                            env=dict(os.environ, MANWIDTH="80"), timeout=60)
+                            env=dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8"), timeout=60)  # 后端 needs UTF-8
     assert result.returncode == 0 and result.stderr == "", f"man --warnings: {result.stderr}"
     shown = re.sub(".\b", "", result.stdout)  # overstrikes (bold, underline) out
     assert "LOG LINES" in shown and "heartbeatd status" in shown
