@@ -34,7 +34,7 @@ HELP_EPILOG = """\
 commands:
   run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
   once           one cycle: check, write, print one line per service
-  init-db        create the table and its indexes if missing
+  init-db        create the table and its indexes if missing; --with-latency also adds the latency_ms column
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
@@ -52,11 +52,34 @@ See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
 LEDGER_HELP = """\
   status         newest heartbeat per service and IP seen in --window (1d): fresh or stale; exit 1 if any stale
-                 (--format prometheus [--output FILE]: 0 once written, 1 if FILE cannot be written)
+                 (--format text|json|prometheus; prometheus [--output FILE]: 0 once written, 1 if FILE cannot be
+                 written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
-                 --service, --ip, --gap SECONDS, --format text|json|csv)
+                 --service, --ip, --gap SECONDS, --format text|json|csv, --timeout SECONDS)
   prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
 """
+
+
+# Shown by `heartbeatd --help` and by every command's own --help: it works before or after the command.
+ENV_FILE_HELP = "dotenv file whose values win over the environment"
+DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (heartbeatd(8) has the rest)
+    "run": "The daemon, in the foreground, until SIGTERM/SIGINT; SIGHUP re-reads the env file. "
+           "Exit 0 on a clean stop, 78 bad configuration.",
+    "once": "One cycle: check, write, print one line per service (nothing is spooled). "
+            "Exit 0 all up and recorded, 1 otherwise, 78 bad configuration.",
+    "check-config": "Print the effective configuration, passwords masked. Exit 0 valid, 78 invalid.",
+    "init-db": "Create the table and its indexes if missing. "
+               "Exit 0 done, 1 failed (e.g. no CREATE privilege), 69 database unreachable, 78 bad configuration.",
+    "rejected": "List the rows the table refused, kept aside in the spool. "
+                "Exit 0; with --retry 1 if some are still refused, 69 database unreachable.",
+    "status": "The newest heartbeat of every service and IP seen in the window: fresh or stale. "
+              "Exit 0 all fresh (prometheus: written), 1 any stale or none seen (prometheus: FILE not written, "
+              "table missing), 69 database unreachable.",
+    "report": "Uptime, outages and no-data stretches per service and IP. "
+              "Exit 0, 1 table missing, 64 bad arguments, 69 database unreachable.",
+    "prune": "Delete rows older than --older-than (default HEARTBEAT_RETENTION) in batches. "
+             "Exit 0 (also when another prune is running), 69 database unreachable, 130 interrupted.",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,20 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="heartbeatd", formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Record heartbeats of this host, its Redis and its PostgreSQL into service_heartbeat.",
                      epilog=HELP_EPILOG.format(variables=variables, ledger=LEDGER_HELP))
-    parser.add_argument("--env-file", type=Path, metavar="PATH",
-                        help="dotenv file whose values win over the environment (default: the daemon's "
-                             "/etc/heartbeatd/heartbeatd.env if it exists, else ./.env)")
+    parser.add_argument("--env-file", type=Path, metavar="PATH", help=ENV_FILE_HELP)
     parser.add_argument("--version", action="version", version=f"heartbeatd {__version__}")
     # --env-file is accepted after the command too (`heartbeatd once --env-file F`).
     common = _Parser(add_help=False)
-    common.add_argument("--env-file", type=Path, metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--env-file", type=Path, metavar="PATH", default=argparse.SUPPRESS, help=ENV_FILE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in ("run", "once", "check-config"):
-        commands.add_parser(name, parents=[common])
-    init_db = commands.add_parser("init-db", parents=[common])
+        commands.add_parser(name, parents=[common], description=DESCRIPTIONS[name])
+    init_db = commands.add_parser("init-db", parents=[common], description=DESCRIPTIONS["init-db"])
     init_db.add_argument("--with-latency", action="store_true",
                          help="also add the nullable latency_ms column (each row's check latency)")
-    rejected = commands.add_parser("rejected", parents=[common])
+    rejected = commands.add_parser("rejected", parents=[common], description=DESCRIPTIONS["rejected"])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
     return parser
@@ -155,23 +176,24 @@ READ_TIMEOUT_RANGE = (0.01, 3600.0)
 
 def _ledger_arguments(commands: Any, common: _Parser) -> None:
     """The read side's commands (status, report, prune); each value checked as it is parsed (bad: exit 64)."""
-    status = commands.add_parser("status", parents=[common])
+    status = commands.add_parser("status", parents=[common], description=DESCRIPTIONS["status"])
     status.add_argument("--window", type=_duration(1), default=Duration("1d", 86400.0),
                         help="how far back to look for services (default 1d)")
-    status.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
+    status.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                        help="text (default), json, or prometheus: the ledger's view as metrics")
     status.add_argument("--output", type=_output_file, default=None, metavar="FILE",
                         help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
-    report = commands.add_parser("report", parents=[common])
+    report = commands.add_parser("report", parents=[common], description=DESCRIPTIONS["report"])
     report.add_argument("--since", type=_when, default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
     report.add_argument("--until", type=_when, default=None, help="as --since (default: now)")
-    report.add_argument("--service", default=None)
-    report.add_argument("--ip", default=None)
+    report.add_argument("--service", default=None, help="only this service (后端, redis, postgres)")
+    report.add_argument("--ip", default=None, help="only this address")
     report.add_argument("--gap", type=_seconds(*GAP_RANGE), default=None,
                         help="seconds without a heartbeat that make an outage (default 2 x interval + timeout)")
-    report.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    report.add_argument("--format", choices=("text", "json", "csv"), default="text", help="text (default), json or csv")
     report.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=60.0,
                         help="seconds the report's reads may take (60)")
-    prune = commands.add_parser("prune", parents=[common])
+    prune = commands.add_parser("prune", parents=[common], description=DESCRIPTIONS["prune"])
     prune.add_argument("--older-than", type=_duration(3600), default=None,
                        help="30d, 12w ... at least 1h (default: HEARTBEAT_RETENTION)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")

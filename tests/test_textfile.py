@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import DaemonProcess, clean_env, db_url, fill, init_table, rows
+from conftest import DaemonProcess, clean_env, cli, db_url, fill, init_table, rows
 from heartbeatd.heartbeat import ProbeResult
 from heartbeatd.metrics import Textfile, exposition, label
 from heartbeatd.repeats import Repeats
@@ -108,14 +109,18 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture
 def node_exporter(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """Debian's prometheus-node-exporter on a free loopback port, reading only a textfile directory of ours."""
+    """Debian's prometheus-node-exporter on a free loopback port, reading only a textfile directory of ours.
+
+    Its log (debug level: it names the file and the error behind a scrape error) is `node-exporter.log`.
+    """
     directory = tmp_path / "node-exporter"
     directory.mkdir()
     port = free_port()
-    proc = subprocess.Popen([tool("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{port}",
-                             "--collector.disable-defaults", "--collector.textfile",
-                             f"--collector.textfile.directory={directory}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "node-exporter.log", "wb") as log:
+        proc = subprocess.Popen([tool("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{port}",
+                                 "--collector.disable-defaults", "--collector.textfile",
+                                 f"--collector.textfile.directory={directory}", "--log.level=debug"],
+                                stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -152,6 +157,59 @@ def test_node_exporter_serves_the_file_while_redis_goes_down_and_up(
     redis_own.start()
     proc.wait_for(lambda: redis_up() == 1, what="redis up again in node_exporter's scrape")
     assert scrape(port)['heartbeatd_check_retries_total{service="redis"}'] >= 1  # a refused check was tried again
+
+
+def node_exporter_errors(tmp_path: Path) -> list[str]:
+    """What node_exporter logged at level error (the file and the reason behind a scrape error)."""
+    return [line for line in (tmp_path / "node-exporter.log").read_text(errors="replace").splitlines()
+            if "level=error" in line]
+
+
+@pytest.mark.parametrize("interval", ["0.05", "0.5"])
+def test_every_scrape_is_clean_while_the_daemon_rewrites_the_file(
+        daemon: Callable[..., DaemonProcess], pg: PgServer, redis_server: RedisServer, tmp_path: Path,
+        node_exporter: tuple[int, Path], interval: str) -> None:
+    """Issue 25.7: node_textfile_scrape_error 1 at HEARTBEAT_INTERVAL=0.5. A scrape in the middle of any
+    rewrite must read the whole file and nothing else: 0 and the heartbeatd_ samples, every time."""
+    init_table(pg)
+    port, directory = node_exporter
+    path = directory / "heartbeatd.prom"
+    old = os.umask(0o077)  # the unit's UMask
+    try:
+        proc = daemon(clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_INTERVAL=interval,
+                                HEARTBEAT_TIMEOUT="1", HEARTBEAT_SPOOL_PATH=str(tmp_path / "spool.db"),
+                                HEARTBEAT_TEXTFILE=str(path)))
+    finally:
+        os.umask(old)
+    proc.wait_for(path.exists, what="the textfile")
+    first = path.stat().st_mtime_ns
+    scrapes, bad, deadline = 0, [], time.monotonic() + 6
+
+    def ledger_view() -> None:
+        """The monitoring host's other file, rewritten beside it by heartbeatd-status.timer's command."""
+        env = clean_env(DATABASE_URL=db_url(pg), HEARTBEAT_INTERVAL=interval, HEARTBEAT_TIMEOUT="1")
+        while time.monotonic() < deadline:
+            cli(["status", "--format", "prometheus", "--output", str(directory / "heartbeatd-ledger.prom")], env)
+
+    ledger = threading.Thread(target=ledger_view)
+    ledger.start()
+    while time.monotonic() < deadline or scrapes < 250:
+        found = scrape(port)
+        scrapes += 1
+        if found.get("node_textfile_scrape_error") != 0 or \
+                found.get('heartbeatd_up{ip="127.0.0.1",service="postgres"}') != 1 or \
+                "heartbeatd_cycle_timestamp_seconds" not in found:
+            bad.append(f"scrape {scrapes}: scrape_error {found.get('node_textfile_scrape_error')}, "
+                       f"{sorted(k for k in found if k.startswith('heartbeatd_'))[:3]}")
+        time.sleep(0.01)
+    ledger.join()
+    assert "heartbeatd_ledger_stale_after_seconds" in scrape(port)  # both files served
+    rewrites = path.stat().st_mtime_ns != first
+    assert proc.stop() == 0
+    assert not bad, (f"{len(bad)} of {scrapes} scrapes not clean: {bad[:5]}; node_exporter's log: "
+                     f"{node_exporter_errors(tmp_path)[:5]}; directory: {sorted(p.name for p in directory.iterdir())}")
+    assert rewrites and scrapes >= 250
+    assert sorted(p.name for p in directory.iterdir()) == ["heartbeatd-ledger.prom", "heartbeatd.prom"]
 
 
 def test_a_textfile_that_cannot_be_written_is_one_error_and_costs_no_heartbeat(
