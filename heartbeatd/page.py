@@ -80,7 +80,7 @@ def state(pair: PairReport) -> tuple[str, str]:
 
 def stamp(value: datetime) -> str:
     """`2026-11-27 19:10:32` (UTC)."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ", "seconds")
 
 
 def percent(uptime: Optional[float]) -> str:
@@ -89,19 +89,19 @@ def percent(uptime: Optional[float]) -> str:
 
 
 def _time(value: datetime) -> str:
-    iso = value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f'<time datetime="{iso}">{stamp(value)}</time>'
+    text = stamp(value)
+    return f'<time datetime="{text.replace(" ", "T")}Z">{text}</time>'
 
 
-def _bar(day: PairReport, start: datetime) -> str:
+def _bar(day: PairReport, date: str) -> str:
     uptime = day.uptime
-    words = [start.strftime("%Y-%m-%d"), "no data" if uptime is None else f"{percent(uptime)} up"]
+    words = [date, "no data" if uptime is None else f"{percent(uptime)} up"]
     if day.downtime:
         words.append(f"down {human(day.downtime)}")
     if day.no_data_seconds and uptime is not None:
         words.append(f"no data {human(day.no_data_seconds)}")
     value = "" if uptime is None else f"{uptime:.3f}"
-    return (f'<span class="bar {grade(uptime)}" data-day="{start:%Y-%m-%d}" data-uptime="{value}" '
+    return (f'<span class="bar {grade(uptime)}" data-day="{date}" data-uptime="{value}" '
             f'title="{escape(", ".join(words))}"></span>')
 
 
@@ -127,7 +127,7 @@ def _outages(report: PairReport) -> str:
             f"<tbody>{rows}</tbody></table></details>")
 
 
-def _pair(pair: PairPage, n: int, starts: Sequence[datetime]) -> str:
+def _pair(pair: PairPage, n: int, dates: Sequence[str]) -> str:
     report = pair.report
     kind, words = state(report)
     notes = []
@@ -135,12 +135,12 @@ def _pair(pair: PairPage, n: int, starts: Sequence[datetime]) -> str:
         notes.append(f"reported by {report.reporters} host(s) in the last hour")
     if report.no_data_seconds:
         notes.append(f"no data {human(report.no_data_seconds)} in {DAYS} days")
-    bars = "".join(_bar(day, start) for day, start in zip(pair.days, starts))
+    bars = "".join(_bar(day, date) for day, date in zip(pair.days, dates))
     return (f'<section class="pair" id="p{n}"><h2><span class="service">{escape(report.service)}</span> '
             f'<span class="ip">{escape(report.ip)}</span> <span class="state {kind}">{escape(words)}</span></h2>'
             + (f'<p class="note">{escape("; ".join(notes))}</p>' if notes else "")
             + f'<div class="bars" role="img" aria-label="uptime of the last {DAYS} days, oldest first">{bars}</div>'
-            f'<div class="axis"><span>{starts[0]:%Y-%m-%d}</span><span>{starts[-1]:%Y-%m-%d}</span></div>'
+            f'<div class="axis"><span>{dates[0]}</span><span>{dates[-1]}</span></div>'
             + _figures(pair) + _outages(report) + "</section>")
 
 
@@ -148,12 +148,13 @@ STYLE = """
 :root{--ok:#2da44e;--minor:#d4a72c;--major:#e16f24;--down:#cf222e;--nodata:#d0d7de;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0}
 *{box-sizing:border-box}
 html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
-body{margin:0 auto;max-width:62rem;padding:1rem;color:var(--fg);background:#fff;
+body{margin:0 auto;max-width:62rem;padding:1rem;color:var(--fg);background:#fff;overflow-wrap:break-word;
  font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC","Microsoft YaHei",sans-serif}
 h1{font-size:1.4rem;margin:0 0 .25rem}
 header p{color:var(--muted);font-size:.85rem;margin:.2rem 0}
 .overall a{color:inherit}
-.key{display:inline-block;width:.7rem;height:.7rem;border-radius:2px;vertical-align:-.05rem;margin:0 .2rem 0 .5rem}
+.legend .item{white-space:nowrap;margin-right:.6rem}
+.key{display:inline-block;width:.7rem;height:.7rem;border-radius:2px;vertical-align:-.05rem;margin-right:.25rem}
 .pair{border:1px solid var(--line);border-radius:6px;padding:.75rem;margin:1rem 0;break-inside:avoid}
 h2{font-size:1.05rem;margin:0 0 .4rem;display:flex;flex-wrap:wrap;gap:.2rem .6rem;align-items:center;overflow-wrap:anywhere}
 h2 .ip{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-weight:400;min-width:0}
@@ -187,6 +188,7 @@ POLICY = ("default-src 'none'; style-src 'sha256-"
 
 def html(page: Page) -> str:
     """The page, one self-contained HTML document."""
+    dates = [day.date().isoformat() for day in page.days]
     kinds = [state(p.report)[0] for p in page.pairs]
     down = kinds.count("down")
     overall = (f"{len(kinds)} service address{'es' if len(kinds) > 1 else ''}: {kinds.count('up')} up, {down} down"
@@ -194,7 +196,7 @@ def html(page: Page) -> str:
                if kinds else f"No heartbeats in these {DAYS} days")
     links = ", ".join(f'<a href="#p{n}">{escape(p.report.service)} {escape(p.report.ip)}</a>'
                       for n, (p, kind) in enumerate(zip(page.pairs, kinds)) if kind != "up")
-    legend = "".join(f'<span class="key {name}"></span>{text}' for name, text in (
+    legend = " ".join(f'<span class="item"><span class="key {name}"></span>{text}</span>' for name, text in (
         ("ok", "100%"), ("minor", "&ge; 99%"), ("major", "&ge; 90%"), ("down", "&lt; 90%"),
         ("nodata", "no data (no daemon was reporting)")))
     return (
@@ -207,6 +209,6 @@ def html(page: Page) -> str:
         f"<p>All times are UTC. Each bar is one UTC day of the last {DAYS}, coloured by uptime over the time "
         f"observed; a gap of more than {page.gap:g} s between heartbeats is an outage. "
         f"Table {escape(page.table)}.</p><p class=\"legend\">{legend}</p></header>\n<main>"
-        + "\n".join(_pair(p, n, page.days) for n, p in enumerate(page.pairs))
+        + "\n".join(_pair(p, n, dates) for n, p in enumerate(page.pairs))
         + f"</main>\n<footer>Written by heartbeatd {escape(__version__)} (<code>heartbeatd report --format html"
         "</code>) from its ledger; it opens no port: any web server may serve this file.</footer></body></html>\n")

@@ -30,7 +30,8 @@ from heartbeatd.page import grade
 
 A, B = "10.0.0.1", "10.0.0.2"
 REDIS, PG = "10.1.0.1", "10.2.0.1"
-MARKUP = '<script>alert("x")</script>&amp;'  # an ip_address is data: it must stay text
+# An ip_address is data: it must stay text; and 64 characters without a space must not widen the page.
+MARKUP = '<script>alert("x")</script>&amp;' + "0123456789abcdef" * 2
 GAP = 150  # rows every 60 s: a gap over 150 s is an outage
 DAY, H, M = timedelta(days=1), timedelta(hours=1), timedelta(minutes=1)
 # The window's end: noon of yesterday (UTC), so every planted event is in the past.
@@ -328,6 +329,14 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path) -> None:
             assert abs(float(bar.attrs["data-uptime"]) - want) <= edges + 0.0005, (key, bar.attrs["data-day"])
 
     # Readable on a phone and on a desktop: nothing wider than the window, nothing cut at its edge.
+    # First the measures on a page that does overflow, so that a measure that sees nothing fails.
+    wide = tmp_path / "wide.html"
+    wide.write_text('<!DOCTYPE html><body style="margin:8px"><p style="width:600px">' + "wide text " * 30 + "</p>")
+    assert scroll_width(tmp_path, wide, 390)[0] > 390
+    shot = tmp_path / "wide.png"
+    chromium(tmp_path, "--run-all-compositor-stages-before-draw", f"--screenshot={shot}", "--window-size=390,300",
+             wide.as_uri())
+    assert painted_at_right_edge(shot)
     ARTIFACTS.mkdir(exist_ok=True)
     for width in (390, 1280):
         assert scroll_width(tmp_path, page, width)[0] <= width
