@@ -10,6 +10,7 @@ at 390 px or 1280 px, and one screenshot per run is kept.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 import struct
@@ -26,7 +27,7 @@ from conftest import clean_env, cli, db_url, init_table
 from servers import PgServer
 
 from heartbeatd.outage import Latency, PairReport, Span, clip
-from heartbeatd.page import grade
+from heartbeatd.page import Page, grade, html
 
 A, B = "10.0.0.1", "10.0.0.2"
 REDIS, PG = "10.1.0.1", "10.2.0.1"
@@ -85,6 +86,13 @@ def test_clip_cuts_spans_and_observed_time_to_the_window() -> None:
     assert before.uptime is None and grade(before.uptime) == "nodata"
     assert clip(pair, t0 - DAY, t0 + 4 * DAY).uptime == pair.uptime  # the whole window: the report itself
     assert (second.reporters, second.latency) == (2, pair.latency)
+
+
+def test_a_page_without_heartbeats_says_so() -> None:
+    until = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    midnight = until.replace(hour=0)
+    text = html(Page(until - 90 * DAY, until, 65, "service_heartbeat", [midnight - n * DAY for n in range(89, -1, -1)], []))
+    assert "No heartbeats in these 90 days at" in text and 'class="pair"' not in text and "<script" not in text
 
 
 def test_grades() -> None:
@@ -349,6 +357,11 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path) -> None:
         shutil.copy(shot, ARTIFACTS / shot.name)
         print(f"screenshot: {shot} (copy: {ARTIFACTS / shot.name})")
     shutil.copy(page, ARTIFACTS / page.name)
+    pdf = tmp_path / "status.pdf"  # printable: chromium prints it, the colours kept (print-color-adjust)
+    chromium(tmp_path, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri())
+    printed = pdf.read_bytes()
+    assert printed.startswith(b"%PDF") and 1 <= len(re.findall(rb"/Type\s*/Page(?!s)", printed)) <= 5
+    shutil.copy(pdf, ARTIFACTS / pdf.name)
 
 
 def test_report_output_and_bad_arguments(ledger: PgServer, tmp_path: Path) -> None:
