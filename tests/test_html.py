@@ -1,7 +1,7 @@
 """`report --format html`: the status page, rendered by a real browser (Debian's chromium, headless).
 
 A private PostgreSQL holds three weeks of a generated ledger: two hosts (one new ten days ago), a
-host's outage, an hour when both daemons were down (no data for the servers), a Redis outage,
+host's outage, six hours when both daemons were down (no data for the servers), a Redis outage,
 PostgreSQL down until the end, and an address that is markup. The page's DOM must agree with the
 ledger's layout and with `report --format json` over the same windows; the page must not overflow
 at 390 px or 1280 px, and one screenshot per run is kept.
