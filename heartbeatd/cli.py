@@ -289,7 +289,8 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
     if gap <= 0:
         return _usage("--gap must be > 0")
     ledger = _ledger(config)
-    out = io.StringIO() if args.output is not None else sys.stdout
+    buffer = io.StringIO()  # with --output, the whole text first: the file is replaced only once it is complete
+    out = buffer if args.output is not None else sys.stdout
     try:
         if args.format == "html":
             out.write(page.html(page.gather(ledger, min(until, now), gap, now, args.service, args.ip, args.timeout)))
@@ -300,9 +301,9 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
         return _read_failed("report", exc)
     finally:
         ledger.conn.close()
-    if isinstance(out, io.StringIO):
+    if args.output is not None:
         try:
-            metrics.write_atomically(args.output, out.getvalue())
+            metrics.write_atomically(args.output, buffer.getvalue())
         except OSError as exc:
             print(f"heartbeatd: report: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
             return EX_DOWN
