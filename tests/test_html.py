@@ -10,6 +10,7 @@ at 390 px or 1280 px, and one screenshot per run is kept.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -258,9 +259,13 @@ def uptime_text(value: Optional[float]) -> str:
 
 
 @needs_chromium
-def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path) -> None:
+def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     page = tmp_path / "status.html"
-    result = run(ledger, "--format", "html", "--output", str(page))
+    old = os.umask(0o077)  # as under the status unit's UMask=0077: the web server must still read it
+    try:
+        result = run(ledger, "--format", "html", "--output", str(page))
+    finally:
+        os.umask(old)
     assert result.stdout == "" and stat.S_IMODE(page.stat().st_mode) == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     source = page.read_text()
@@ -355,7 +360,8 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path) -> None:
         assert png_pixels(shot)[0] == width
         assert painted_at_right_edge(shot) == [], f"content reaches the right edge at {width} px: {shot}"
         shutil.copy(shot, ARTIFACTS / shot.name)
-        print(f"screenshot: {shot} (copy: {ARTIFACTS / shot.name})")
+        with capsys.disabled():  # shown in every run, not only with -s
+            print(f"\nscreenshot: {shot} (copy: {ARTIFACTS / shot.name})")
     shutil.copy(page, ARTIFACTS / page.name)
     pdf = tmp_path / "status.pdf"  # printable: chromium prints it, the colours kept (print-color-adjust)
     chromium(tmp_path, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri())
