@@ -17,6 +17,7 @@ import stat
 import struct
 import subprocess
 import zlib
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
@@ -40,6 +41,7 @@ DAY, H, M = timedelta(days=1), timedelta(hours=1), timedelta(minutes=1)
 D0 = datetime.now(timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0) - DAY
 UNTIL = D0 + 12 * H
 ARTIFACTS = Path("/tmp/heartbeatd-artifacts")
+COLOURS = {"ok": "2da44e", "minor": "d4a72c", "major": "e16f24", "down": "cf222e", "nodata": "d0d7de"}  # the page's CSS
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (tests/install-deps)")
 
@@ -357,8 +359,13 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pyte
         # (JavaScript off is the page's own policy: no script in it, and its CSP allows none.)
         chromium(tmp_path, "--run-all-compositor-stages-before-draw",
                  f"--screenshot={shot}", f"--window-size={width},2400", page.as_uri())
-        assert png_pixels(shot)[0] == width
+        shot_width, _, pixels = png_pixels(shot)
+        assert shot_width == width
         assert painted_at_right_edge(shot) == [], f"content reaches the right edge at {width} px: {shot}"
+        # The style was applied (its CSP hash matches): every grade's colour is painted, the bars' in blocks.
+        painted = Counter(row[i:i + 3] for row in pixels for i in range(0, len(row), 3))
+        for name, colour in COLOURS.items():
+            assert painted[bytes.fromhex(colour)] > 150, (name, width)  # more than the legend's key alone
         shutil.copy(shot, ARTIFACTS / shot.name)
         with capsys.disabled():  # shown in every run, not only with -s
             print(f"\nscreenshot: {shot} (copy: {ARTIFACTS / shot.name})")
