@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ from typing import Any, Callable, NamedTuple, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, metrics, probes, render, schema
+from heartbeatd import __version__, config as configmod, logsetup, metrics, page, probes, render, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -55,7 +56,8 @@ LEDGER_HELP = """\
                  (--format text|json|prometheus; prometheus [--output FILE]: 0 once written, 1 if FILE cannot be
                  written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
-                 --service, --ip, --gap SECONDS, --format text|json|csv, --timeout SECONDS)
+                 --service, --ip, --gap SECONDS, --format text|json|csv|html, --output FILE, --timeout SECONDS);
+                 html: a self-contained status page of the 90 days up to --until
   prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
 """
 
@@ -164,8 +166,7 @@ def _output_file(text: str) -> Path:
     """An argparse type: a file to write (a directory is refused here; an unwritable one when written, exit 1)."""
     path = Path(text)
     if not path.name or path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file in it, such as "
-                                         f"{path / 'heartbeatd-ledger.prom'}")
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file in it")
     return path
 
 
@@ -184,13 +185,18 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     status.add_argument("--output", type=_output_file, default=None, metavar="FILE",
                         help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
     report = commands.add_parser("report", parents=[common], description=DESCRIPTIONS["report"])
-    report.add_argument("--since", type=_when, default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
+    report.add_argument("--since", type=_when, default=None,
+                        help="24h (the default), 7d, or a UTC date/time such as 2026-11-01")
     report.add_argument("--until", type=_when, default=None, help="as --since (default: now)")
     report.add_argument("--service", default=None, help="only this service (后端, redis, postgres)")
     report.add_argument("--ip", default=None, help="only this address")
     report.add_argument("--gap", type=_seconds(*GAP_RANGE), default=None,
                         help="seconds without a heartbeat that make an outage (default 2 x interval + timeout)")
-    report.add_argument("--format", choices=("text", "json", "csv"), default="text", help="text (default), json or csv")
+    report.add_argument("--format", choices=("text", "json", "csv", "html"), default="text",
+                        help="text (default), json, csv, or html: a status page of the 90 days up to --until, "
+                             "in one self-contained file")
+    report.add_argument("--output", type=_output_file, default=None, metavar="FILE",
+                        help="write FILE atomically (temporary file, rename; 0644) instead of stdout")
     report.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=60.0,
                         help="seconds the report's reads may take (60)")
     prune = commands.add_parser("prune", parents=[common], description=DESCRIPTIONS["prune"])
@@ -357,22 +363,35 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 def cmd_report(config: Config, args: argparse.Namespace) -> int:
     """Uptime, outages and no-data stretches per (service, ip)."""
     now = utcnow()
+    if args.format == "html" and args.since is not None:
+        return _usage("--since does not go with --format html: the page shows the 90 days up to --until")
     try:
-        since = parse_when(args.since, now)
         until = parse_when(args.until, now) if args.until else now
+        since = until - timedelta(days=page.DAYS) if args.format == "html" else parse_when(args.since or "24h", now)
     except ValueError as exc:
         return _usage(f"--since/--until: {exc}")
     if until <= since:
         return _usage("--until must be after --since")
     gap = args.gap if args.gap is not None else _stale_after(config)
     ledger = _ledger(config)
+    buffer = io.StringIO()  # with --output, the whole text first: the file is replaced only once it is complete
+    out = buffer if args.output is not None else sys.stdout
     try:
-        found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
+        if args.format == "html":
+            out.write(page.html(page.gather(ledger, min(until, now), gap, now, args.service, args.ip, args.timeout)))
+        else:
+            found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
+            render.write(found, since, min(until, now), gap, args.format, out)
     except READ_FAILURES as exc:
         return _read_failed("report", exc)
     finally:
         ledger.conn.close()
-    render.write(found, since, min(until, now), gap, args.format, sys.stdout)
+    if args.output is not None:
+        try:
+            metrics.write_atomically(args.output, buffer.getvalue())
+        except OSError as exc:
+            print(f"heartbeatd: report: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EX_DOWN
     return EX_OK
 
 

@@ -116,3 +116,18 @@ def classify(start: datetime, stop: datetime, ongoing: bool, alive: Sequence[dat
     if cursor < stop:
         no_data.append(Span(cursor, stop))
     return outages, no_data
+
+
+def clip(pair: PairReport, start: datetime, end: datetime) -> PairReport:
+    """The same pair's report cut to [start, end): its spans clipped, observed time bounded by it.
+
+    Figures for a day or a week come from the window's one classification; a stretch that went on
+    past `end` is no longer ongoing inside it.
+    """
+    def cut(spans: Sequence[Span]) -> list[Span]:
+        return [Span(max(s.start, start), min(s.end, end), s.ongoing and s.end <= end)
+                for s in spans if s.start < end and s.end > start]
+
+    observed_from = min(max(pair.observed_from, start), end)
+    return PairReport(pair.service, pair.ip, observed_from, max(min(pair.observed_to, end), observed_from),
+                      cut(pair.outages), cut(pair.no_data), pair.reporters, pair.latency)

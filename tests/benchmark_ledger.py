@@ -5,7 +5,7 @@
 Generates a history in a private PostgreSQL: every host's 后端, redis and postgres rows every
 30 s (100 hosts x 30 days = 25.9 million rows), each host's daemon down 10 minutes a day, Redis
 down 5 minutes a day. Then times, as the commands run them (median of 3): `status`,
-`report --since 24h` and `--since 30d` for everything, and `prune` of everything older than
+`report --since 24h` and `--since 30d` for everything, the 90-day HTML page, and `prune` of everything older than
 7 days; and what the (service_name, ip_address, report_time) index costs each INSERT and in size.
 Targets: status <= 100 ms, report 24h <= 1 s, report 30d <= 5 s, prune >= 500,000 rows/s.
 """
@@ -90,6 +90,10 @@ def main() -> None:
         print(f"report --since 24h, everything:       {day * 1000:8.1f} ms  (target <= 1000 ms; "
               f"{len(found)} pairs, {outages} outages)")
         print(f"report --since {args.days}d, everything:       {month * 1000:8.1f} ms  (target <= 5000 ms)")
+        from heartbeatd import page  # the status page: one 90-day report, clipped to days, as HTML
+        text = page.html(page.gather(ledger, now_aware, 65, now_aware, seconds=600))
+        html = timed(lambda: page.html(page.gather(ledger, now_aware, 65, now_aware, seconds=600)), runs=1)
+        print(f"report --format html (90 days):       {html * 1000:8.1f} ms  (target <= 1000 ms; {len(text):,} chars)")
         # The same reads of a table without latency_ms (dropping a column only changes the catalog).
         conn.autocommit = True
         with conn.cursor() as cur:
