@@ -33,6 +33,7 @@ pytestmark = pytest.mark.systemd
 TOP = Path(__file__).resolve().parent.parent
 DEB_PATH = re.compile(r"heartbeatd_[0-9.]+_all\.deb$")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+ENV_FILE = "/etc/heartbeatd/heartbeatd.env"
 
 
 def need(*tools: str) -> None:
@@ -254,12 +255,7 @@ def _quick_start(box: nspawn.Container, deb: Path, servers: Backends) -> None:
                    f"sh -c {shlex.quote('cd && ' + line)}")
         if "journalctl" in line or "heartbeatd status" in line:
             # The operator looks again a moment later if the first cycle has not written yet.
-            def answers() -> bool:
-                result = box.run(command, check=False)
-                text = result.stdout
-                return result.returncode == 0 and (
-                    "journalctl" not in line or all(f"记录心跳成功 - 服务: {s}" in text for s in ("后端", "redis", "postgres")))
-            wait(answers, 20, f"README's `{line}` to show the three services")
+            wait(lambda: _shows_three_services(box, command), 20, f"README's `{line}` to show the three services")
         else:
             box.run(command, input="y\n", timeout=600)
         if line.startswith("sudo apt install"):
@@ -273,7 +269,11 @@ def _quick_start(box: nspawn.Container, deb: Path, servers: Backends) -> None:
     assert box.run(f"stat -c %U:%G:%a {ENV_FILE}").stdout.strip() == "root:heartbeatd-conf:640"
 
 
-ENV_FILE = "/etc/heartbeatd/heartbeatd.env"
+def _shows_three_services(box: nspawn.Container, command: str) -> bool:
+    """The command succeeds and, if it reads the journal, shows a heartbeat recorded for each service."""
+    result = box.run(command, check=False)
+    return result.returncode == 0 and (
+        "journalctl" not in command or all(f"记录心跳成功 - 服务: {s}" in result.stdout for s in ("后端", "redis", "postgres")))
 
 
 def _installed_but_not_started(box: nspawn.Container) -> None:
