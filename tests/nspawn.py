@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,9 @@ RELEASES = ("bookworm", "trixie")
 # systemd as PID 1 and python3 for the stand-in backend - but none of the .deb's dependencies:
 # `apt-get install ./heartbeatd_*.deb` must find them through its Depends: line, or the test fails.
 INCLUDE = ["systemd", "systemd-sysv", "dbus", "python3"]
+# Trixie's own servers, which its end-to-end test runs inside the container (see private_network):
+# installed once into the cached root file system by trixie's apt and dpkg, not at every run.
+SERVERS = {"trixie": ["postgresql-17", "valkey-server", "valkey-sentinel"]}
 CGROUP_TREES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
 # On a host with hybrid cgroups, nspawn gives the container the legacy (v1) hierarchy. Trixie's systemd 257
 # still boots on it but deprecated and tainted ("cgroupsv1"), which no trixie host runs: give it the unified
@@ -53,20 +57,24 @@ def apt_mirror() -> str:
 
 
 def rootfs(release: str = "bookworm") -> Path:
-    """The cached root file system of `release`, built on first use (about a minute, ~300 MB)."""
-    key = hashlib.sha256(",".join(INCLUDE).encode()).hexdigest()[:12]
+    """The cached root file system of `release`, built on first use (a minute or three, 300-400 MB)."""
+    include = INCLUDE + SERVERS.get(release, [])
+    key = hashlib.sha256(",".join(include).encode()).hexdigest()[:12]
     path = CACHE / f"{release}-{key}"
     if (path / ".complete").exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / f"partial-{uuid.uuid4().hex[:8]}"
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", release, str(partial),
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(include)}", release, str(partial),
                         apt_mirror()], check=True, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PATH=PATH))
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise RuntimeError(f"debootstrap failed:\n{exc.stdout[-3000:]}\n{exc.stderr[-3000:]}") from exc
+    # pg_createcluster chose its port in the host's network, where 5432 may be taken: the container's is free.
+    for conf in partial.glob("etc/postgresql/*/main/postgresql.conf"):
+        conf.write_text(re.sub(r"^port = [0-9]+", "port = 5432", conf.read_text(), flags=re.M))
     (partial / ".complete").write_text("debootstrap finished\n")
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
@@ -76,8 +84,9 @@ def rootfs(release: str = "bookworm") -> Path:
 class Container:
     """One booted container; `run` executes a command inside it with nsenter."""
 
-    def __init__(self, release: str = "bookworm") -> None:
+    def __init__(self, release: str = "bookworm", private_network: bool = False) -> None:
         self.release = release
+        self.private_network = private_network
         root = rootfs(release)
         self.name = f"hb-e2e-{uuid.uuid4().hex[:8]}"
         # nspawn --keep-unit would otherwise leave its payload at the top of the host's cgroup
@@ -99,7 +108,8 @@ class Container:
             binds.append(f"--bind={host}:{inside}")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "-D", str(root), "-M", self.name, "--register=no", "--keep-unit",
-             "--volatile=overlay", "--console=read-only", *binds, "-b"],
+             "--volatile=overlay", "--console=read-only", *binds,
+             *(["--private-network"] if private_network else []), "-b"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups,
             env=dict(os.environ, PATH=PATH, **NSPAWN_ENV.get(release, {})))
         self.pid = self._find_init()
@@ -125,10 +135,12 @@ class Container:
         raise RuntimeError("the container's init did not appear")
 
     def run(self, command: str, check: bool = True, input: Optional[str] = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run a shell command inside the container, as root, with a clean environment."""
+            timeout: float = 120, host_network: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run a shell command inside the container, as root, with a clean environment (and, with host_network,
+        in the host's network namespace rather than the container's)."""
+        spaces = ["-m", "-u", "-i", "-p", "-C"] if host_network else ["-a"]
         result = subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-a", "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=",
+            ["nsenter", "-t", str(self.pid), *spaces, "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=",
              "sh", "-c", command],
             input=input, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -141,9 +153,14 @@ class Container:
         fresh = [p for p in lists.glob("*Packages*") if time.time() - p.stat().st_mtime < 86400]
         opts = "-o Acquire::Check-Valid-Until=false -o APT::Sandbox::User=root"
         if not fresh:
-            self.run(f"apt-get {opts} update -qq", timeout=600)
-        return self.run(f"DEBIAN_FRONTEND=noninteractive apt-get {opts} install -y --no-install-recommends {what}",
-                        timeout=900).stdout
+            self.run(f"apt-get {opts} update -qq", timeout=600, host_network=True)
+        install = f"DEBIAN_FRONTEND=noninteractive apt-get {opts} install -y --no-install-recommends {what}"
+        if self.private_network:
+            # Downloads through the host's network; the maintainer scripts run in the container's own
+            # (pg_createcluster picks the first port free *there*: 5432, not the host's next one).
+            self.run(f"{install} --download-only", timeout=900, host_network=True)
+            install += " --no-download"
+        return self.run(install, timeout=900).stdout
 
     def copy_in(self, source: Path, dest: str) -> None:
         """Copy a host file into the container."""
