@@ -162,9 +162,11 @@ def _connect(config: Config) -> Any:
 
 def cmd_init_db(config: Config, with_latency: bool = False) -> int:
     """Create the table and index if missing (and the latency_ms column, if asked)."""
-    conn = _connect(config)
+    connector = Connector(config.database_url, config.timeout)
+    conn = connector.open()
     try:
-        done = schema.init_db(conn, config.table, config.timeout, with_latency)
+        # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
+        done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
