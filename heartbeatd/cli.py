@@ -313,8 +313,16 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         if tty:
             print(f"\rpruning: {removed} row(s) removed so far", end="", file=sys.stderr, flush=True)
 
+    def dropped(name: str, rows: int) -> None:
+        if tty:
+            print("\r", end="", file=sys.stderr)
+        print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({rows} row(s))", flush=True)
+
     try:
-        removed = ledger.prune(cutoff, args.dry_run, progress)
+        removed = ledger.prune(cutoff, args.dry_run, progress, dropped)
+    except schema.DdlFailed as exc:
+        print(f"heartbeatd: prune failed: {exc}; nothing more removed, run it again later", file=sys.stderr)
+        return EX_DOWN
     except KeyboardInterrupt:
         print("\nheartbeatd: prune interrupted; what was removed stays removed, run it again to go on",
               file=sys.stderr)

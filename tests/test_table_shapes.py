@@ -3,6 +3,7 @@ inheritance children, with and without `id`; DDL that cannot get its lock; long 
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -78,6 +79,72 @@ def times(pg: PgServer) -> list[datetime]:
 def partitions(pg: PgServer) -> set[str]:
     return {r[0] for r in pg.sql("SELECT relid::text FROM pg_partition_tree('service_heartbeat') WHERE level > 0",
                                  db=pg.dbname)}
+
+
+@pytest.mark.parametrize("shape, with_id, kind", [
+    ("plain", True, "timestamp"), ("plain", False, "timestamp"),
+    ("range", True, "timestamp"), ("range", False, "timestamp"), ("range", False, "timestamptz"),
+    ("list", True, "timestamp"), ("inherits", False, "timestamp")])
+def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: str, with_id: bool, kind: str) -> None:
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H  # the cut at noon, 7 days ago
+    make_table(pg, shape, with_id, kind, now)
+    old, new = seed(pg, shape, now)
+    before = partitions(pg)
+    env = env_for(pg)
+    # --older-than a duration counts from the real now: make the cut land at `now` - 7 days.
+    older = f"{int((datetime.now(timezone.utc).replace(tzinfo=None) - now).total_seconds() // 3600) + 7 * 24}h"
+    dry = cli(["prune", "--older-than", older, "--dry-run"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert times(pg) == sorted(old + new)
+    result = cli(["prune", "--older-than", older], env)
+    assert result.returncode == 0, result.stderr
+    assert times(pg) == sorted(new), "exactly the old rows are gone, every current one kept"
+
+    def said(out: str) -> list[str]:
+        return [re.sub(r" older than .*", "", line.replace("would drop", "dropped").replace("would remove", "removed"))
+                for line in out.splitlines()]
+
+    assert said(dry.stdout) == said(result.stdout), (dry.stdout, result.stdout)
+    drops = [re.fullmatch(r"dropped partition public\.(\S+) \((\d+) row\(s\)\)", line) for line in said(result.stdout)[:-1]]
+    assert all(drops), result.stdout
+    assert said(result.stdout)[-1] == "removed 100 row(s)"
+    if shape != "range":
+        assert not drops
+        return
+    # Every daily partition wholly below the cut was dropped, with its rows counted; none other.
+    cut = now - timedelta(days=7)
+    below = {f"service_heartbeat_p{d:%Y%m%d}" for d in (day(now) + timedelta(days=n) for n in range(-30, 3))
+             if d + timedelta(days=1) <= cut}
+    assert {m.group(1) for m in drops if m} == below
+    for m in drops:
+        assert m is not None
+        start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
+        assert int(m.group(2)) == sum(start <= at < start + timedelta(days=1) for at in old)
+    assert partitions(pg) == before - below
+    assert "service_heartbeat_default" in partitions(pg)  # straddles every cut: deleted from, kept
+
+
+def test_prune_drop_blocked_by_a_long_reader_says_who_and_leaves_nothing_waiting(pg: PgServer) -> None:
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H
+    make_table(pg, "range", False, "timestamp", now)
+    seed(pg, "range", now)
+    reader = pg.connect(pg.dbname)
+    reader.autocommit = False
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM service_heartbeat")
+    try:
+        started = time.monotonic()
+        result = cli(["prune", "--older-than", "8d"], env_for(pg, HEARTBEAT_TIMEOUT="2"))
+        assert time.monotonic() - started < 15
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        assert f"held by pid {reader.get_backend_pid()} (SELECT count(*) FROM service_heartbeat)" in line, line
+        assert not pg.sql("SELECT pid FROM pg_locks WHERE NOT granted", db=pg.dbname)
+        pg.sql("SET lock_timeout = '1s'; INSERT INTO service_heartbeat VALUES ('后端', '10.0.0.1', now(), now())",
+               db=pg.dbname)
+    finally:
+        reader.close()
 
 
 def test_init_db_with_latency_blocked_by_a_long_reader(pg: PgServer) -> None:
