@@ -105,6 +105,8 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
                 for line in out.splitlines()]
 
     assert said(dry.stdout) == said(result.stdout), (dry.stdout, result.stdout)
+    reported = cli(["report", "--since", "8d", "--format", "json"], env)  # the read side on this shape too
+    assert reported.returncode == 0 and '"后端"' in reported.stdout, reported.stderr
     drops = [re.fullmatch(r"dropped partition public\.(\S+) \((\d+) row\(s\)\)", line) for line in said(result.stdout)[:-1]]
     assert all(drops), result.stdout
     assert said(result.stdout)[-1] == "removed 100 row(s)"
