@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     init_db = commands.add_parser("init-db", parents=[common])
     init_db.add_argument("--with-latency", action="store_true",
                          help="also add the nullable latency_ms column (each row's check latency)")
+    init_db.add_argument("--partitioned", nargs="?", const="day", choices=("day", "month"), default=None,
+                         help="create the table partitioned by report_time, a partition a day (or month), made "
+                              "ahead, and a DEFAULT one; on a partitioned table, make the partitions ahead")
     rejected = commands.add_parser("rejected", parents=[common])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
@@ -160,13 +163,14 @@ def _connect(config: Config) -> Any:
     return Connector(config.database_url, config.timeout).open()
 
 
-def cmd_init_db(config: Config, with_latency: bool = False) -> int:
+def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optional[str] = None) -> int:
     """Create the table and index if missing (and the latency_ms column, if asked)."""
     connector = Connector(config.database_url, config.timeout)
     conn = connector.open()
     try:
         # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
-        done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open)
+        done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
+                              partitioned=partitioned)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -391,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
-            return cmd_init_db(config, args.with_latency)
+            return cmd_init_db(config, args.with_latency, args.partitioned)
         if args.command == "once":
             return cmd_once(config)
         if args.command == "rejected":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
 
 import psycopg2
@@ -17,6 +18,19 @@ from heartbeatd.pg import deadline, reason
 TABLE_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial PRIMARY KEY,\n"
              + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
              + "\n);\n")
+# `init-db --partitioned`: the same columns, partitioned by report_time (a primary key must hold the partition key).
+PARTITIONED_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial,\n"
+                   + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
+                   + ",\n    PRIMARY KEY (id, report_time)\n) PARTITION BY RANGE (report_time);\n")
+PARTITION = "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})"
+DEFAULT_PARTITION = "CREATE TABLE IF NOT EXISTS {partition} PARTITION OF {table} DEFAULT"
+HAS_DEFAULT = "SELECT partdefid <> 0 FROM pg_catalog.pg_partitioned_table WHERE partrelid = pg_catalog.to_regclass(%s)"
+# A partition (by any name: pg_partman's too) already covering part of [start, end).
+COVERED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = pg_catalog.to_regclass(%(t)s)
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type} < %(end)s
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type} > %(start)s)"""
+AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
 # What packaging/schema.sql gives for applying by hand (init-db runs the same, step by step).
 CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
@@ -168,10 +182,16 @@ class _Init:
         self.conn, self.timeout, self.helper = conn, timeout, helper
         self.done: list[str] = []
         self.concurrently = False  # some index was built CONCURRENTLY (the table held rows)
+        self.split = False  # an index was made ON ONLY a partitioned table, then partition by partition
 
     def _fetch(self, query: str, *idents: sql.Composable) -> list[Any]:
         with deadline(self.timeout), self.conn.cursor() as cur:
             cur.execute(query, tuple(i.as_string(cur) for i in idents))
+            return list(cur.fetchall())
+
+    def _fetch_params(self, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            cur.execute(query, params)
             return list(cur.fetchall())
 
     def relation(self, ident: sql.Identifier) -> Optional[Relation]:
@@ -214,12 +234,12 @@ class _Init:
         if state:
             return 0
         name = object_name(rel.name, suffix)
-        if rel.kind == "p":
+        has_rows = bool(self._fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
+        if rel.kind == "p" and (has_rows or state is False):
             return self._partitioned(rel, suffix, columns, state is None)
         if state is False:  # a CONCURRENTLY build that was interrupted
             self.ddl(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(rel.index(suffix)),
                      f"DROP INDEX {name}", INDEX_TIMEOUT)
-        has_rows = bool(self._fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
         # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
         self.ddl(self._create(rel, suffix, columns, "CONCURRENTLY" if has_rows else "", ""),
                  f"CREATE INDEX {name}", INDEX_TIMEOUT if has_rows else None)
@@ -231,6 +251,7 @@ class _Init:
         (invalid, instantly), each partition's own built as for a table, each attached; the parent's is
         valid once every partition's is attached."""
         name = object_name(rel.name, suffix)
+        self.split = True
         if missing:
             self.ddl(self._create(rel, suffix, columns, "", "ONLY"), f"CREATE INDEX {name} ON ONLY {rel.name}")
         built = 0
@@ -250,22 +271,74 @@ class _Init:
                                      columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
 
 
+def _periods(unit: str, now: datetime) -> list[tuple[datetime, datetime]]:
+    """The current day (or month) and AHEAD[unit] more, as [start, end) in UTC."""
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if unit == "month":
+        start = start.replace(day=1)
+    found = []
+    for _ in range(AHEAD[unit] + 1):
+        end = start + timedelta(days=1) if unit == "day" else (start + timedelta(days=32)).replace(day=1)
+        found.append((start, end))
+        start = end
+    return found
+
+
+def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
+    """The table partitioned by report_time (made if missing, never converted), with partitions made ahead
+    and a DEFAULT one that catches what no partition covers."""
+    rel = work.relation(ident)
+    if rel is None:
+        work.ddl(sql.SQL(PARTITIONED_DDL).format(table=ident), f"CREATE TABLE {name}")
+        rel = work.relation(ident)
+        work.done.append(f"created table {name} partitioned by range of report_time, a partition a {unit}")
+    if rel is None or rel.kind != "p":
+        raise DdlFailed(f"table {name} exists and is not partitioned; init-db never converts a table "
+                        "(README: Partitioned table, for the steps of a live migration)")
+    with deadline(work.timeout), work.conn.cursor() as cur:
+        kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
+    made = []
+    for start, end in _periods(unit, now):
+        bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
+            {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
+        if work._fetch_params(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
+            continue
+        part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
+        work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
+                                           start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
+                 f"CREATE TABLE {part} PARTITION OF {rel.name}")
+        made.append(part)
+    if not work._fetch(HAS_DEFAULT, rel.ident)[0][0]:
+        part = object_name(rel.name, "default")
+        work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
+                 f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
+        made.append(part)
+    if made:
+        work.done.append(f"created partition(s) {', '.join(made)}")
+    return rel
+
+
 def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool = False,
-            helper: Optional[Callable[[], Any]] = None) -> list[str]:
+            helper: Optional[Callable[[], Any]] = None, partitioned: Optional[str] = None) -> list[str]:
     """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was
-    created. Every index is checked to be there and valid before it returns; DdlFailed says why not."""
+    created. Every index is checked to be there and valid before it returns; DdlFailed says why not.
+    `partitioned` ("day" or "month"): a partitioned table, with partitions made ahead."""
     work = _Init(conn, timeout, helper)
     fresh = work.relation(sql.Identifier(*table)) is None
-    rel = work.create_table(sql.Identifier(*table), ".".join(table))
+    if partitioned:
+        rel = _partitioned_table(work, sql.Identifier(*table), ".".join(table), partitioned,
+                                 datetime.now(timezone.utc))
+    else:
+        rel = work.create_table(sql.Identifier(*table), ".".join(table))
     if with_latency:
         work.add_latency(rel)
     for suffix, columns in INDEXES:
         name = object_name(rel.name, suffix)
-        work.concurrently = False
+        work.concurrently = work.split = False
         built = work.index(rel, suffix, columns)
         if fresh and suffix == INDEXES[0][0]:
             continue  # part of the new table's DDL (as in schema.sql), not news
-        if rel.kind == "p" and built:
+        if work.split and built:
             work.done.append(f"created index {name} on partitioned table {rel.name}: ON ONLY the table, then on "
                              f"{built} partition(s){' (CONCURRENTLY where they held rows)' if work.concurrently else ''}, "
                              "each attached")

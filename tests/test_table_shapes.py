@@ -232,3 +232,31 @@ def test_init_db_indexes_a_partitioned_table_that_holds_rows(pg: PgServer) -> No
     assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1  # rows still go in
     assert pg.sql("SELECT count(*) FROM service_heartbeat WHERE report_time > now() AT TIME ZONE 'utc' - interval '1 hour'",
                   db=pg.dbname)[0][0] == 2
+
+
+@pytest.mark.parametrize("unit, count", [("day", 8), ("month", 3)])
+def test_init_db_partitioned_makes_the_table_with_partitions_ahead(pg: PgServer, unit: str, count: int) -> None:
+    env = env_for(pg)
+    result = cli(["init-db", f"--partitioned={unit}"], env)
+    assert result.returncode == 0, result.stderr
+    assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("p",)]
+    parts = sorted(partitions(pg))
+    assert len(parts) == count + 1 and "service_heartbeat_default" in parts, parts
+    today = datetime.now(timezone.utc)
+    current = f"service_heartbeat_p{today:%Y%m%d}" if unit == "day" else f"service_heartbeat_p{today:%Y%m}"
+    assert current in parts
+    for suffix, _ in INDEXES:
+        assert pg.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass",
+                      (object_name("service_heartbeat", suffix),), db=pg.dbname) == [(True,)]
+    again = cli(["init-db", f"--partitioned={unit}"], env)
+    assert again.returncode == 0 and again.stdout.startswith("table service_heartbeat and its indexes are ready")
+    assert sorted(partitions(pg)) == parts
+    assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1
+    assert pg.sql("SELECT tableoid::regclass::text FROM service_heartbeat", db=pg.dbname) == [(current,)] * 2
+
+
+def test_init_db_partitioned_never_converts_a_plain_table(pg: PgServer) -> None:
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    result = cli(["init-db", "--partitioned"], env_for(pg))
+    assert result.returncode == 1 and "exists and is not partitioned" in result.stderr
+    assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("r",)]
