@@ -184,26 +184,26 @@ class _Init:
         self.concurrently = False  # some index was built CONCURRENTLY (the table held rows)
         self.split = False  # an index was made ON ONLY a partitioned table, then partition by partition
 
-    def _fetch(self, query: str, *idents: sql.Composable) -> list[Any]:
+    def fetch(self, query: str, *idents: sql.Composable) -> list[Any]:
         with deadline(self.timeout), self.conn.cursor() as cur:
             cur.execute(query, tuple(i.as_string(cur) for i in idents))
             return list(cur.fetchall())
 
-    def _fetch_params(self, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
+    def fetch_with(self, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
         with deadline(self.timeout), self.conn.cursor() as cur:
             cur.execute(query, params)
             return list(cur.fetchall())
 
     def relation(self, ident: sql.Identifier) -> Optional[Relation]:
-        found = self._fetch(RELATION, ident)
+        found = self.fetch(RELATION, ident)
         return Relation(*found[0]) if found else None
 
     def children(self, rel: Relation) -> list[Relation]:
-        return [Relation(*row) for row in self._fetch(CHILDREN, rel.ident)]
+        return [Relation(*row) for row in self.fetch(CHILDREN, rel.ident)]
 
     def state(self, rel: Relation, suffix: str) -> Optional[bool]:
         """True: the index is there and valid; False: there but invalid; None: missing."""
-        found = self._fetch(INDEX_STATE, rel.ident, rel.index(suffix))
+        found = self.fetch(INDEX_STATE, rel.ident, rel.index(suffix))
         if found and not found[0][1]:
             raise DdlFailed(f"index name {object_name(rel.name, suffix)} is taken by another table's index")
         return bool(found[0][0]) if found else None
@@ -234,7 +234,7 @@ class _Init:
         if state:
             return 0
         name = object_name(rel.name, suffix)
-        has_rows = bool(self._fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
+        has_rows = bool(self.fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
         if rel.kind == "p" and (has_rows or state is False):
             return self._partitioned(rel, suffix, columns, state is None)
         if state is False:  # a CONCURRENTLY build that was interrupted
@@ -256,7 +256,7 @@ class _Init:
             self.ddl(self._create(rel, suffix, columns, "", "ONLY"), f"CREATE INDEX {name} ON ONLY {rel.name}")
         built = 0
         for child in self.children(rel):
-            if child.kind not in ("r", "p") or self._fetch(ATTACHED, rel.index(suffix), child.ident)[0][0]:
+            if child.kind not in ("r", "p") or self.fetch(ATTACHED, rel.index(suffix), child.ident)[0][0]:
                 continue  # a foreign table has no index; one attached already (made with the partition)
             built += self.index(child, suffix, columns)
             self.ddl(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(rel.index(suffix), child.index(suffix)),
@@ -301,14 +301,14 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
     for start, end in _periods(unit, now):
         bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
             {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
-        if work._fetch_params(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
+        if work.fetch_with(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
             continue
         part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
         work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
                                            start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
                  f"CREATE TABLE {part} PARTITION OF {rel.name}")
         made.append(part)
-    if not work._fetch(HAS_DEFAULT, rel.ident)[0][0]:
+    if not work.fetch(HAS_DEFAULT, rel.ident)[0][0]:
         part = object_name(rel.name, "default")
         work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
                  f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
