@@ -33,7 +33,7 @@ HELP_EPILOG = """\
 commands:
   run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
   once           one cycle: check, write, print one line per service
-  init-db        create the table and its indexes if missing
+  init-db        create the table and its indexes if missing (--partitioned[=day|month]: partitioned by report_time)
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
@@ -53,7 +53,8 @@ LEDGER_HELP = """\
                  (--format prometheus [--output FILE]: 0 once written, 1 if FILE cannot be written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
                  --service, --ip, --gap SECONDS, --format text|json|csv)
-  prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
+  prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
+                 the rest deleted in batches; --dry-run counts
 """
 
 
