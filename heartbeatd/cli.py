@@ -35,7 +35,8 @@ HELP_EPILOG = """\
 commands:
   run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
   once           one cycle: check, write, print one line per service
-  init-db        create the table and its indexes if missing; --with-latency also adds the latency_ms column
+  init-db        create the table and its indexes if missing; --with-latency also adds the latency_ms column;
+                 --partitioned[=day|month]: partitioned by report_time, partitions made ahead
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
@@ -58,7 +59,8 @@ LEDGER_HELP = """\
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
                  --service, --ip, --gap SECONDS, --format text|json|csv|html, --output FILE, --timeout SECONDS);
                  html: a self-contained status page of the 90 days up to --until
-  prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
+  prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
+                 the rest deleted in batches; --dry-run counts
 """
 
 
@@ -110,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     init_db = commands.add_parser("init-db", parents=[common], description=DESCRIPTIONS["init-db"])
     init_db.add_argument("--with-latency", action="store_true",
                          help="also add the nullable latency_ms column (each row's check latency)")
+    init_db.add_argument("--partitioned", nargs="?", const="day", choices=("day", "month"), default=None,
+                         help="create the table partitioned by report_time, a partition a day (or month), made "
+                              "ahead, and a DEFAULT one; on a partitioned table, make the partitions ahead")
     rejected = commands.add_parser("rejected", parents=[common], description=DESCRIPTIONS["rejected"])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
@@ -255,11 +260,14 @@ def _connect(config: Config) -> Any:
     return Connector(config.database_url, config.timeout).open()
 
 
-def cmd_init_db(config: Config, with_latency: bool = False) -> int:
+def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optional[str] = None) -> int:
     """Create the table and index if missing (and the latency_ms column, if asked)."""
-    conn = _connect(config)
+    connector = Connector(config.database_url, config.timeout)
+    conn = connector.open()
     try:
-        done = schema.init_db(conn, config.table, config.timeout, with_latency)
+        # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
+        done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
+                              partitioned=partitioned)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -412,8 +420,16 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         if tty:
             print(f"\rpruning: {removed} row(s) removed so far", end="", file=sys.stderr, flush=True)
 
+    def dropped(name: str, rows: int) -> None:
+        if tty:
+            print("\r", end="", file=sys.stderr)
+        print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({rows} row(s))", flush=True)
+
     try:
-        removed = ledger.prune(cutoff, args.dry_run, progress)
+        removed = ledger.prune(cutoff, args.dry_run, progress, dropped)
+    except schema.DdlFailed as exc:
+        print(f"heartbeatd: prune failed: {exc}; nothing more removed, run it again later", file=sys.stderr)
+        return EX_DOWN
     except KeyboardInterrupt:
         print("\nheartbeatd: prune interrupted; what was removed stays removed, run it again to go on",
               file=sys.stderr)
@@ -482,7 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
-            return cmd_init_db(config, args.with_latency)
+            return cmd_init_db(config, args.with_latency, args.partitioned)
         if args.command == "once":
             return cmd_once(config)
         if args.command == "rejected":

@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import column_types
+from heartbeatd.schema import column_types, run_ddl
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -93,26 +93,46 @@ SELECT p.service_name, p.ip_address,
            AND s.report_time >= %(recent)s AND s.report_time < %(until)s)
   FROM pairs p
  WHERE p.service_name <> %(backend)s {filters}"""
-# The services, by a loose scan of the (service_name, report_time) index.
+# Every relation under the table, parents first: the table itself and its partitions (declarative) or
+# children (inheritance), at every level. `below`: a partition of a table partitioned by RANGE
+# (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key):
+# PostgreSQL reads back the bound it printed, in this session's DateStyle and TimeZone.
+PRUNE_TREE = """\
+WITH RECURSIVE tree AS (
+    SELECT pg_catalog.to_regclass(%(t)s)::oid AS rel, 0::oid AS parent, 0 AS depth
+    UNION ALL
+    SELECT i.inhrelid, i.inhparent, tree.depth + 1 FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.rel
+)
+SELECT tree.rel, tree.parent, c.relkind, n.nspname, c.relname,
+       CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
+            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type}
+                 <= %(cutoff)s END AS below
+  FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_catalog.pg_partitioned_table k ON c.relispartition AND k.partrelid = tree.parent
+  LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.parent AND a.attname = 'report_time'
+ ORDER BY tree.depth, n.nspname, c.relname"""
+# The services of one table or partition, by a loose scan of the (service_name, report_time) index.
 PRUNE_SERVICES = """\
 WITH RECURSIVE services AS (
-    (SELECT service_name FROM {t} ORDER BY service_name LIMIT 1)
+    (SELECT service_name FROM ONLY {t} ORDER BY service_name LIMIT 1)
     UNION ALL
     SELECT n.service_name FROM services s, LATERAL (
-        SELECT service_name FROM {t} WHERE service_name > s.service_name ORDER BY service_name LIMIT 1) n
+        SELECT service_name FROM ONLY {t} WHERE service_name > s.service_name ORDER BY service_name LIMIT 1) n
 )
 SELECT service_name FROM services"""
-PRUNE_COUNT = "SELECT count(*) FROM {t} WHERE service_name = %(s)s AND report_time < %(cutoff)s"
+PRUNE_COUNT = "SELECT count(*) FROM ONLY {t} WHERE service_name = %(s)s AND report_time < %(cutoff)s"
+PRUNE_ROWS = "SELECT count(*) FROM ONLY {t}"
 # Oldest first per service through the (service_name, report_time) index: the heap is laid out
 # by time, so each batch dirties the pages the previous one did (per (service, ip) instead, every
 # old page would be rewritten once per host). Keyset on report_time, so no batch rescans what
 # earlier ones deleted. Each row is addressed by its physical id: a TID scan, about twice as fast
 # as the same batch by primary key (rows are never updated, so a ctid read in the statement is the
-# row it deletes), and a table without `id` works the same.
+# row it deletes), and a table without `id` works the same. A ctid names a row only within one
+# table, so each table and partition is pruned on its own (ONLY), never through its parent.
 PRUNE_BATCH_SQL = """\
 WITH gone AS (
-    DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM {t} WHERE service_name = %(s)s AND report_time >= %(after)s AND report_time < %(cutoff)s
+    DELETE FROM ONLY {t} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM ONLY {t} WHERE service_name = %(s)s AND report_time >= %(after)s AND report_time < %(cutoff)s
          ORDER BY report_time LIMIT %(n)s))
     RETURNING report_time)
 SELECT count(*), max(report_time) FROM gone"""
@@ -158,6 +178,7 @@ class Ledger:
         self._t = sql.Identifier(*self.table)
         self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
         self.has_latency = False  # the table has a latency_ms column
+        self._time_type = "timestamp"  # report_time's type, for reading a partition's bound
         self._timeout_ms = 1000
         self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
 
@@ -204,6 +225,7 @@ class Ledger:
             raise TableMissing(f"table {self.name} does not exist (or has no report_time column): "
                               "run `heartbeatd init-db`")
         self.naive = found != "timestamptz"
+        self._time_type = "timestamptz" if found == "timestamptz" else "timestamp"
 
     # -- status ---------------------------------------------------------------------------
 
@@ -227,24 +249,62 @@ class Ledger:
 
     # -- prune ------------------------------------------------------------------------------
 
-    def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None]) -> Optional[int]:
-        """Delete rows older than `cutoff` in batches; None if another prune holds the lock."""
+    def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
+              dropped: Callable[[str, int], None] = lambda name, rows: None) -> Optional[int]:
+        """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`),
+        the rest deleted in batches; how many rows, or None if another prune holds the lock."""
         conn = self.conn
         conn.autocommit = True
         conn.set_session(readonly=False, autocommit=True)
         with deadline(self.timeout), conn.cursor() as cur:
             self._describe(cur)
+            when = self._param(cutoff)
+            cur.execute("SET TimeZone = 'UTC'")  # a timestamptz bound is printed and read back in UTC
             cur.execute(PRUNE_LOCK, (f"heartbeatd-prune:{self.name}",))
             if not cur.fetchone()[0]:
                 return None
-            cur.execute(self._q(PRUNE_SERVICES))
-            services = [r[0] for r in cur.fetchall()]
+            drop, tables = self._prune_plan(cur, when)
         pid = conn.get_backend_pid()
         try:
-            return self._prune_batches(services, self._param(cutoff), dry_run, progress)
+            removed = 0
+            for table in drop:
+                rows = self._drop(table, dry_run)
+                dropped(".".join(table.strings), rows)
+                removed += rows
+            for table in tables:
+                removed = self._prune_batches(table, when, dry_run, progress, removed)
+            return removed
         except KeyboardInterrupt:
             self._cancel(pid)
             raise
+
+    def _prune_plan(self, cur: Any, when: Any) -> tuple[list[sql.Identifier], list[sql.Identifier]]:
+        """The partitions wholly below the cut (to drop), and the tables and partitions to delete from."""
+        cur.execute(sql.SQL(PRUNE_TREE).format(type=sql.SQL(self._time_type)),
+                    {"t": self._t.as_string(cur), "cutoff": when})
+        gone: set[int] = set()
+        drop, tables = [], []
+        for rel, parent, kind, schema, name, below in cur.fetchall():
+            if parent in gone or below:  # dropping a partition drops its own partitions
+                if parent not in gone:
+                    drop.append(sql.Identifier(schema, name))
+                gone.add(rel)
+            elif kind == "r":  # "p" holds no rows itself; a foreign table's rows are its server's to keep
+                tables.append(sql.Identifier(schema, name))
+        return drop, tables
+
+    def _drop(self, table: sql.Identifier, dry_run: bool) -> int:
+        """Count a partition's rows and (unless a dry run) drop it: one catalog change, whatever its size."""
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            cur.execute(sql.SQL(PRUNE_ROWS).format(t=table))
+            rows = int(cur.fetchone()[0])
+        if not dry_run:
+            # DROP, not DETACH then DROP: a plain DETACH takes the same ACCESS EXCLUSIVE lock on the
+            # parent, and DETACH ... CONCURRENTLY is refused where a DEFAULT partition exists and
+            # leaves a half-detached partition if interrupted. The lock wait is bounded (run_ddl).
+            run_ddl(self.conn, sql.SQL("DROP TABLE {}").format(table), f"DROP TABLE {'.'.join(table.strings)}",
+                    self.timeout, self._helper)
+        return rows
 
     def _cancel(self, pid: int) -> None:
         """Ctrl-C in a batch: a DELETE the client stopped waiting for is the server's to finish (one
@@ -264,20 +324,26 @@ class Ledger:
         except Exception:  # noqa: BLE001 - best effort: what was removed stays removed either way
             pass
 
-    def _prune_batches(self, services: list[str], when: Any, dry_run: bool,
-                       progress: Callable[[int], None]) -> int:
+    def _prune_batches(self, table: sql.Identifier, when: Any, dry_run: bool,
+                       progress: Callable[[int], None], removed: int) -> int:
+        """Delete (or count) one table's or partition's rows older than the cut, service by service."""
         conn = self.conn
-        removed = 0
+
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(t=table)
+
+        with deadline(self.timeout), conn.cursor() as cur:
+            cur.execute(q(PRUNE_SERVICES))
+            services = [r[0] for r in cur.fetchall()]
         for service in services:
             after = self._param(datetime(1, 1, 2, tzinfo=UTC))
             while True:
                 with deadline(self.timeout), conn.cursor() as cur:
                     if dry_run:
-                        cur.execute(self._q(PRUNE_COUNT), {"s": service, "cutoff": when})
+                        cur.execute(q(PRUNE_COUNT), {"s": service, "cutoff": when})
                         removed += int(cur.fetchone()[0])
                         break
-                    cur.execute(self._q(PRUNE_BATCH_SQL), {"s": service, "after": after, "cutoff": when,
-                                                           "n": PRUNE_BATCH})
+                    cur.execute(q(PRUNE_BATCH_SQL), {"s": service, "after": after, "cutoff": when, "n": PRUNE_BATCH})
                     count, last = cur.fetchone()
                 removed += int(count)
                 progress(removed)

@@ -1,21 +1,55 @@
-"""The table's DDL and indexes (derived from heartbeat.COLUMNS), and the column lookup writer and ledger share."""
+"""The table's DDL and indexes (derived from heartbeat.COLUMNS), the column lookup writer and ledger share,
+and the one way heartbeatd runs DDL: lock waits bounded, cancelled on the server, the holder named."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional, Sequence
 
+import psycopg2
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import COLUMNS, LATENCY
-from heartbeatd.pg import deadline
+from heartbeatd.pg import deadline, reason
 
-CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial PRIMARY KEY,\n"
-                + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
-                + "\n);\nCREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n")
+TABLE_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial PRIMARY KEY,\n"
+             + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
+             + "\n);\n")
+# `init-db --partitioned`: the same columns, partitioned by report_time (a primary key must hold the partition key).
+PARTITIONED_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigserial,\n"
+                   + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
+                   + ",\n    PRIMARY KEY (id, report_time)\n) PARTITION BY RANGE (report_time);\n")
+PARTITION = "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})"
+DEFAULT_PARTITION = "CREATE TABLE IF NOT EXISTS {partition} PARTITION OF {table} DEFAULT"
+HAS_DEFAULT = "SELECT partdefid <> 0 FROM pg_catalog.pg_partitioned_table WHERE partrelid = pg_catalog.to_regclass(%s)"
+# A partition (by any name: pg_partman's too) already covering part of [start, end).
+COVERED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = pg_catalog.to_regclass(%(t)s)
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type} < %(end)s
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type} > %(start)s)"""
+AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
+# What packaging/schema.sql gives for applying by hand (init-db runs the same, step by step).
+CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
 PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (service_name, ip_address, report_time)"
-INDEX_STATE = """SELECT i.indisvalid FROM pg_catalog.pg_index i
+INDEX = "CREATE INDEX {concurrently} {index} ON {only} {table} ({columns})"
+# The application's reads, and the read side's: (name suffix, columns).
+INDEXES = (("service_name_report_time_idx", ("service_name", "report_time")),
+           ("service_ip_time_idx", ("service_name", "ip_address", "report_time")))
+RELATION = """SELECT c.relkind, n.nspname, c.relname FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass(%s)"""
+CHILDREN = """SELECT c.relkind, n.nspname, c.relname FROM pg_catalog.pg_inherits i
+  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE i.inhparent = pg_catalog.to_regclass(%s) ORDER BY c.relname"""
+# The index by that name: valid, and on this table (a name taken by another table's index is not ours).
+INDEX_STATE = """SELECT i.indisvalid, i.indrelid = pg_catalog.to_regclass(%s) FROM pg_catalog.pg_index i
  WHERE i.indexrelid = pg_catalog.to_regclass(%s)"""
+# A partition's index already attached to the parent's (PostgreSQL makes one for a partition created later).
+ATTACHED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid
+ WHERE h.inhparent = pg_catalog.to_regclass(%s) AND x.indrelid = pg_catalog.to_regclass(%s))"""
 HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
 # Nullable, no default: PostgreSQL only records it in the catalog, however many rows there are.
 ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"
@@ -23,18 +57,40 @@ COLUMN_TYPES = """\
 SELECT a.attname, t.typname
   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
+LOCK_TIMEOUT = "SET lock_timeout = %s"
+# Who a waiting backend waits for, with the first words of what they run.
+BLOCKERS = """SELECT b.pid, coalesce(a.query, '') FROM unnest(pg_catalog.pg_blocking_pids(%s)) AS b(pid)
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid ORDER BY b.pid"""
+CANCEL = "SELECT pg_catalog.pg_cancel_backend(%s)"
+WAITING = "SELECT count(*) FROM pg_catalog.pg_locks WHERE pid = %s AND NOT granted"
 # Building an index over millions of rows takes minutes, not HEARTBEAT_TIMEOUT; still bounded.
 INDEX_TIMEOUT = 3600.0
+NAME_BYTES = 63  # PostgreSQL cuts longer identifiers (NAMEDATALEN - 1)
+
+
+class DdlFailed(Exception):
+    """A DDL statement did not complete; the text is one line for the operator."""
+
+
+def object_name(table_name: str, suffix: str) -> str:
+    """`<table>_<suffix>`, or when that is too long, the table's name cut, a hash of the whole, and the suffix."""
+    full = f"{table_name}_{suffix}"
+    if len(full.encode()) <= NAME_BYTES:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    room = NAME_BYTES - len(suffix.encode()) - len(digest) - 2
+    head = table_name.encode()[:room].decode(errors="ignore")  # never half a character
+    return f"{head}_{digest}_{suffix}"
 
 
 def index_name(table: Sequence[str]) -> str:
     """The name init-db gives the (service_name, report_time) index."""
-    return f"{table[-1]}_service_name_report_time_idx"[:63]
+    return object_name(table[-1], INDEXES[0][0])
 
 
 def pair_index_name(table: Sequence[str]) -> str:
     """The name init-db gives the (service_name, ip_address, report_time) index the read side uses."""
-    return f"{table[-1]}_service_ip_time_idx"[:63]
+    return object_name(table[-1], INDEXES[1][0])
 
 
 def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
@@ -43,30 +99,252 @@ def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
     return {name: typ for name, typ in cur.fetchall()}
 
 
-def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool = False) -> list[str]:
-    """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was created."""
-    done: list[str] = []
-    ident = sql.Identifier(*table)
-    pair = sql.Identifier(*table[:-1], pair_index_name(table))
-    with deadline(timeout), conn.cursor() as cur:
-        cur.execute(sql.SQL(CREATE_TABLE).format(table=ident, index=sql.Identifier(index_name(table))))
-        if with_latency and LATENCY not in column_types(cur, ident):
-            ddl = next(c.ddl for c in COLUMNS if c.name == LATENCY)
-            cur.execute(sql.SQL(ADD_COLUMN).format(table=ident, column=sql.Identifier(LATENCY), ddl=sql.SQL(ddl)))
-            done.append(f"added column {LATENCY} {ddl}")
-        cur.execute(INDEX_STATE, (pair.as_string(cur),))
-        state = cur.fetchone()
-        if state is not None and not state[0]:  # a CONCURRENTLY build that was interrupted
-            cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(pair))
-            state = None
-        cur.execute(sql.SQL(HAS_ROWS).format(table=ident))
-        has_rows = bool(cur.fetchone()[0])
-    if state is None:
+def _words(query: str, count: int = 8) -> str:
+    words = query.split()
+    return " ".join(words[:count]) + (" …" if len(words) > count else "")
+
+
+def give_up(helper: Optional[Callable[[], Any]], pid: int, seconds: float) -> str:
+    """Cancel backend `pid`'s statement from a second connection; who it was waiting for, in words.
+
+    Our own connection is closed by then (psycopg2 closes it when a wait is cut short), but its
+    backend goes on waiting for the lock, and every later request queues behind it: so cancel it,
+    and wait until it no longer waits.
+    """
+    if helper is None:
+        return "(no second connection to cancel it with)"
+    try:
+        with deadline(seconds):
+            other = helper()
+            try:
+                with other.cursor() as cur:
+                    cur.execute(BLOCKERS, (pid,))
+                    held = cur.fetchall()
+                    cur.execute(CANCEL, (pid,))
+                    for _ in range(100):  # the cancel is a signal: it lands within milliseconds
+                        cur.execute(WAITING, (pid,))
+                        if not cur.fetchone()[0]:
+                            break
+                        time.sleep(0.01)
+            finally:
+                other.close()
+    except Exception as exc:  # noqa: BLE001 - the operator still gets the line about the DDL
+        return f"(could not cancel it or ask who held the lock: {reason(exc)})"
+    if not held:
+        return "(no lock holder: the server was slow or did not answer)"
+    return "held by " + "; ".join(f"pid {pid} ({_words(query)})" for pid, query in held)
+
+
+def run_ddl(conn: Any, statement: sql.Composable, what: str, seconds: float,
+            helper: Optional[Callable[[], Any]]) -> None:
+    """One DDL statement on an autocommit connection, ended by `seconds`, its lock waits too.
+
+    The server's lock_timeout is a second longer than ours, so a client killed while it waits
+    leaves no request queued for long; while we live, we give up first, cancel the statement on
+    the server and say who held the table (DdlFailed). Ctrl-C cancels it the same way.
+    """
+    pid = conn.get_backend_pid()
+    try:
+        with deadline(seconds), conn.cursor() as cur:
+            cur.execute(LOCK_TIMEOUT, (f"{int((seconds + 1) * 1000)}ms",))
+            cur.execute(statement)
+    except KeyboardInterrupt:
+        give_up(helper, pid, 5.0)
+        raise
+    except psycopg2.Error as exc:
+        if not conn.closed:  # the server's own answer: an error of the statement, said as it is
+            raise DdlFailed(f"{what}: {reason(exc)}") from None
+        held = give_up(helper, pid, seconds)
+        raise DdlFailed(f"{what}: gave up after {seconds:g}s; {held}") from None
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A table or one of its partitions: kind (`r` plain, `p` partitioned, `f` foreign), schema, name."""
+
+    kind: str
+    schema: str
+    name: str
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    def index(self, suffix: str) -> sql.Identifier:
+        """Its index of that suffix, schema-qualified (an index lives in its table's schema)."""
+        return sql.Identifier(self.schema, object_name(self.name, suffix))
+
+
+class _Init:
+    """init-db's steps on one autocommit connection: every DDL through run_ddl, every look-up bounded."""
+
+    def __init__(self, conn: Any, timeout: float, helper: Optional[Callable[[], Any]]) -> None:
+        self.conn, self.timeout, self.helper = conn, timeout, helper
+        self.done: list[str] = []
+        self.concurrently = False  # some index was built CONCURRENTLY (the table held rows)
+        self.split = False  # an index was made ON ONLY a partitioned table, then partition by partition
+
+    def fetch(self, query: str, *idents: sql.Composable) -> list[Any]:
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            cur.execute(query, tuple(i.as_string(cur) for i in idents))
+            return list(cur.fetchall())
+
+    def fetch_with(self, query: sql.Composable, params: dict[str, Any]) -> list[Any]:
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            cur.execute(query, params)
+            return list(cur.fetchall())
+
+    def relation(self, ident: sql.Identifier) -> Optional[Relation]:
+        found = self.fetch(RELATION, ident)
+        return Relation(*found[0]) if found else None
+
+    def children(self, rel: Relation) -> list[Relation]:
+        return [Relation(*row) for row in self.fetch(CHILDREN, rel.ident)]
+
+    def state(self, rel: Relation, suffix: str) -> Optional[bool]:
+        """True: the index is there and valid; False: there but invalid; None: missing."""
+        found = self.fetch(INDEX_STATE, rel.ident, rel.index(suffix))
+        if found and not found[0][1]:
+            raise DdlFailed(f"index name {object_name(rel.name, suffix)} is taken by another table's index")
+        return bool(found[0][0]) if found else None
+
+    def ddl(self, statement: sql.Composable, what: str, seconds: Optional[float] = None) -> None:
+        run_ddl(self.conn, statement, what, seconds or self.timeout, self.helper)
+
+    def create_table(self, ident: sql.Identifier, name: str) -> Relation:
+        rel = self.relation(ident)
+        if rel is None:  # CREATE TABLE IF NOT EXISTS alone would not tell us the table's shape
+            self.ddl(sql.SQL(TABLE_DDL).format(table=ident), f"CREATE TABLE {name}")
+            rel = self.relation(ident)
+        assert rel is not None
+        return rel
+
+    def add_latency(self, rel: Relation) -> None:
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            if LATENCY in column_types(cur, rel.ident):
+                return
+        ddl = next(c.ddl for c in COLUMNS if c.name == LATENCY)
+        self.ddl(sql.SQL(ADD_COLUMN).format(table=rel.ident, column=sql.Identifier(LATENCY), ddl=sql.SQL(ddl)),
+                 f"ALTER TABLE {rel.name} ADD COLUMN {LATENCY}")
+        self.done.append(f"added column {LATENCY} {ddl}")
+
+    def index(self, rel: Relation, suffix: str, columns: Sequence[str]) -> int:
+        """Make the index valid; how many tables got a new one built (0: it was there)."""
+        state = self.state(rel, suffix)
+        if state:
+            return 0
+        name = object_name(rel.name, suffix)
+        has_rows = bool(self.fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
+        if rel.kind == "p" and (has_rows or state is False):
+            return self._partitioned(rel, suffix, columns, state is None)
+        if state is False:  # a CONCURRENTLY build that was interrupted
+            self.ddl(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(rel.index(suffix)),
+                     f"DROP INDEX {name}", INDEX_TIMEOUT)
         # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
-        with deadline(INDEX_TIMEOUT), conn.cursor() as cur:
-            # The index lives in the table's schema; CREATE INDEX takes its bare name.
-            cur.execute(sql.SQL(PAIR_INDEX).format(
-                concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
-                index=sql.Identifier(pair_index_name(table)), table=ident))
-        done.append(f"created index {pair_index_name(table)}" + (" concurrently" if has_rows else ""))
-    return done
+        self.ddl(self._create(rel, suffix, columns, "CONCURRENTLY" if has_rows else "", ""),
+                 f"CREATE INDEX {name}", INDEX_TIMEOUT if has_rows else None)
+        self.concurrently = self.concurrently or has_rows
+        return 1
+
+    def _partitioned(self, rel: Relation, suffix: str, columns: Sequence[str], missing: bool) -> int:
+        """PostgreSQL builds no index CONCURRENTLY on a partitioned table: an index ON ONLY the parent
+        (invalid, instantly), each partition's own built as for a table, each attached; the parent's is
+        valid once every partition's is attached."""
+        name = object_name(rel.name, suffix)
+        self.split = True
+        if missing:
+            self.ddl(self._create(rel, suffix, columns, "", "ONLY"), f"CREATE INDEX {name} ON ONLY {rel.name}")
+        built = 0
+        for child in self.children(rel):
+            if child.kind not in ("r", "p") or self.fetch(ATTACHED, rel.index(suffix), child.ident)[0][0]:
+                continue  # a foreign table has no index; one attached already (made with the partition)
+            built += self.index(child, suffix, columns)
+            self.ddl(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(rel.index(suffix), child.index(suffix)),
+                     f"ALTER INDEX {name} ATTACH PARTITION {object_name(child.name, suffix)}")
+        return built
+
+    @staticmethod
+    def _create(rel: Relation, suffix: str, columns: Sequence[str], concurrently: str, only: str) -> sql.Composed:
+        # CREATE INDEX takes the index's bare name: it goes into the table's schema.
+        return sql.SQL(INDEX).format(concurrently=sql.SQL(concurrently), only=sql.SQL(only), table=rel.ident,
+                                     index=sql.Identifier(object_name(rel.name, suffix)),
+                                     columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+
+def _periods(unit: str, now: datetime) -> list[tuple[datetime, datetime]]:
+    """The current day (or month) and AHEAD[unit] more, as [start, end) in UTC."""
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if unit == "month":
+        start = start.replace(day=1)
+    found = []
+    for _ in range(AHEAD[unit] + 1):
+        end = start + timedelta(days=1) if unit == "day" else (start + timedelta(days=32)).replace(day=1)
+        found.append((start, end))
+        start = end
+    return found
+
+
+def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
+    """The table partitioned by report_time (made if missing, never converted), with partitions made ahead
+    and a DEFAULT one that catches what no partition covers."""
+    rel = work.relation(ident)
+    if rel is None:
+        work.ddl(sql.SQL(PARTITIONED_DDL).format(table=ident), f"CREATE TABLE {name}")
+        rel = work.relation(ident)
+        work.done.append(f"created table {name} partitioned by range of report_time, a partition a {unit}")
+    if rel is None or rel.kind != "p":
+        raise DdlFailed(f"table {name} exists and is not partitioned; init-db never converts a table "
+                        "(README: Partitioned table, for the steps of a live migration)")
+    with deadline(work.timeout), work.conn.cursor() as cur:
+        kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
+    made = []
+    for start, end in _periods(unit, now):
+        bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
+            {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
+        if work.fetch_with(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
+            continue
+        part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
+        work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
+                                           start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
+                 f"CREATE TABLE {part} PARTITION OF {rel.name}")
+        made.append(part)
+    if not work.fetch(HAS_DEFAULT, rel.ident)[0][0]:
+        part = object_name(rel.name, "default")
+        work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
+                 f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
+        made.append(part)
+    if made:
+        work.done.append(f"created partition(s) {', '.join(made)}")
+    return rel
+
+
+def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool = False,
+            helper: Optional[Callable[[], Any]] = None, partitioned: Optional[str] = None) -> list[str]:
+    """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was
+    created. Every index is checked to be there and valid before it returns; DdlFailed says why not.
+    `partitioned` ("day" or "month"): a partitioned table, with partitions made ahead."""
+    work = _Init(conn, timeout, helper)
+    fresh = work.relation(sql.Identifier(*table)) is None
+    if partitioned:
+        rel = _partitioned_table(work, sql.Identifier(*table), ".".join(table), partitioned,
+                                 datetime.now(timezone.utc))
+    else:
+        rel = work.create_table(sql.Identifier(*table), ".".join(table))
+    if with_latency:
+        work.add_latency(rel)
+    for suffix, columns in INDEXES:
+        name = object_name(rel.name, suffix)
+        work.concurrently = work.split = False
+        built = work.index(rel, suffix, columns)
+        if fresh and suffix == INDEXES[0][0]:
+            continue  # part of the new table's DDL (as in schema.sql), not news
+        if work.split and built:
+            work.done.append(f"created index {name} on partitioned table {rel.name}: ON ONLY the table, then on "
+                             f"{built} partition(s){' (CONCURRENTLY where they held rows)' if work.concurrently else ''}, "
+                             "each attached")
+        elif built:
+            work.done.append(f"created index {name}" + (" concurrently" if work.concurrently else ""))
+    for suffix, _ in INDEXES:
+        if not work.state(rel, suffix):
+            raise DdlFailed(f"index {object_name(rel.name, suffix)} on {rel.name} is missing or invalid after init-db")
+    return work.done

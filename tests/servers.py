@@ -164,7 +164,10 @@ class PgServer:
     def freeze(self) -> None:
         """SIGSTOP the postmaster and all its children: TCP still accepted, nothing answers."""
         for pid in self.pids():
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:  # a backend that ended since it was listed
+                pass
 
     def thaw(self) -> None:
         """SIGCONT everything frozen."""

@@ -1,6 +1,6 @@
 """A compound-fault soak: several nemeses at once against a real daemon on private servers, then a checker.
 
-    python tests/soak.py --seconds 600 --seed 7 [--keep DIR]
+    python tests/soak.py --seconds 600 --seed 7 [--keep DIR] [--partitioned]
 
 Needs root (a tmpfs for the spool, `runuser postgres` for initdb). The daemon runs as a real process
 reading an env file, with a real notify socket and WATCHDOG_USEC; PostgreSQL is reached through two
@@ -28,12 +28,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import DaemonProcess, clean_env, fill, init_table  # noqa: E402
+from conftest import DaemonProcess, clean_env, cli, fill, init_table  # noqa: E402
 from proxy import DelayProxy  # noqa: E402
 from servers import PgServer, RedisServer, remove_template  # noqa: E402
 
@@ -87,9 +87,17 @@ class Event:
     action: Callable[[], None] = field(compare=False)
 
 
+# service_heartbeat partitioned by day, as pg_partman makes it: the primary key holds the partition key.
+PARTITIONED = """CREATE TABLE service_heartbeat (
+    id bigserial, service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL,
+    report_time timestamp NOT NULL, created_at timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'utc'),
+    PRIMARY KEY (id, report_time)) PARTITION BY RANGE (report_time)"""
+
+
 class Soak:
-    def __init__(self, seconds: float, seed: int, root: Path) -> None:
+    def __init__(self, seconds: float, seed: int, root: Path, partitioned: bool = False) -> None:
         self.seconds, self.seed, self.root = seconds, seed, root
+        self.partitioned = partitioned
         self.rng = random.Random(seed)
         self.faults: list[Fault] = []
         self.lives: list[Life] = []
@@ -106,7 +114,10 @@ class Soak:
     def start(self) -> None:
         self.pg = PgServer(timezone="Asia/Shanghai").start()
         self.pg.sql("CREATE DATABASE soak")
-        init_table(self.pg, db="soak")
+        if self.partitioned:
+            self.make_partitioned()
+        else:
+            init_table(self.pg, db="soak")
         self.redis = RedisServer().start()
         self.pg_first = DelayProxy(self.pg.host, self.pg.port, 0.0)
         self.pg_second = DelayProxy(self.pg.host, self.pg.port, 0.0)
@@ -124,6 +135,19 @@ class Soak:
         self.env_file.write_text(self.good_env)
         self.env = clean_env(PYTHONHASHSEED=str(self.seed))
         self.spawn()
+
+    def make_partitioned(self) -> None:
+        """A partition per UTC day from yesterday to a day past the run, and a DEFAULT; indexes by init-db."""
+        self.pg.sql(PARTITIONED, db="soak")
+        first = naive(now()).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+        for n in range(int(self.seconds // 86400) + 3):
+            start = first + timedelta(days=n)
+            self.pg.sql(f"CREATE TABLE service_heartbeat_p{start:%Y%m%d} PARTITION OF service_heartbeat "
+                        f"FOR VALUES FROM ('{start:%Y-%m-%d}') TO ('{start + timedelta(days=1):%Y-%m-%d}')", db="soak")
+        self.pg.sql("CREATE TABLE service_heartbeat_default PARTITION OF service_heartbeat DEFAULT", db="soak")
+        done = cli(["init-db"], clean_env(DATABASE_URL=self.pg.url(db="soak")))
+        if done.returncode != 0:
+            raise RuntimeError(f"init-db on the partitioned table failed: {done.stderr}")
 
     def spawn(self) -> None:
         if self.lives and self.daemon.proc.proc.poll() is None:
@@ -424,19 +448,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long faults are made (default 60)")
     parser.add_argument("--seed", type=int, default=1, help="what chooses the faults (default 1)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the daemons' logs in this directory")
+    parser.add_argument("--partitioned", action="store_true",
+                        help="service_heartbeat partitioned by day (partitions covering the run, and a DEFAULT)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("soak: needs root (a tmpfs for the spool, initdb as postgres)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="hb-soak-"))
-    soak = Soak(args.seconds, args.seed, root)
+    soak = Soak(args.seconds, args.seed, root, args.partitioned)
     try:
         soak.start()
         soak.run()
         soak.finish()
         results = check(soak)
         print(f"soak: seed {args.seed}, {args.seconds:g}s of faults, {len(soak.faults)} faults, "
-              f"{len(soak.lives)} daemon process(es)")
+              f"{len(soak.lives)} daemon process(es)" + (", partitioned table" if args.partitioned else ""))
         print(f"{'fault':<16} {'start':>8} {'end':>8}  detail")
         for fault in soak.faults:
             end = f"{(fault.end or now()) - soak.t0:8.2f}" if fault.end != fault.start else "       -"

@@ -1,0 +1,262 @@
+"""prune and init-db on every table shape: plain, partitioned (RANGE by day with a DEFAULT, LIST),
+inheritance children, with and without `id`; DDL that cannot get its lock; long table names."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from conftest import clean_env, cli, db_url
+from heartbeatd.schema import INDEXES, index_name, object_name, pair_index_name
+from servers import PgServer
+
+H = timedelta(hours=1)
+COLUMNS = ("service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, report_time {kind} NOT NULL, "
+           "created_at {kind} NOT NULL")
+
+
+def env_for(pg: PgServer, **extra: str) -> dict[str, str]:
+    return clean_env(**{"DATABASE_URL": db_url(pg), "HEARTBEAT_TIMEOUT": "5", **extra})
+
+
+def day(at: datetime) -> datetime:
+    return at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def make_table(pg: PgServer, shape: str, with_id: bool, kind: str, now: datetime) -> None:
+    """service_heartbeat in one shape; RANGE: a partition per UTC day from 30 days ago to 2 days ahead, and a
+    DEFAULT (bounds with their offset: a timestamptz bound is otherwise read in the server's zone, Shanghai)."""
+    columns = ("id bigserial, " if with_id else "") + COLUMNS.format(kind=kind)
+    key = {"plain": "", "range": " PARTITION BY RANGE (report_time)", "list": " PARTITION BY LIST (service_name)",
+           "inherits": ""}[shape]
+    primary = (", PRIMARY KEY (id" + (", report_time)" if shape == "range" else ", service_name)" if shape == "list"
+                                      else ")")) if with_id else ""
+    statements = [f"CREATE TABLE service_heartbeat ({columns}{primary}){key}",
+                  "CREATE INDEX ON service_heartbeat (service_name, report_time)"]
+    if shape == "range":
+        for n in range(-30, 3):
+            start = day(now) + timedelta(days=n)
+            statements.append(f"CREATE TABLE service_heartbeat_p{start:%Y%m%d} PARTITION OF service_heartbeat "
+                              f"FOR VALUES FROM ('{start:%Y-%m-%d} 00:00+00') TO ('{start + timedelta(days=1):%Y-%m-%d} 00:00+00')")
+        statements.append("CREATE TABLE service_heartbeat_default PARTITION OF service_heartbeat DEFAULT")
+    elif shape == "list":
+        statements += ["CREATE TABLE service_heartbeat_redis PARTITION OF service_heartbeat FOR VALUES IN ('redis')",
+                       "CREATE TABLE service_heartbeat_other PARTITION OF service_heartbeat DEFAULT"]
+    elif shape == "inherits":  # old-style: children by INHERITS, rows routed by the application
+        statements += ["CREATE TABLE service_heartbeat_old () INHERITS (service_heartbeat)",
+                       "CREATE TABLE service_heartbeat_new () INHERITS (service_heartbeat)"]
+    for statement in statements:
+        pg.sql(statement, db=pg.dbname)
+
+
+def seed(pg: PgServer, shape: str, now: datetime) -> tuple[list[datetime], list[datetime]]:
+    """100 rows older than 7 days (20 of them 45 days old: in RANGE's DEFAULT) and 100 newer, an hour or more
+    from the cut; with `now` in the middle of a day so that the cut's day holds old and current rows."""
+    cut = now - timedelta(days=7)
+    old = [cut - H - k * 3 * H for k in range(80)] + [now - timedelta(days=45, minutes=k) for k in range(20)]
+    new = [cut + H + k * 1.5 * H for k in range(100)]
+    conn = pg.connect(pg.dbname)
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        for n, at in enumerate(old + new):
+            table = "service_heartbeat"
+            if shape == "inherits":
+                table += "_old" if at < cut else "_new"
+            cur.execute(f"INSERT INTO {table} (service_name, ip_address, report_time, created_at) "
+                        "VALUES (%s, %s, %s, %s)", (("后端", "redis", "postgres")[n % 3], f"10.0.0.{n % 7}", at, at))
+    conn.close()
+    return old, new
+
+
+def times(pg: PgServer) -> list[datetime]:
+    found = pg.sql("SET TimeZone = 'UTC'; SELECT report_time FROM service_heartbeat ORDER BY 1", db=pg.dbname)
+    return [r[0].replace(tzinfo=None) for r in found]
+
+
+def partitions(pg: PgServer) -> set[str]:
+    return {r[0] for r in pg.sql("SELECT relid::text FROM pg_partition_tree('service_heartbeat') WHERE level > 0",
+                                 db=pg.dbname)}
+
+
+@pytest.mark.parametrize("shape, with_id, kind", [
+    ("plain", True, "timestamp"), ("plain", False, "timestamp"),
+    ("range", True, "timestamp"), ("range", False, "timestamp"), ("range", False, "timestamptz"),
+    ("list", True, "timestamp"), ("inherits", False, "timestamp")])
+def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: str, with_id: bool, kind: str) -> None:
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H  # the cut at noon, 7 days ago
+    make_table(pg, shape, with_id, kind, now)
+    old, new = seed(pg, shape, now)
+    before = partitions(pg)
+    env = env_for(pg)
+    # --older-than a duration counts from the real now: make the cut land at `now` - 7 days.
+    older = f"{int((datetime.now(timezone.utc).replace(tzinfo=None) - now).total_seconds() // 3600) + 7 * 24}h"
+    dry = cli(["prune", "--older-than", older, "--dry-run"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert times(pg) == sorted(old + new)
+    result = cli(["prune", "--older-than", older], env)
+    assert result.returncode == 0, result.stderr
+    assert times(pg) == sorted(new), "exactly the old rows are gone, every current one kept"
+
+    def said(out: str) -> list[str]:
+        return [re.sub(r" older than .*", "", line.replace("would drop", "dropped").replace("would remove", "removed"))
+                for line in out.splitlines()]
+
+    assert said(dry.stdout) == said(result.stdout), (dry.stdout, result.stdout)
+    reported = cli(["report", "--since", "8d", "--format", "json"], env)  # the read side on this shape too
+    assert reported.returncode == 0 and '"后端"' in reported.stdout, reported.stderr
+    drops = [re.fullmatch(r"dropped partition public\.(\S+) \((\d+) row\(s\)\)", line) for line in said(result.stdout)[:-1]]
+    assert all(drops), result.stdout
+    assert said(result.stdout)[-1] == "removed 100 row(s)"
+    if shape != "range":
+        assert not drops
+        return
+    # Every daily partition wholly below the cut was dropped, with its rows counted; none other.
+    cut = now - timedelta(days=7)
+    below = {f"service_heartbeat_p{d:%Y%m%d}" for d in (day(now) + timedelta(days=n) for n in range(-30, 3))
+             if d + timedelta(days=1) <= cut}
+    assert {m.group(1) for m in drops if m} == below
+    for m in drops:
+        assert m is not None
+        start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
+        assert int(m.group(2)) == sum(start <= at < start + timedelta(days=1) for at in old)
+    assert partitions(pg) == before - below
+    assert "service_heartbeat_default" in partitions(pg)  # straddles every cut: deleted from, kept
+
+
+def test_prune_drop_blocked_by_a_long_reader_says_who_and_leaves_nothing_waiting(pg: PgServer) -> None:
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H
+    make_table(pg, "range", False, "timestamp", now)
+    seed(pg, "range", now)
+    reader = pg.connect(pg.dbname)
+    reader.autocommit = False
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM service_heartbeat")
+    try:
+        started = time.monotonic()
+        result = cli(["prune", "--older-than", "8d"], env_for(pg, HEARTBEAT_TIMEOUT="2"))
+        assert time.monotonic() - started < 15
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        assert f"held by pid {reader.get_backend_pid()} (SELECT count(*) FROM service_heartbeat)" in line, line
+        assert not pg.sql("SELECT pid FROM pg_locks WHERE NOT granted", db=pg.dbname)
+        pg.sql("SET lock_timeout = '1s'; INSERT INTO service_heartbeat VALUES ('后端', '10.0.0.1', now(), now())",
+               db=pg.dbname)
+    finally:
+        reader.close()
+
+
+def test_init_db_with_latency_blocked_by_a_long_reader(pg: PgServer) -> None:
+    """The ALTER TABLE that waits behind a long reader is cancelled on the server when init-db gives up:
+    nothing of ours stays queued, so writers and readers go on; the line names the reader."""
+    env = env_for(pg, HEARTBEAT_TIMEOUT="2")
+    assert cli(["init-db"], env).returncode == 0
+    reader = pg.connect(pg.dbname)
+    reader.autocommit = False
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM service_heartbeat")  # its lock held until the transaction ends
+    try:
+        started = time.monotonic()
+        result = cli(["init-db", "--with-latency"], env)
+        took = time.monotonic() - started
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert f"held by pid {reader.get_backend_pid()} (SELECT count(*) FROM service_heartbeat)" in result.stderr
+        assert "ALTER TABLE service_heartbeat ADD COLUMN latency_ms: gave up after 2s" in result.stderr
+        assert took < 10
+        assert pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") == [(0,)]
+        assert pg.sql("SELECT count(*) FROM pg_locks WHERE NOT granted") == [(0,)]
+        # Another session writes at once, while the reader still holds its lock.
+        started = time.monotonic()
+        pg.sql("SET lock_timeout = '1s'; INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
+               "VALUES ('后端', '10.0.0.1', now())", db=pg.dbname)
+        assert time.monotonic() - started < 1
+    finally:
+        reader.close()
+    columns = {r[0] for r in pg.sql("SELECT column_name FROM information_schema.columns "
+                                    "WHERE table_name = 'service_heartbeat'", db=pg.dbname)}
+    assert "latency_ms" not in columns  # the "failed" ALTER did not commit later either
+    assert cli(["init-db", "--with-latency"], env).returncode == 0
+
+
+def test_index_names_of_a_long_table_name_never_collide() -> None:
+    for name in ("t" * 54, "t" * 56, "t" * 63, "心" * 21, "service_heartbeat"):
+        names = [object_name(name, suffix) for suffix, _ in INDEXES]
+        assert len(set(names)) == 2 and all(len(n.encode()) <= 63 for n in names), names
+        names[0].encode().decode()  # never half a character
+    assert index_name(("service_heartbeat",)) == "service_heartbeat_service_name_report_time_idx"
+    assert pair_index_name(("s", "service_heartbeat")) == "service_heartbeat_service_ip_time_idx"
+
+
+def test_init_db_on_a_long_table_name_creates_both_indexes(pg: PgServer) -> None:
+    table = "heartbeats_of_the_production_fleet_in_the_eu_west_region_x"  # 59 characters
+    result = cli(["init-db"], env_for(pg, HEARTBEAT_TABLE=table))
+    assert result.returncode == 0, result.stderr
+    found = pg.sql("SELECT indexrelid::regclass::text, indisvalid FROM pg_index WHERE indrelid = %s::regclass "
+                   "AND NOT indisprimary", (table,), db=pg.dbname)
+    assert sorted(found) == sorted((object_name(table, suffix), True) for suffix, _ in INDEXES)
+    assert result.stdout.splitlines()[-1].startswith(f"table {table} and its indexes are ready")
+
+
+def test_init_db_says_so_when_an_index_name_is_another_tables(pg: PgServer) -> None:
+    pg.sql("CREATE TABLE other (a int); CREATE INDEX service_heartbeat_service_ip_time_idx ON other (a)", db=pg.dbname)
+    result = cli(["init-db"], env_for(pg))
+    assert result.returncode == 1 and "ready" not in result.stdout
+    assert "service_heartbeat_service_ip_time_idx is taken by another table's index" in result.stderr
+
+
+def test_init_db_indexes_a_partitioned_table_that_holds_rows(pg: PgServer) -> None:
+    """No CREATE INDEX CONCURRENTLY on a partitioned table: ON ONLY the parent, each partition's
+    CONCURRENTLY, each attached; an ON ONLY index left by an interrupted run is completed."""
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H
+    make_table(pg, "range", True, "timestamp", now)
+    pg.sql("DROP INDEX service_heartbeat_service_name_report_time_idx", db=pg.dbname)
+    seed(pg, "range", now)
+    pg.sql("CREATE INDEX service_heartbeat_service_ip_time_idx ON ONLY service_heartbeat "
+           "(service_name, ip_address, report_time)", db=pg.dbname)  # as an interrupted init-db leaves it
+    result = cli(["init-db"], env_for(pg))
+    assert result.returncode == 0, result.stderr
+    assert "on 34 partition(s) (CONCURRENTLY where they held rows), each attached" in result.stdout
+    for suffix, columns in INDEXES:
+        parent = object_name("service_heartbeat", suffix)
+        assert pg.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (parent,),
+                      db=pg.dbname) == [(True,)]
+        leaves = pg.sql("SELECT count(*), bool_and(x.indisvalid) FROM pg_partition_tree(%s) t "
+                        "JOIN pg_index x ON x.indexrelid = t.relid WHERE t.level = 1", (parent,), db=pg.dbname)
+        assert leaves == [(34, True)]
+    again = cli(["init-db"], env_for(pg))
+    assert again.returncode == 0 and again.stdout.startswith("table service_heartbeat and its indexes are ready")
+    assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1  # rows still go in
+    assert pg.sql("SELECT count(*) FROM service_heartbeat WHERE report_time > now() AT TIME ZONE 'utc' - interval '1 hour'",
+                  db=pg.dbname)[0][0] == 2
+
+
+@pytest.mark.parametrize("unit, count", [("day", 8), ("month", 3)])
+def test_init_db_partitioned_makes_the_table_with_partitions_ahead(pg: PgServer, unit: str, count: int) -> None:
+    env = env_for(pg)
+    result = cli(["init-db", f"--partitioned={unit}"], env)
+    assert result.returncode == 0, result.stderr
+    assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("p",)]
+    parts = sorted(partitions(pg))
+    assert len(parts) == count + 1 and "service_heartbeat_default" in parts, parts
+    today = datetime.now(timezone.utc)
+    current = f"service_heartbeat_p{today:%Y%m%d}" if unit == "day" else f"service_heartbeat_p{today:%Y%m}"
+    assert current in parts
+    for suffix, _ in INDEXES:
+        assert pg.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass",
+                      (object_name("service_heartbeat", suffix),), db=pg.dbname) == [(True,)]
+    again = cli(["init-db", f"--partitioned={unit}"], env)
+    assert again.returncode == 0 and again.stdout.startswith("table service_heartbeat and its indexes are ready")
+    assert sorted(partitions(pg)) == parts
+    assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1
+    assert pg.sql("SELECT tableoid::regclass::text FROM service_heartbeat", db=pg.dbname) == [(current,)] * 2
+
+
+def test_init_db_partitioned_never_converts_a_plain_table(pg: PgServer) -> None:
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    result = cli(["init-db", "--partitioned"], env_for(pg))
+    assert result.returncode == 1 and "exists and is not partitioned" in result.stderr
+    assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("r",)]
