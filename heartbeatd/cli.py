@@ -12,7 +12,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, metrics, probes, render, schema
+from heartbeatd import __version__, config as configmod, logsetup, metrics, probes, render, rollup, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -54,6 +54,7 @@ LEDGER_HELP = """\
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
                  --service, --ip, --gap SECONDS, --format text|json|csv)
   prune          delete rows older than --older-than (or HEARTBEAT_RETENTION) in batches; --dry-run counts
+  rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
 """
 
 
@@ -108,6 +109,9 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     prune = commands.add_parser("prune", parents=[common])
     prune.add_argument("--older-than", default=None, help="30d, 12w ... (default: HEARTBEAT_RETENTION)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
+    roll = commands.add_parser("rollup", parents=[common])
+    roll.add_argument("--timeout", type=float, default=600.0,
+                      help="seconds the pass may take (600; the first pass reads the whole table)")
 
 
 def _spool(config: Config, previous: Optional[Services]) -> Spool:
@@ -165,6 +169,7 @@ def cmd_init_db(config: Config, with_latency: bool = False) -> int:
     conn = _connect(config)
     try:
         done = schema.init_db(conn, config.table, config.timeout, with_latency)
+        done += rollup.init_db(conn, config.table, config.timeout)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -283,11 +288,12 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
         return _usage("--gap must be > 0")
     ledger = _ledger(config)
     try:
-        found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
+        found, source = rollup.RollupReport(ledger).run(since, until, gap, now, args.service, args.ip, args.timeout)
     except READ_FAILURES as exc:
         return _read_failed("report", exc)
     finally:
         ledger.conn.close()
+    print(f"report: {source}", file=sys.stderr)
     render.write(found, since, min(until, now), gap, args.format, sys.stdout)
     return EX_OK
 
@@ -331,6 +337,25 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_rollup(config: Config, args: argparse.Namespace) -> int:
+    """One rollup pass: the hours that rows were written into since the last pass, recomputed."""
+    if args.timeout <= 0:
+        return _usage("--timeout must be > 0")
+    ledger = _ledger(config)
+    try:
+        done = rollup.Rollup(ledger).run(_stale_after(config), config.timeout, config.interval, args.timeout)
+    except READ_FAILURES as exc:
+        return _read_failed("rollup", exc)
+    finally:
+        ledger.conn.close()
+    if done is None:
+        print("another heartbeatd rollup is running on this table; nothing done")
+        return EX_OK
+    print(f"rolled up {done.hours} hour(s) ({done.rows} row(s)){' (first pass: the whole table)' if done.first else ''}"
+          f" into {rollup.names(config.table)[2]}; every hour before {naive_utc(done.covered_until)} UTC is covered")
+    return EX_OK
+
+
 # What a read may meet and says in one line: the table is missing, or the database failed us.
 # Anything else is a bug: main() reports it as an internal error (70), with its traceback at DEBUG.
 READ_FAILURES = (TableMissing, psycopg2.Error)
@@ -348,7 +373,7 @@ def _usage(message: str) -> int:
 
 
 LEDGER_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
-    "status": cmd_status, "report": cmd_report, "prune": cmd_prune}
+    "status": cmd_status, "report": cmd_report, "prune": cmd_prune, "rollup": cmd_rollup}
 
 
 def cmd_run(config: Config, env_file: Optional[Path]) -> int:
