@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS {s} (
 # A pass finds new rows by created_at: a BRIN index is a few pages, costs an INSERT next to
 # nothing, and fits a heap appended in created_at order (late rows too: they are appended now).
 CREATED_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {t} USING brin (created_at)"
+# A partitioned table's partitions, one level down (none: a plain table).
+PARTITIONS = """\
+SELECT n.nspname, c.relname, c.relkind FROM pg_catalog.pg_inherits i
+  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE i.inhparent = pg_catalog.to_regclass(%s)
+   AND EXISTS (SELECT 1 FROM pg_catalog.pg_class p WHERE p.oid = i.inhparent AND p.relkind = 'p')
+ ORDER BY 2"""
 LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"
 STATE = "SELECT gap_seconds, watermark, covered_until, passed_at FROM {s} WHERE rollup = %(name)s"
 CLOCK = "SELECT now() AT TIME ZONE 'UTC'"
@@ -166,12 +173,31 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: floa
         cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(ident))
         has_rows = bool(cur.fetchone()[0])
     if not present:
-        # On a table that holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
         with deadline(index_timeout), conn.cursor() as cur:
-            cur.execute(sql.SQL(CREATED_INDEX).format(concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
-                                                      index=sql.Identifier(index), t=ident))
+            _create_created_index(cur, table, index, has_rows)
         done.append(f"created index {index}" + (" concurrently" if has_rows else ""))
     return done
+
+
+def _create_created_index(cur: Any, table: Sequence[str], index: str, has_rows: bool) -> None:
+    """The BRIN index on created_at; on a table that holds rows, CONCURRENTLY: the daemons go on writing."""
+    ident = sql.Identifier(*table)
+    cur.execute(PARTITIONS, (ident.as_string(cur),))
+    parts = cur.fetchall()
+    if not has_rows or not parts:
+        cur.execute(sql.SQL(CREATED_INDEX).format(concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
+                                                  index=sql.Identifier(index), t=ident))
+        return
+    # A partitioned table takes no CONCURRENTLY: the parent's index ON ONLY it, each partition's
+    # built CONCURRENTLY and attached; the parent's is valid once all are.
+    cur.execute(sql.SQL(CREATED_INDEX.replace(" ON {t}", " ON ONLY {t}")).format(
+        concurrently=sql.SQL(""), index=sql.Identifier(index), t=ident))
+    for schema, name, kind in parts:
+        child = created_index_name((name,))
+        cur.execute(sql.SQL(CREATED_INDEX).format(concurrently=sql.SQL("CONCURRENTLY" if kind != "p" else ""),
+                                                  index=sql.Identifier(child), t=sql.Identifier(schema, name)))
+        cur.execute(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+            sql.Identifier(*table[:-1], index), sql.Identifier(schema, child)))
 
 
 @dataclass(frozen=True)

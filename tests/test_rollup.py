@@ -228,3 +228,32 @@ def test_rollup_without_init_db_is_one_line(pg: PgServer) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == ("heartbeatd: rollup failed: rollup table service_heartbeat_hourly does not "
                                      "exist: run `heartbeatd init-db`")
+
+
+def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
+    """CREATE INDEX CONCURRENTLY is refused on a partitioned table: ON ONLY, then each partition's, attached."""
+    from heartbeatd import rollup
+    day = T0.replace(hour=0, tzinfo=None)
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamp NOT NULL, latency_ms real) "
+           "PARTITION BY RANGE (report_time)", db=pg.dbname)
+    for n in range(3):
+        lo, hi = day + n * 24 * H, day + (n + 1) * 24 * H
+        pg.sql(f"CREATE TABLE service_heartbeat_p{n} PARTITION OF service_heartbeat FOR VALUES FROM ('{lo}') TO ('{hi}')",
+               db=pg.dbname)
+    pg.sql("CREATE TABLE service_heartbeat_default PARTITION OF service_heartbeat DEFAULT", db=pg.dbname)
+    pg.sql("CREATE INDEX ON service_heartbeat (service_name, ip_address, report_time)", db=pg.dbname)
+    insert(pg, history(9))
+    conn = pg.connect(pg.dbname)
+    conn.autocommit = True
+    try:
+        assert rollup.init_db(conn, ("service_heartbeat",), 5) == [
+            "created rollup table service_heartbeat_hourly", "created index service_heartbeat_created_at_brin concurrently"]
+    finally:
+        conn.close()
+    assert pg.sql("SELECT bool_and(indisvalid), count(*) FROM pg_index WHERE indexrelid::regclass::text LIKE %s",
+                  ("service_heartbeat%created_at_brin",), db=pg.dbname) == [(True, 5)]
+    roll(pg)
+    for since, until in WINDOWS[:3]:
+        raw, rolled, source = both(pg, since, until)
+        assert rolled == raw and "read hourly rollups" in source
