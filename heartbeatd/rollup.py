@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from psycopg2 import sql
 
-from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
+from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
 from heartbeatd.ledger import GAPS, PAIRS, SPAN, Ledger, TableMissing, _Report
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS {r} (
     latency_count integer     NOT NULL,
     PRIMARY KEY (service_name, ip_address, hour)
 );
+CREATE INDEX IF NOT EXISTS {hour_index} ON {r} (hour);
 CREATE TABLE IF NOT EXISTS {s} (
     rollup        text        PRIMARY KEY,
     gap_seconds   double precision NOT NULL,  -- fixed at the first pass: the gaps kept in the rollup
@@ -136,25 +137,33 @@ SELECT p.service_name, p.ip_address, b.report_time
 ALIVE_RAW = """\
 SELECT DISTINCT report_time FROM {t}
  WHERE service_name = %(backend)s AND report_time > %(start)s AND report_time < %(end)s ORDER BY 1"""
+# The oldest raw row, by one descent of the (service_name, report_time) index per service; and
+# the rollup's first heartbeat in one hour: earlier than the oldest raw row, prune has been there.
+OLDEST_RAW = """\
+SELECT min((SELECT report_time::timestamp FROM {t} WHERE service_name = s ORDER BY report_time LIMIT 1))
+  FROM unnest(%(services)s::text[]) s"""
+ROLLUP_FIRST = "SELECT min(first_time) FROM {r} WHERE hour = %(hour)s"
 WATCH_RAW = """\
 SELECT DISTINCT report_time FROM {t} WHERE service_name = %(backend)s
    AND report_time >= %(lo)s AND report_time < %(hi)s ORDER BY 1"""
 
 
+def cut(name: str) -> str:
+    """A name PostgreSQL keeps whole: it cuts names at 63 bytes, so a long one ends in a hash instead."""
+    if len(name.encode()) <= 63:
+        return name
+    return name.encode()[:50].decode(errors="ignore") + "_" + hashlib.sha1(name.encode()).hexdigest()[:10]
+
+
 def names(table: Sequence[str]) -> tuple[sql.Identifier, sql.Identifier, str]:
     """The rollup table, its state table (both in the table's schema), and the rollup's display name."""
-    def cut(name: str) -> str:  # PostgreSQL cuts names at 63 bytes: a hash keeps two cuts apart
-        if len(name.encode()) <= 63:
-            return name
-        return name.encode()[:50].decode(errors="ignore") + "_" + hashlib.sha1(name.encode()).hexdigest()[:10]
     rollup, state = cut(f"{table[-1]}_hourly"), cut(f"{table[-1]}_hourly_state")
     return (sql.Identifier(*table[:-1], rollup), sql.Identifier(*table[:-1], state), ".".join((*table[:-1], rollup)))
 
 
 def created_index_name(table: Sequence[str]) -> str:
     """The name init-db gives the BRIN index on created_at."""
-    name = f"{table[-1]}_created_at_brin"
-    return name if len(name.encode()) <= 63 else name[:50] + "_" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return cut(f"{table[-1]}_created_at_brin")
 
 
 def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: float = 3600.0) -> list[str]:
@@ -166,7 +175,8 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: floa
     with deadline(timeout), conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s)", (rollup.as_string(cur),))
         if cur.fetchone()[0] is None:
-            cur.execute(sql.SQL(CREATE_ROLLUP).format(r=rollup, s=state))
+            cur.execute(sql.SQL(CREATE_ROLLUP).format(r=rollup, s=state,
+                                                      hour_index=sql.Identifier(cut(f"{table[-1]}_hourly_hour_idx"))))
             done.append(f"created rollup table {shown}")
         cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table[:-1], index).as_string(cur),))
         present = cur.fetchone()[0] is not None
@@ -372,7 +382,7 @@ class RollupReport:
             ip: Optional[str] = None, seconds: Optional[float] = None) -> tuple[list[PairReport], str]:
         """The report, and which rows it read (rollup hours, raw rows) in one line."""
         end = min(until, now)
-        state = self.ledger._read(lambda cur: self.rollup.read_state(cur, missing_ok=True))
+        state, pruned = self.ledger._read(lambda cur: self._state(cur, since))
         if state is None:
             return self.ledger.report(since, until, gap, now, service, ip, seconds), \
                 "read raw rows only (no rollup yet: `heartbeatd rollup` makes it)"
@@ -383,10 +393,25 @@ class RollupReport:
         if h1 <= h0:
             return self.ledger.report(since, until, gap, now, service, ip, seconds), \
                 "read raw rows only (no whole rolled-up hour in the window)"
+        note = ""
+        if pruned:  # raw rows of the window's first (part) hour are pruned: start at its first whole hour
+            since, note = h0, f"; --since rounded up to {_iso(h0)}: the raw rows before it are pruned"
         found = self.ledger._read(lambda cur: self._work(cur, since, end, h0, h1, gap, service, ip), seconds)
         edges = " and ".join(f"{_iso(a)} .. {_iso(b)}" for a, b in ((since, h0), (h1, end)) if b > a)
         return list(found), (f"read hourly rollups for {_iso(h0)} .. {_iso(h1)} (pass of {_iso(state.passed_at)})"
-                             + (f", raw rows for {edges}" if edges else ""))
+                             + (f", raw rows for {edges}" if edges else "") + note)
+
+    def _state(self, cur: Any, since: datetime) -> tuple[Optional[State], bool]:
+        """The rollup's state, and whether prune has removed raw rows of the hour `since` falls in."""
+        state = self.rollup.read_state(cur, missing_ok=True)
+        if state is None or _hour(since) == since:
+            return state, False
+        cur.execute(self.ledger._q(OLDEST_RAW), {"services": list(SERVICES)})
+        oldest = cur.fetchone()[0]
+        cur.execute(self.rollup._q(ROLLUP_FIRST), {"hour": _hour(since).replace(tzinfo=None)})
+        first = cur.fetchone()[0]
+        return state, first is not None and (oldest is None or as_utc(first) < as_utc(oldest)) and \
+            (oldest is None or as_utc(oldest) > since)
 
     def _work(self, cur: Any, since: datetime, end: datetime, h0: datetime, h1: datetime, gap: float,
               service: Optional[str], ip: Optional[str]) -> list[PairReport]:

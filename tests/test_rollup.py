@@ -164,6 +164,7 @@ def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
     insert(table, history(5))
     cut = T0 + 12 * H
     before, _, _ = both(table, T0, NOW - 3 * H)
+    rounded, _, _ = both(table, T0 + 6 * H, NOW - 3 * H)
     assert roll(table).first
     # What prune does, for any of its methods: the raw rows before the cut are gone; the rollup stays.
     table.sql("DELETE FROM service_heartbeat WHERE report_time < %s", (cut.replace(tzinfo=None),), db=table.dbname)
@@ -176,6 +177,11 @@ def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
     def facts(found: list[PairReport]) -> list[Any]:  # latency is sampled from the raw rows still kept
         return [(p.service, p.ip, p.observed_from, p.outages, p.no_data, p.uptime) for p in found]
     assert facts(after) == facts(before)
+    # A window starting inside a pruned hour starts at its next whole hour, and says so.
+    _, after, source = both(table, T0 + 5 * H + 20 * M, NOW - 3 * H)
+    assert source.endswith(f"; --since rounded up to {(T0 + 6 * H).replace(tzinfo=None).isoformat()}Z: "
+                           "the raw rows before it are pruned")
+    assert facts(after) == facts(rounded)
 
 
 def test_a_report_with_a_gap_below_the_rollups_reads_raw_rows_and_says_so(table: PgServer) -> None:
