@@ -33,6 +33,7 @@ WATCHER = "*"  # the ip_address of the all-hosts 后端 series: no real address 
 # How far behind the last pass's clock a pass re-reads by created_at, beyond HEARTBEAT_TIMEOUT:
 # a daemon sets created_at from its own clock, so a host whose clock lags this much is still seen.
 CLOCK_SKEW = timedelta(minutes=2)
+BACKFILL_SLICE = timedelta(days=7)
 
 CREATE_ROLLUP = """\
 CREATE TABLE IF NOT EXISTS {r} (
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS {r} (
     PRIMARY KEY (service_name, ip_address, hour)
 );
 CREATE INDEX IF NOT EXISTS {hour_index} ON {r} (hour);
+CREATE INDEX IF NOT EXISTS {ip_index} ON {r} (ip_address, hour);  -- `report --ip` of one host
 CREATE TABLE IF NOT EXISTS {s} (
     rollup        text        PRIMARY KEY,
     gap_seconds   double precision NOT NULL,  -- fixed at the first pass: the gaps kept in the rollup
@@ -125,9 +127,13 @@ SELECT service_name, ip_address, s, e FROM (
 UNION ALL
 SELECT service_name, ip_address, g.s, g.e FROM {r}, unnest(gap_starts, gap_ends) g(s, e)
  WHERE hour >= %(h0)s AND hour < %(h1)s {filters} AND g.e - g.s > %(gap)s"""
+# Per pair, by the primary key backwards: the hour `since` falls in may end after it, the one
+# before it cannot.
 ROLLUP_BEFORE = """\
-SELECT service_name, ip_address, max(last_time) FROM {r}
- WHERE hour < %(h0)s AND last_time < %(since)s {filters} GROUP BY 1, 2"""
+SELECT p.s, p.ip, (SELECT max(last_time) FROM (
+         SELECT last_time FROM {r} WHERE service_name = p.s AND ip_address = p.ip AND hour < %(h0)s
+          ORDER BY hour DESC LIMIT 2) x WHERE last_time < %(since)s)
+  FROM unnest(%(services)s::text[], %(ips)s::text[]) p(s, ip)"""
 RAW_BEFORE = PAIRS + """\
 SELECT p.service_name, p.ip_address, b.report_time
   FROM pairs p, LATERAL (SELECT report_time FROM {t} WHERE service_name = p.service_name
@@ -176,7 +182,8 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: floa
         cur.execute("SELECT to_regclass(%s)", (rollup.as_string(cur),))
         if cur.fetchone()[0] is None:
             cur.execute(sql.SQL(CREATE_ROLLUP).format(r=rollup, s=state,
-                                                      hour_index=sql.Identifier(cut(f"{table[-1]}_hourly_hour_idx"))))
+                                                      hour_index=sql.Identifier(cut(f"{table[-1]}_hourly_hour_idx")),
+                                                      ip_index=sql.Identifier(cut(f"{table[-1]}_hourly_ip_idx"))))
             done.append(f"created rollup table {shown}")
         cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table[:-1], index).as_string(cur),))
         present = cur.fetchone()[0] is not None
@@ -245,6 +252,12 @@ def _ranges(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
     return [(lo, hi) for lo, hi in found]
 
 
+def _slices(lo: datetime, hi: datetime) -> list[tuple[datetime, datetime]]:
+    """[lo, hi) in weeks: a first pass over years sorts a week's rows at a time, not the whole table's."""
+    return [(a, min(a + BACKFILL_SLICE, hi)) for a in (lo + BACKFILL_SLICE * n
+                                                       for n in range(int((hi - lo) / BACKFILL_SLICE) + 1)) if a < hi]
+
+
 class Rollup:
     """The hourly rollup of one heartbeat table, on a Ledger's connection."""
 
@@ -296,7 +309,7 @@ class Rollup:
         if state is None:
             cur.execute(self._q(ALL_HOURS))
             lo, hi = cur.fetchone()
-            ranges = [] if lo is None else [(as_utc(lo), _hour(as_utc(hi)) + HOUR)]
+            ranges = [] if lo is None else _slices(as_utc(lo), _hour(as_utc(hi)) + HOUR)
         else:
             gap = state.gap_seconds  # the kept gaps stay one threshold, whatever the config says now
             since = state.watermark - timedelta(seconds=timeout) - CLOCK_SKEW
@@ -431,7 +444,7 @@ class RollupReport:
         self._rolled(cur, filters, params, series)
         if h1 < end:
             self._raw(cur, h1, end, raw_filters, params, series)
-        befores = self._befores(cur, raw_filters, filters, params)
+        befores = self._befores(cur, raw_filters, sorted(series), params)
         watcher = self._watcher(cur, since, h0, h1, end, params) if any(k[0] != BACKEND for k in series) else []
         return self._assemble(cur, series, befores, watcher, since, end, gap, raw_filters, params)
 
@@ -464,13 +477,13 @@ class RollupReport:
         return [(svc, addr, as_utc(first), as_utc(last), sorted(inner.get((svc, addr), [])))
                 for svc, addr, first, last in sorted(cur.fetchall())]
 
-    def _befores(self, cur: Any, raw_filters: sql.Composable, filters: sql.Composable,
+    def _befores(self, cur: Any, raw_filters: sql.Composable, keys: list[Key],
                  params: dict[str, Any]) -> dict[Key, datetime]:
         """Each pair's last heartbeat before the window: in raw rows, else (pruned) in the rollup."""
         found: dict[Key, datetime] = {}
         cur.execute(self.ledger._q(RAW_BEFORE, filters=raw_filters), params)
         rows = cur.fetchall()
-        cur.execute(self.rollup._q(ROLLUP_BEFORE, filters=filters), params)
+        cur.execute(self.rollup._q(ROLLUP_BEFORE), dict(params, services=[k[0] for k in keys], ips=[k[1] for k in keys]))
         for svc, addr, when in rows + cur.fetchall():
             if when is not None:
                 found[(svc, addr)] = max(found.get((svc, addr), _PAST), as_utc(when))
