@@ -284,6 +284,7 @@ class Rollup:
         """One pass: recompute every hour with rows written since the last pass; None if another holds the lock."""
         conn = self.ledger.conn
         conn.set_session(isolation_level="READ COMMITTED", readonly=False, autocommit=False)
+        pid = conn.get_backend_pid()
         try:
             with deadline(seconds), conn.cursor() as cur:
                 cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(seconds * 1000)),))
@@ -295,6 +296,9 @@ class Rollup:
                 done = self._pass(cur, gap, timeout, interval)
             conn.commit()
             return done
+        except KeyboardInterrupt:
+            self.ledger._cancel(pid)  # as prune's: not left running (and holding the lock) on the server
+            raise
         finally:
             if not conn.closed:
                 conn.rollback()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
@@ -263,3 +267,30 @@ def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
     for since, until in WINDOWS[:3]:
         raw, rolled, source = both(pg, since, until)
         assert rolled == raw and "read hourly rollups" in source
+
+
+def test_ctrl_c_cancels_the_pass_on_the_server(table: PgServer) -> None:
+    """A pass interrupted while it waits is cancelled on the server, not left holding its lock."""
+    insert(table, history(10)[:3000])
+    holder = table.connect(table.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:  # the rollup held still: the pass's INSERT waits for it
+        cur.execute("LOCK TABLE service_heartbeat_hourly IN EXCLUSIVE MODE")
+    proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", "rollup"], env=env_for(table),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'heartbeatd' AND wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not table.sql(waiting)[0][0]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while table.sql(waiting)[0][0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert table.sql(waiting) == [(0,)]
+    holder.rollback()
+    holder.close()
+    assert proc.returncode == 130 and "Traceback" not in err, out + err
+    result = cli(["rollup"], env_for(table))  # nothing of it stayed: the next pass is the first
+    assert result.returncode == 0 and "(first pass: the whole table)" in result.stdout, result.stdout + result.stderr
