@@ -98,7 +98,7 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     status.add_argument("--output", type=Path, default=None, metavar="FILE",
                         help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
     report = commands.add_parser("report", parents=[common])
-    report.add_argument("--since", default="24h", help="24h, 7d, or a UTC date/time such as 2026-11-01")
+    report.add_argument("--since", default="24h", help="24h, 7d, 1y, or a UTC date/time such as 2026-11-01")
     report.add_argument("--until", default=None, help="as --since (default: now)")
     report.add_argument("--service", default=None)
     report.add_argument("--ip", default=None)
