@@ -49,9 +49,13 @@ CREATE TABLE IF NOT EXISTS {r} (
     latency_sum   double precision,
     latency_max   double precision,
     latency_count integer     NOT NULL,
+    prev_last     timestamp,              -- the pair's last heartbeat before this hour (NULL: none)
+    has_gap       boolean     NOT NULL DEFAULT false,  -- a kept gap in the hour, or from prev_last to first_time
     PRIMARY KEY (service_name, ip_address, hour)
 );
 CREATE INDEX IF NOT EXISTS {hour_index} ON {r} (hour);
+-- A year's report reads only the hours with a gap, not every hour of every pair.
+CREATE INDEX IF NOT EXISTS {gap_index} ON {r} (hour) WHERE has_gap;
 CREATE INDEX IF NOT EXISTS {ip_index} ON {r} (ip_address, hour);  -- `report --ip` of one host
 CREATE TABLE IF NOT EXISTS {s} (
     rollup        text        PRIMARY KEY,
@@ -100,6 +104,20 @@ ON CONFLICT (service_name, ip_address, hour) DO UPDATE SET
        latency_sum = EXCLUDED.latency_sum, latency_max = EXCLUDED.latency_max, latency_count = EXCLUDED.latency_count
  -- An hour whose raw rows prune has removed (in part) keeps what it knew: never shrink it.
  WHERE EXCLUDED.heartbeats >= r.heartbeats"""
+# Each recomputed hour's link to the pair's previous heartbeat, and that of the pair's next kept
+# hour after the range (a late row may have changed where its gap from the past starts).
+LINK = """\
+UPDATE {r} r SET prev_last = x.prev,
+       has_gap = cardinality(r.gap_starts) > 0 OR coalesce(r.first_time - x.prev > %(gap)s, false)
+  FROM (SELECT t.service_name, t.ip_address, t.hour FROM {r} t WHERE t.hour >= %(hlo)s AND t.hour < %(hhi)s
+        UNION
+        SELECT n.service_name, n.ip_address, n.hour
+          FROM (SELECT DISTINCT service_name, ip_address FROM {r} WHERE hour >= %(hlo)s AND hour < %(hhi)s) p,
+               LATERAL (SELECT service_name, ip_address, hour FROM {r} WHERE service_name = p.service_name
+                           AND ip_address = p.ip_address AND hour >= %(hhi)s ORDER BY hour LIMIT 1) n) k,
+       LATERAL (SELECT (SELECT b.last_time FROM {r} b WHERE b.service_name = k.service_name
+                           AND b.ip_address = k.ip_address AND b.hour < k.hour ORDER BY b.hour DESC LIMIT 1) AS prev) x
+ WHERE r.service_name = k.service_name AND r.ip_address = k.ip_address AND r.hour = k.hour"""
 # A server's expected heartbeats: the cycles some daemon ran that hour.
 EXPECTED = """\
 UPDATE {r} r SET expected = w.heartbeats FROM {r} w
@@ -113,20 +131,29 @@ ON CONFLICT (rollup) DO UPDATE SET watermark = EXCLUDED.watermark, passed_at = E
        covered_until = greatest({s}.covered_until, EXCLUDED.covered_until)"""
 
 # -- report: whole hours from the rollup, the rest from raw rows --------------------------------
+# Each pair's first and last heartbeat in [h0, h1): a loose scan of the key, two descents a pair.
 ROLLUP_SPAN = """\
-SELECT service_name, ip_address, min(first_time), max(last_time) FROM {r}
- WHERE hour >= %(h0)s AND hour < %(h1)s {filters} GROUP BY 1, 2"""
-# The gaps longer than --gap: inside an hour (kept), and from one kept hour's last heartbeat to
-# the next kept hour's first.
+WITH RECURSIVE pairs AS (
+    (SELECT service_name, ip_address FROM {r} ORDER BY service_name, ip_address LIMIT 1)
+    UNION ALL
+    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
+        SELECT service_name, ip_address FROM {r} WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
+         ORDER BY service_name, ip_address LIMIT 1) n
+)
+SELECT p.service_name, p.ip_address, f.first_time, l.last_time FROM pairs p,
+       LATERAL (SELECT first_time FROM {r} WHERE service_name = p.service_name AND ip_address = p.ip_address
+                   AND hour >= %(h0)s AND hour < %(h1)s ORDER BY hour LIMIT 1) f,
+       LATERAL (SELECT last_time FROM {r} WHERE service_name = p.service_name AND ip_address = p.ip_address
+                   AND hour >= %(h0)s AND hour < %(h1)s ORDER BY hour DESC LIMIT 1) l
+ WHERE true {filters}"""
+# The gaps longer than --gap, in the hours that have one (by the partial index): inside an hour,
+# and from the pair's previous heartbeat, where that is in [h0, h1) too (one before h0 is the
+# report's to join, from the raw edge or the heartbeat before the window).
 ROLLUP_GAPS = """\
-SELECT service_name, ip_address, s, e FROM (
-       SELECT service_name, ip_address, lag(last_time) OVER w AS s, first_time AS e FROM {r}
-        WHERE hour >= %(h0)s AND hour < %(h1)s {filters}
-       WINDOW w AS (PARTITION BY service_name, ip_address ORDER BY hour)) x
- WHERE e - s > %(gap)s
-UNION ALL
-SELECT service_name, ip_address, g.s, g.e FROM {r}, unnest(gap_starts, gap_ends) g(s, e)
- WHERE hour >= %(h0)s AND hour < %(h1)s {filters} AND g.e - g.s > %(gap)s"""
+SELECT p.service_name, p.ip_address, g.s, g.e
+  FROM {r} p, LATERAL (SELECT p.prev_last, p.first_time WHERE p.prev_last >= %(h0)s
+                       UNION ALL SELECT * FROM unnest(p.gap_starts, p.gap_ends)) g(s, e)
+ WHERE p.has_gap AND p.hour >= %(h0)s AND p.hour < %(h1)s {filters} AND g.e - g.s > %(gap)s"""
 # Per pair, by the primary key backwards: the hour `since` falls in may end after it, the one
 # before it cannot.
 ROLLUP_BEFORE = """\
@@ -183,7 +210,8 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: floa
         if cur.fetchone()[0] is None:
             cur.execute(sql.SQL(CREATE_ROLLUP).format(r=rollup, s=state,
                                                       hour_index=sql.Identifier(cut(f"{table[-1]}_hourly_hour_idx")),
-                                                      ip_index=sql.Identifier(cut(f"{table[-1]}_hourly_ip_idx"))))
+                                                      ip_index=sql.Identifier(cut(f"{table[-1]}_hourly_ip_idx")),
+                                                      gap_index=sql.Identifier(cut(f"{table[-1]}_hourly_gap_idx"))))
             done.append(f"created rollup table {shown}")
         cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table[:-1], index).as_string(cur),))
         present = cur.fetchone()[0] is not None
@@ -329,6 +357,7 @@ class Rollup:
             cur.execute(self._q(UPSERT, ms=ms), params)
             rows += cur.rowcount
             cur.execute(self._q(EXPECTED), params)
+            cur.execute(self._q(LINK), params)
             hours += int((hi - lo) / HOUR)
         covered = _hour(clock - timedelta(seconds=timeout) - CLOCK_SKEW)
         cur.execute(self._q(SAVE_STATE), {"name": self.name, "gap_seconds": gap, "watermark": clock.replace(tzinfo=None),
@@ -440,8 +469,8 @@ class RollupReport:
                                   "recent": ledger._param(max(since, end - timedelta(hours=1)))}
         raw_filters = sql.SQL((" AND p.service_name = %(service)s" if service else "")
                               + (" AND p.ip_address = %(ip)s" if ip else ""))
-        filters = sql.SQL(" AND ip_address <> %(all)s" + (" AND service_name = %(service)s" if service else "")
-                          + (" AND ip_address = %(ip)s" if ip else ""))
+        filters = sql.SQL(" AND p.ip_address <> %(all)s" + (" AND p.service_name = %(service)s" if service else "")
+                          + (" AND p.ip_address = %(ip)s" if ip else ""))
         series: dict[Key, _Series] = {}
         if since < h0:
             self._raw(cur, since, h0, raw_filters, params, series)
@@ -503,7 +532,7 @@ class RollupReport:
                 continue
             if (lo, hi) == (h0, h1):
                 for _, _, first, last, inner in self._rolled_rows(
-                        cur, sql.SQL(" AND service_name = %(backend)s AND ip_address = %(all)s"), params):
+                        cur, sql.SQL(" AND p.service_name = %(backend)s AND p.ip_address = %(all)s"), params):
                     watcher.add(first, last, inner, gap)
                 continue
             cur.execute(self.ledger._q(WATCH_RAW), dict(params, lo=self.ledger._param(lo), hi=self.ledger._param(hi)))
