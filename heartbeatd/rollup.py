@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
-from heartbeatd.ledger import GAPS, PAIRS, SPAN, Ledger, TableMissing, _Report
+from heartbeatd.ledger import GAPS, PAIRS, PRUNE_SERVICES, SPAN, Ledger, TableMissing, _Report
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types
@@ -80,6 +80,7 @@ CLOCK = "SELECT now() AT TIME ZONE 'UTC'"
 ALL_HOURS = "SELECT date_trunc('hour', min(report_time)::timestamp), max(report_time)::timestamp FROM {t}"
 NEW_HOURS = "SELECT DISTINCT date_trunc('hour', report_time::timestamp) FROM {t} WHERE created_at >= %(since)s ORDER BY 1"
 # Every row of [lo, hi), grouped by (service, ip, hour), plus the watcher: distinct 后端 times.
+# By service, so that the (service_name, report_time) index reads the hour, not the whole table.
 UPSERT = """\
 INSERT INTO {r} AS r (service_name, ip_address, hour, heartbeats, expected, first_time, last_time,
                       gap_starts, gap_ends, latency_sum, latency_max, latency_count)
@@ -92,7 +93,7 @@ SELECT service_name, ip_address, hour, count(*)::int,
   FROM (SELECT *, lag(t) OVER (PARTITION BY service_name, ip_address, hour ORDER BY t) AS prev FROM (
           SELECT service_name::text, ip_address::text, report_time::timestamp AS t,
                  date_trunc('hour', report_time::timestamp) AS hour, {ms} AS ms
-            FROM {t} WHERE report_time >= %(lo)s AND report_time < %(hi)s
+            FROM {t} WHERE service_name = ANY(%(services)s) AND report_time >= %(lo)s AND report_time < %(hi)s
           UNION ALL
           SELECT DISTINCT %(backend)s, %(all)s, report_time::timestamp,
                  date_trunc('hour', report_time::timestamp), NULL::float8
@@ -349,11 +350,13 @@ class Rollup:
             cur.execute(self._q(NEW_HOURS), {"since": since_param})
             ranges = _ranges([as_utc(r[0]) for r in cur.fetchall()])
         ms = sql.SQL(f"{LATENCY}::float8") if ledger.has_latency else sql.SQL("NULL::float8")
+        cur.execute(ledger._q(PRUNE_SERVICES))
+        services = [r[0] for r in cur.fetchall()]
         rows = hours = 0
         for lo, hi in ranges:
             params = {"lo": ledger._param(lo), "hi": ledger._param(hi), "hlo": lo.replace(tzinfo=None),
                       "hhi": hi.replace(tzinfo=None), "backend": BACKEND, "all": WATCHER,
-                      "cycles": round(3600 / interval), "gap": timedelta(seconds=gap)}
+                      "cycles": round(3600 / interval), "gap": timedelta(seconds=gap), "services": services}
             cur.execute(self._q(UPSERT, ms=ms), params)
             rows += cur.rowcount
             cur.execute(self._q(EXPECTED), params)
