@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, metrics, page, probes, render, schema
+from heartbeatd import __version__, config as configmod, logsetup, metrics, page, probes, render, rollup, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -61,6 +61,7 @@ LEDGER_HELP = """\
                  html: a self-contained status page of the 90 days up to --until
   prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
                  the rest deleted in batches; --dry-run counts
+  rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
 """
 
 
@@ -81,8 +82,11 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
               "table missing), 69 database unreachable.",
     "report": "Uptime, outages and no-data stretches per service and IP. "
               "Exit 0, 1 table missing, 64 bad arguments, 69 database unreachable.",
-    "prune": "Delete rows older than --older-than (default HEARTBEAT_RETENTION) in batches. "
-             "Exit 0 (also when another prune is running), 69 database unreachable, 130 interrupted.",
+    "prune": "Remove rows older than --older-than (default HEARTBEAT_RETENTION): partitions wholly older are "
+             "dropped, other rows deleted in batches. Exit 0 (also when another prune is running), 1 a partition's "
+             "lock not had, 69 database unreachable, 130 interrupted.",
+    "rollup": "Fold the rows written since the last pass into the hourly rollups report reads for whole hours. "
+              "Exit 0 (also when another pass is running), 1 table missing, 69 database unreachable.",
 }
 
 
@@ -191,7 +195,7 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
                         help="--format prometheus: write FILE atomically (temporary file, rename) instead of stdout")
     report = commands.add_parser("report", parents=[common], description=DESCRIPTIONS["report"])
     report.add_argument("--since", type=_when, default=None,
-                        help="24h (the default), 7d, or a UTC date/time such as 2026-11-01")
+                        help="24h (the default), 7d, 1y, or a UTC date/time such as 2026-11-01")
     report.add_argument("--until", type=_when, default=None, help="as --since (default: now)")
     report.add_argument("--service", default=None, help="only this service (后端, redis, postgres)")
     report.add_argument("--ip", default=None, help="only this address")
@@ -208,6 +212,9 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     prune.add_argument("--older-than", type=_duration(3600), default=None,
                        help="30d, 12w ... at least 1h (default: HEARTBEAT_RETENTION)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
+    roll = commands.add_parser("rollup", parents=[common], description=DESCRIPTIONS["rollup"])
+    roll.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=600.0,
+                      help="seconds the pass may take (600; the first pass reads the whole table)")
 
 
 def _spool(config: Config, previous: Optional[Services]) -> Spool:
@@ -268,6 +275,7 @@ def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optiona
         # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
         done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
                               partitioned=partitioned)
+        done += rollup.init_db(conn, config.table, config.timeout)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN
@@ -388,7 +396,9 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
         if args.format == "html":
             out.write(page.html(page.gather(ledger, min(until, now), gap, now, args.service, args.ip, args.timeout)))
         else:
-            found = ledger.report(since, until, gap, now, args.service, args.ip, args.timeout)
+            found, source = rollup.RollupReport(ledger).run(since, until, gap, now, args.service, args.ip,
+                                                            args.timeout)
+            print(f"report: {source}", file=sys.stderr)
             render.write(found, since, min(until, now), gap, args.format, out)
     except READ_FAILURES as exc:
         return _read_failed("report", exc)
@@ -448,6 +458,23 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_rollup(config: Config, args: argparse.Namespace) -> int:
+    """One rollup pass: the hours that rows were written into since the last pass, recomputed."""
+    ledger = _ledger(config)
+    try:
+        done = rollup.Rollup(ledger).run(_stale_after(config), config.timeout, config.interval, args.timeout)
+    except READ_FAILURES as exc:
+        return _read_failed("rollup", exc)
+    finally:
+        ledger.conn.close()
+    if done is None:
+        print("another heartbeatd rollup is running on this table; nothing done")
+        return EX_OK
+    print(f"rolled up {done.hours} hour(s) ({done.rows} row(s)){' (first pass: the whole table)' if done.first else ''}"
+          f" into {rollup.names(config.table)[2]}; every hour before {naive_utc(done.covered_until)} UTC is covered")
+    return EX_OK
+
+
 # What a read may meet and says in one line: the table is missing, or the database failed us.
 # Anything else is a bug: main() reports it as an internal error (70), with its traceback at DEBUG.
 READ_FAILURES = (TableMissing, psycopg2.Error)
@@ -465,7 +492,7 @@ def _usage(message: str) -> int:
 
 
 LEDGER_COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
-    "status": cmd_status, "report": cmd_report, "prune": cmd_prune}
+    "status": cmd_status, "report": cmd_report, "prune": cmd_prune, "rollup": cmd_rollup}
 
 
 def cmd_run(config: Config, env_file: Optional[Path]) -> int:

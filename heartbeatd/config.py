@@ -375,15 +375,15 @@ def _seconds(name: str, value: str, low: float, high: float, problems: list[str]
     return number
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}  # a year: 365 days
 # The longest duration any option or variable takes: 100 years back from now is still a date
 # (9999999w was an OverflowError, exit 70).
 MAX_DURATION = 36500 * 86400
 
 
 def parse_duration(text: str) -> Optional[float]:
-    """`90s`, `30m`, `24h`, `7d`, `2w` in seconds; None if it is not such a duration."""
-    found = re.fullmatch(r"\s*([0-9]{1,7}(?:\.[0-9]+)?)\s*([smhdw])\s*", text)
+    """`90s`, `30m`, `24h`, `7d`, `2w`, `1y` in seconds; None if it is not such a duration."""
+    found = re.fullmatch(r"\s*([0-9]{1,7}(?:\.[0-9]+)?)\s*([smhdwy])\s*", text)
     return float(found.group(1)) * _UNITS[found.group(2)] if found else None
 
 

@@ -55,7 +55,7 @@ def deb() -> Path:
 
 
 @pytest.mark.parametrize("unit", ["heartbeatd.service", "packaging/heartbeatd-prune.service",
-                                  "packaging/heartbeatd-status.service"])
+                                  "packaging/heartbeatd-status.service", "packaging/heartbeatd-rollup.service"])
 def test_unit_exposure_is_at_most_1_5(unit: str) -> None:
     need("systemd-analyze")
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(TOP / unit)],
@@ -81,6 +81,7 @@ def test_package_contents_and_lintian(deb: Path) -> None:
     for entry in ("./usr/bin/heartbeatd", "./lib/systemd/system/heartbeatd.service", "./usr/share/heartbeatd/schema.sql",
                   "./lib/systemd/system/heartbeatd-prune.service", "./lib/systemd/system/heartbeatd-prune.timer",
                   "./lib/systemd/system/heartbeatd-status.service", "./lib/systemd/system/heartbeatd-status.timer",
+                  "./lib/systemd/system/heartbeatd-rollup.service", "./lib/systemd/system/heartbeatd-rollup.timer",
                   "./usr/share/doc/heartbeatd/examples/heartbeatd.rules.yml"):
         assert entry in listing, entry
     assert re.search(r"-rw-r----- root/root .* \./etc/heartbeatd/heartbeatd.env", listing)

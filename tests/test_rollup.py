@@ -1,0 +1,296 @@
+"""Hourly rollups: a report from rollups and raw edges finds what a raw-row report finds, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+
+import pytest
+
+from conftest import clean_env, cli, db_url, init_table
+from servers import PgServer
+
+from heartbeatd.ledger import Ledger
+from heartbeatd.outage import PairReport
+from heartbeatd.rollup import Rollup, RollupReport, watched
+from heartbeatd.outage import classify
+
+UTC = timezone.utc
+H, M, S = timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1)
+NOW = datetime.now(UTC).replace(microsecond=0)
+T0 = (NOW - 30 * H).replace(minute=0, second=0)
+HOSTS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+REDIS, PG = "10.1.0.1", "10.2.0.1"
+
+
+def spans(rng: random.Random, count: int, longest: float) -> list[tuple[timedelta, timedelta]]:
+    """`count` random down stretches in the 30 hours, up to `longest` minutes each (many cross an hour)."""
+    found = []
+    for _ in range(count):
+        start = timedelta(minutes=rng.uniform(0, 29.5 * 60))
+        found.append((start, start + timedelta(minutes=rng.uniform(0.5, longest))))
+    return found
+
+
+def history(seed: int) -> list[tuple[str, str, datetime, datetime, float]]:
+    """30 hours of three hosts at 30 s (offsets 0/10/20 s, jittered), with random outages of each host,
+    of all hosts at once (no data), of Redis and of PostgreSQL; every row written 0.1 s after its check."""
+    rng = random.Random(seed)
+    everyone = spans(rng, 3, 50)
+    down = {h: spans(rng, 6, 40) + everyone for h in HOSTS}
+    redis_down, pg_down = spans(rng, 6, 30), spans(rng, 6, 30)
+    rows = []
+    for i, host in enumerate(HOSTS):
+        for n in range(30 * 120):
+            at = timedelta(seconds=30 * n + 10 * i + rng.uniform(0, 0.5))
+            if any(a <= at < b for a, b in down[host]):
+                continue
+            when = (T0 + at).replace(tzinfo=None)
+            late = when + timedelta(seconds=0.1)
+            latency = round(rng.uniform(0.1, 9.0), 3)
+            rows.append(("后端", host, when, late, latency))
+            if not any(a <= at < b for a, b in redis_down):
+                rows.append(("redis", REDIS, when, late, latency))
+            if not any(a <= at < b for a, b in pg_down):
+                rows.append(("postgres", PG, when, late, latency))
+    return rows
+
+
+def insert(pg: PgServer, rows: list[tuple[str, str, datetime, datetime, float]]) -> None:
+    conn = pg.connect(pg.dbname)
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.executemany("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at, latency_ms) "
+                        "VALUES (%s, %s, %s, %s, %s)", rows)
+    conn.close()
+
+
+@pytest.fixture
+def table(pg: PgServer) -> PgServer:
+    """The table with latency_ms, and the rollup tables, as init-db makes them."""
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD COLUMN latency_ms double precision", db=pg.dbname)
+    result = cli(["init-db"], env_for(pg))
+    assert result.returncode == 0, result.stderr
+    assert "created rollup table service_heartbeat_hourly" in result.stdout
+    return pg
+
+
+def env_for(pg: PgServer) -> dict[str, str]:
+    return clean_env(DATABASE_URL=db_url(pg), HEARTBEAT_INTERVAL="30", HEARTBEAT_TIMEOUT="5")
+
+
+def ledger(pg: PgServer) -> Ledger:
+    return Ledger(pg.connect(pg.dbname), ("service_heartbeat",), 60, helper=lambda: pg.connect(pg.dbname))
+
+
+def roll(pg: PgServer) -> Any:
+    led = ledger(pg)
+    try:
+        return Rollup(led).run(65, 5, 30, 120)
+    finally:
+        led.conn.close()
+
+
+def both(pg: PgServer, since: datetime, until: datetime, gap: float = 65, service: Optional[str] = None,
+         ip: Optional[str] = None) -> tuple[list[PairReport], list[PairReport], str]:
+    """(raw-row report, rollup report, what the rollup report says it read)."""
+    led = ledger(pg)
+    try:
+        raw = led.report(since, until, gap, NOW, service, ip, 60)
+        rolled, source = RollupReport(led).run(since, until, gap, NOW, service, ip, 60)
+    finally:
+        led.conn.close()
+    return raw, rolled, source
+
+
+WINDOWS = [(T0 - 2 * H, NOW), (T0 + 17 * M + 3 * S, NOW), (T0 + 3 * H, T0 + 20 * H),
+           (T0 + 2 * H + 41 * M + 7 * S, T0 + 22 * H + 5 * M + 13 * S), (T0 + 5 * H + 59 * M, T0 + 9 * H + 1 * M)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rollup_report_agrees_with_raw_rows_under_late_rows(table: PgServer, seed: int) -> None:
+    rows = history(seed)
+    rng = random.Random(seed)
+    late = set(rng.sample(range(len(rows)), len(rows) // 20))  # 5 % spooled: written after the first pass
+    insert(table, [r for i, r in enumerate(rows) if i not in late])
+    first = roll(table)
+    assert first.first and first.hours >= 30
+    for since, until in WINDOWS:
+        raw, rolled, source = both(table, since, until)
+        assert "read hourly rollups" in source
+        assert rolled == raw, (since, until)
+    # The late rows, written now with their original report_time, hours back: the next pass finds
+    # them by created_at and recomputes their hours.
+    now = datetime.now(UTC).replace(tzinfo=None)
+    insert(table, [(s, ip, t, now, ms) for i, (s, ip, t, _, ms) in enumerate(rows) if i in late])
+    again = roll(table)
+    assert not again.first and again.hours >= 25
+    for since, until in WINDOWS:
+        for gap in (65.0, 200.0):
+            raw, rolled, source = both(table, since, until, gap)
+            assert rolled == raw, (since, until, gap)
+    raw, rolled, _ = both(table, T0 + 17 * M, NOW, ip=HOSTS[1])
+    assert rolled == raw and len(raw) == 1
+    raw, rolled, _ = both(table, T0 + 17 * M, NOW, service="redis")
+    assert rolled == raw and len(raw) == 1 and raw[0].outages
+
+
+def test_a_transaction_committed_after_the_pass_is_still_rolled_up(table: PgServer) -> None:
+    insert(table, history(4))
+    roll(table)
+    # A daemon's write in flight while the pass looked: created_at stamped before the pass's clock,
+    # committed after it. It fills an hour-old gap of host 1's, so the report changes.
+    writer = table.connect(table.dbname)
+    writer.autocommit = False
+    hole = T0 + 10 * H + 7 * M
+    with writer.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                    "SELECT '后端', %s, t, now() AT TIME ZONE 'UTC' - interval '3 s' "
+                    "FROM generate_series(%s::timestamp, %s::timestamp, interval '30 s') t",
+                    (HOSTS[0], hole.replace(tzinfo=None), (hole + 2 * H).replace(tzinfo=None)))
+    roll(table)  # does not see it yet
+    writer.commit()
+    writer.close()
+    roll(table)
+    for since, until in WINDOWS:
+        raw, rolled, _ = both(table, since, until)
+        assert rolled == raw, (since, until)
+
+
+def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
+    insert(table, history(5))
+    cut = T0 + 12 * H
+    before, _, _ = both(table, T0, NOW - 3 * H)
+    rounded, _, _ = both(table, T0 + 6 * H, NOW - 3 * H)
+    assert roll(table).first
+    # What prune does, for any of its methods: the raw rows before the cut are gone; the rollup stays.
+    table.sql("DELETE FROM service_heartbeat WHERE report_time < %s", (cut.replace(tzinfo=None),), db=table.dbname)
+    roll(table)
+    assert table.sql("SELECT count(*) FROM service_heartbeat_hourly WHERE hour < %s",
+                     (cut.replace(tzinfo=None),), db=table.dbname)[0][0] >= 12 * 6
+    _, after, source = both(table, T0, NOW - 3 * H)
+    assert "read hourly rollups for " + T0.replace(tzinfo=None).isoformat() in source
+
+    def facts(found: list[PairReport]) -> list[Any]:  # latency is sampled from the raw rows still kept
+        return [(p.service, p.ip, p.observed_from, p.outages, p.no_data, p.uptime) for p in found]
+    assert facts(after) == facts(before)
+    # A window starting inside a pruned hour starts at its next whole hour, and says so.
+    _, after, source = both(table, T0 + 5 * H + 20 * M, NOW - 3 * H)
+    assert source.endswith(f"; --since rounded up to {(T0 + 6 * H).replace(tzinfo=None).isoformat()}Z: "
+                           "the raw rows before it are pruned")
+    assert facts(after) == facts(rounded)
+
+
+def test_a_report_with_a_gap_below_the_rollups_reads_raw_rows_and_says_so(table: PgServer) -> None:
+    insert(table, history(6))
+    roll(table)
+    raw, rolled, source = both(table, T0, NOW, gap=40)
+    assert rolled == raw and "raw rows only (--gap 40 is below the rollup's 65 s)" in source
+
+
+def test_watched_splits_a_gap_as_classify_does() -> None:
+    """The watcher's gaps give the same outages and no-data stretches as the 后端 moments themselves."""
+    rng = random.Random(7)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for _ in range(2000):
+        moments = sorted({base + timedelta(seconds=rng.choice([30 * rng.randrange(200), rng.uniform(0, 6000)]))
+                          for _ in range(rng.randrange(0, 40))})
+        gaps = [(a, b) for a, b in zip(moments, moments[1:]) if (b - a).total_seconds() > 65]
+        watcher = ([(datetime.min.replace(tzinfo=UTC), moments[0])] + gaps + [(moments[-1], datetime.max.replace(tzinfo=UTC))]
+                   if moments else [(datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))])
+        start = base + timedelta(seconds=rng.choice([30 * rng.randrange(200), rng.uniform(0, 6000)]))
+        stop = start + timedelta(seconds=rng.uniform(66, 3000))
+        ongoing = rng.random() < 0.5
+        inside = [m for m in moments if start < m < stop]
+        assert watched(start, stop, ongoing, watcher, 65) == classify(start, stop, ongoing, inside, 65)
+
+
+def test_rollup_command_init_db_and_the_report_line(table: PgServer) -> None:
+    insert(table, history(8))
+    env = env_for(table)
+    result = cli(["rollup"], env)
+    assert result.returncode == 0, result.stderr
+    assert "(first pass: the whole table) into service_heartbeat_hourly; every hour before" in result.stdout
+    assert cli(["init-db"], env).stdout.count("created") == 0  # idempotent
+    result = cli(["report", "--since", "1y", "--format", "json"], env)
+    assert result.returncode == 0 and "report: read hourly rollups for " in result.stderr
+    # One pass at a time: a second, while one holds the lock, says so and does nothing.
+    holder = table.connect(table.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('heartbeatd-rollup:service_heartbeat'))")
+        result = cli(["rollup"], env)
+    holder.rollback()
+    holder.close()
+    assert result.returncode == 0 and "another heartbeatd rollup is running" in result.stdout
+
+
+def test_rollup_without_init_db_is_one_line(pg: PgServer) -> None:
+    init_table(pg)
+    result = cli(["rollup"], env_for(pg))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("heartbeatd: rollup failed: rollup table service_heartbeat_hourly does not "
+                                     "exist: run `heartbeatd init-db`")
+
+
+def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
+    """CREATE INDEX CONCURRENTLY is refused on a partitioned table: ON ONLY, then each partition's, attached."""
+    from heartbeatd import rollup
+    day = T0.replace(hour=0, tzinfo=None)
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamp NOT NULL, latency_ms real) "
+           "PARTITION BY RANGE (report_time)", db=pg.dbname)
+    for n in range(3):
+        lo, hi = day + n * 24 * H, day + (n + 1) * 24 * H
+        pg.sql(f"CREATE TABLE service_heartbeat_p{n} PARTITION OF service_heartbeat FOR VALUES FROM ('{lo}') TO ('{hi}')",
+               db=pg.dbname)
+    pg.sql("CREATE TABLE service_heartbeat_default PARTITION OF service_heartbeat DEFAULT", db=pg.dbname)
+    pg.sql("CREATE INDEX ON service_heartbeat (service_name, ip_address, report_time)", db=pg.dbname)
+    insert(pg, history(9))
+    conn = pg.connect(pg.dbname)
+    conn.autocommit = True
+    try:
+        assert rollup.init_db(conn, ("service_heartbeat",), 5) == [
+            "created rollup table service_heartbeat_hourly", "created index service_heartbeat_created_at_brin concurrently"]
+    finally:
+        conn.close()
+    assert pg.sql("SELECT bool_and(indisvalid), count(*) FROM pg_index WHERE indexrelid::regclass::text LIKE %s",
+                  ("service_heartbeat%created_at_brin",), db=pg.dbname) == [(True, 5)]
+    roll(pg)
+    for since, until in WINDOWS[:3]:
+        raw, rolled, source = both(pg, since, until)
+        assert rolled == raw and "read hourly rollups" in source
+
+
+def test_ctrl_c_cancels_the_pass_on_the_server(table: PgServer) -> None:
+    """A pass interrupted while it waits is cancelled on the server, not left holding its lock."""
+    insert(table, history(10)[:3000])
+    holder = table.connect(table.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:  # the rollup held still: the pass's INSERT waits for it
+        cur.execute("LOCK TABLE service_heartbeat_hourly IN EXCLUSIVE MODE")
+    proc = subprocess.Popen([sys.executable, "-m", "heartbeatd", "rollup"], env=env_for(table),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'heartbeatd' AND wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not table.sql(waiting)[0][0]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while table.sql(waiting)[0][0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert table.sql(waiting) == [(0,)]
+    holder.rollback()
+    holder.close()
+    assert proc.returncode == 130 and "Traceback" not in err, out + err
+    result = cli(["rollup"], env_for(table))  # nothing of it stayed: the next pass is the first
+    assert result.returncode == 0 and "(first pass: the whole table)" in result.stdout, result.stdout + result.stderr
