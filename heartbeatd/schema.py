@@ -30,6 +30,12 @@ COVERED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catal
  WHERE i.inhparent = pg_catalog.to_regclass(%(t)s)
    AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type} < %(end)s
    AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type} > %(start)s)"""
+# The pg_partman extension's schema, if installed: a table in its part_config has its partitions made by
+# pg_partman, which finds them by its own names (<table>_p2026_12_06): one of ours there breaks its
+# run_maintenance() ("timestamp out of range" in show_partitions), for every table it manages.
+PARTMAN_SCHEMA = """SELECT n.nspname FROM pg_catalog.pg_extension e
+  JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'"""
+PARTMAN_MANAGED = "SELECT EXISTS (SELECT 1 FROM {config} WHERE parent_table = %(t)s)"
 AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
 # What packaging/schema.sql gives for applying by hand (init-db runs the same, step by step).
 CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
@@ -284,6 +290,19 @@ def _periods(unit: str, now: datetime) -> list[tuple[datetime, datetime]]:
     return found
 
 
+def _partman_managed(work: _Init, rel: Relation) -> bool:
+    """Whether pg_partman manages the table (it is in partman's part_config)."""
+    found = work.fetch(PARTMAN_SCHEMA)
+    if not found:
+        return False
+    config = sql.Identifier(found[0][0], "part_config")
+    try:
+        return bool(work.fetch_with(sql.SQL(PARTMAN_MANAGED).format(config=config),
+                                    {"t": f"{rel.schema}.{rel.name}"})[0][0])
+    except psycopg2.errors.InsufficientPrivilege:  # a role that may not read it: as before pg_partman
+        return False
+
+
 def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
     """The table partitioned by report_time (made if missing, never converted), with partitions made ahead
     and a DEFAULT one that catches what no partition covers."""
@@ -295,6 +314,10 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
     if rel is None or rel.kind != "p":
         raise DdlFailed(f"table {name} exists and is not partitioned; init-db never converts a table "
                         "(README: Partitioned table, for the steps of a live migration)")
+    if _partman_managed(work, rel):
+        work.done.append(f"table {name} is managed by pg_partman: its partitions are left to it "
+                         "(partman.run_maintenance)")
+        return rel
     with deadline(work.timeout), work.conn.cursor() as cur:
         kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
     made = []
