@@ -34,6 +34,9 @@ WATCHER = "*"  # the ip_address of the all-hosts 后端 series: no real address 
 # a daemon sets created_at from its own clock, so a host whose clock lags this much is still seen.
 CLOCK_SKEW = timedelta(minutes=2)
 BACKFILL_SLICE = timedelta(days=7)
+# The table's services, partitions included: prune's list reads each table ONLY (a partitioned
+# parent holds no row itself, so on one it found no service and a pass rolled up only `*`).
+TABLE_SERVICES = PRUNE_SERVICES.replace("FROM ONLY {t}", "FROM {t}")
 
 CREATE_ROLLUP = """\
 CREATE TABLE IF NOT EXISTS {r} (
@@ -350,7 +353,7 @@ class Rollup:
             cur.execute(self._q(NEW_HOURS), {"since": since_param})
             ranges = _ranges([as_utc(r[0]) for r in cur.fetchall()])
         ms = sql.SQL(f"{LATENCY}::float8") if ledger.has_latency else sql.SQL("NULL::float8")
-        cur.execute(ledger._q(PRUNE_SERVICES))
+        cur.execute(ledger._q(TABLE_SERVICES))
         services = [r[0] for r in cur.fetchall()]
         rows = hours = 0
         for lo, hi in ranges:
