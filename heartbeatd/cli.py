@@ -62,6 +62,7 @@ LEDGER_HELP = """\
   prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
                  the rest deleted in batches; --dry-run counts
   rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
+                 (--timeout SECONDS, 600: the first pass reads the whole table)
 """
 
 
