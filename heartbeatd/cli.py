@@ -276,7 +276,7 @@ def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optiona
         # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
         done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
                               partitioned=partitioned)
-        done += rollup.init_db(conn, config.table, config.timeout)
+        done += rollup.init_db(conn, config.table, config.timeout, helper=connector.open)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_DOWN

@@ -14,10 +14,9 @@ transaction committed after that pass looked.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from psycopg2 import sql
 
@@ -25,7 +24,7 @@ from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
 from heartbeatd.ledger import GAPS, PAIRS, PRUNE_SERVICES, SPAN, Ledger, TableMissing, _Report
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
-from heartbeatd.schema import column_types
+from heartbeatd.schema import column_types, object_name, run_ddl
 
 UTC = timezone.utc
 HOUR = timedelta(hours=1)
@@ -67,16 +66,6 @@ CREATE TABLE IF NOT EXISTS {s} (
     covered_until timestamp   NOT NULL,   -- every hour before it has been rolled up
     passed_at     timestamp   NOT NULL
 )"""
-# A pass finds new rows by created_at: a BRIN index is a few pages, costs an INSERT next to
-# nothing, and fits a heap appended in created_at order (late rows too: they are appended now).
-CREATED_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {t} USING brin (created_at)"
-# A partitioned table's partitions, one level down (none: a plain table).
-PARTITIONS = """\
-SELECT n.nspname, c.relname, c.relkind FROM pg_catalog.pg_inherits i
-  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE i.inhparent = pg_catalog.to_regclass(%s)
-   AND EXISTS (SELECT 1 FROM pg_catalog.pg_class p WHERE p.oid = i.inhparent AND p.relkind = 'p')
- ORDER BY 2"""
 LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"
 STATE = "SELECT gap_seconds, watermark, covered_until, passed_at FROM {s} WHERE rollup = %(name)s"
 CLOCK = "SELECT now() AT TIME ZONE 'UTC'"
@@ -185,68 +174,26 @@ SELECT DISTINCT report_time FROM {t} WHERE service_name = %(backend)s
    AND report_time >= %(lo)s AND report_time < %(hi)s ORDER BY 1"""
 
 
-def cut(name: str) -> str:
-    """A name PostgreSQL keeps whole: it cuts names at 63 bytes, so a long one ends in a hash instead."""
-    if len(name.encode()) <= 63:
-        return name
-    return name.encode()[:50].decode(errors="ignore") + "_" + hashlib.sha1(name.encode()).hexdigest()[:10]
-
-
 def names(table: Sequence[str]) -> tuple[sql.Identifier, sql.Identifier, str]:
     """The rollup table, its state table (both in the table's schema), and the rollup's display name."""
-    rollup, state = cut(f"{table[-1]}_hourly"), cut(f"{table[-1]}_hourly_state")
+    rollup, state = object_name(table[-1], "hourly"), object_name(table[-1], "hourly_state")
     return (sql.Identifier(*table[:-1], rollup), sql.Identifier(*table[:-1], state), ".".join((*table[:-1], rollup)))
 
 
-def created_index_name(table: Sequence[str]) -> str:
-    """The name init-db gives the BRIN index on created_at."""
-    return cut(f"{table[-1]}_created_at_brin")
+def init_db(conn: Any, table: Sequence[str], timeout: float, helper: Optional[Callable[[], Any]] = None) -> list[str]:
+    """Create the rollup tables if missing (idempotent); say what was created.
 
-
-def init_db(conn: Any, table: Sequence[str], timeout: float, index_timeout: float = 3600.0) -> list[str]:
-    """Create the rollup tables and the created_at index if missing (idempotent); say what was created."""
+    The created_at index a pass reads by is one of schema.INDEXES, made with the table's others."""
     rollup, state, shown = names(table)
-    ident = sql.Identifier(*table)
-    index = created_index_name(table)
-    done = []
     with deadline(timeout), conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s)", (rollup.as_string(cur),))
-        if cur.fetchone()[0] is None:
-            cur.execute(sql.SQL(CREATE_ROLLUP).format(r=rollup, s=state,
-                                                      hour_index=sql.Identifier(cut(f"{table[-1]}_hourly_hour_idx")),
-                                                      ip_index=sql.Identifier(cut(f"{table[-1]}_hourly_ip_idx")),
-                                                      gap_index=sql.Identifier(cut(f"{table[-1]}_hourly_gap_idx"))))
-            done.append(f"created rollup table {shown}")
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*table[:-1], index).as_string(cur),))
-        present = cur.fetchone()[0] is not None
-        cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(ident))
-        has_rows = bool(cur.fetchone()[0])
-    if not present:
-        with deadline(index_timeout), conn.cursor() as cur:
-            _create_created_index(cur, table, index, has_rows)
-        done.append(f"created index {index}" + (" concurrently" if has_rows else ""))
-    return done
-
-
-def _create_created_index(cur: Any, table: Sequence[str], index: str, has_rows: bool) -> None:
-    """The BRIN index on created_at; on a table that holds rows, CONCURRENTLY: the daemons go on writing."""
-    ident = sql.Identifier(*table)
-    cur.execute(PARTITIONS, (ident.as_string(cur),))
-    parts = cur.fetchall()
-    if not has_rows or not parts:
-        cur.execute(sql.SQL(CREATED_INDEX).format(concurrently=sql.SQL("CONCURRENTLY" if has_rows else ""),
-                                                  index=sql.Identifier(index), t=ident))
-        return
-    # A partitioned table takes no CONCURRENTLY: the parent's index ON ONLY it, each partition's
-    # built CONCURRENTLY and attached; the parent's is valid once all are.
-    cur.execute(sql.SQL(CREATED_INDEX.replace(" ON {t}", " ON ONLY {t}")).format(
-        concurrently=sql.SQL(""), index=sql.Identifier(index), t=ident))
-    for schema, name, kind in parts:
-        child = created_index_name((name,))
-        cur.execute(sql.SQL(CREATED_INDEX).format(concurrently=sql.SQL("CONCURRENTLY" if kind != "p" else ""),
-                                                  index=sql.Identifier(child), t=sql.Identifier(schema, name)))
-        cur.execute(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
-            sql.Identifier(*table[:-1], index), sql.Identifier(schema, child)))
+        if cur.fetchone()[0] is not None:
+            return []
+    run_ddl(conn, sql.SQL(CREATE_ROLLUP).format(
+        r=rollup, s=state, hour_index=sql.Identifier(object_name(table[-1], "hourly_hour_idx")),
+        ip_index=sql.Identifier(object_name(table[-1], "hourly_ip_idx")),
+        gap_index=sql.Identifier(object_name(table[-1], "hourly_gap_idx"))), f"CREATE TABLE {shown}", timeout, helper)
+    return [f"created rollup table {shown}"]
 
 
 @dataclass(frozen=True)

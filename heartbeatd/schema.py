@@ -7,7 +7,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import psycopg2
 from psycopg2 import sql
@@ -41,10 +41,22 @@ AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
 CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
 PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (service_name, ip_address, report_time)"
-INDEX = "CREATE INDEX {concurrently} {index} ON {only} {table} ({columns})"
-# The application's reads, and the read side's: (name suffix, columns).
-INDEXES = (("service_name_report_time_idx", ("service_name", "report_time")),
-           ("service_ip_time_idx", ("service_name", "ip_address", "report_time")))
+INDEX = "CREATE INDEX {concurrently} {index} ON {only} {table} USING {method} ({columns})"
+
+
+class Index(NamedTuple):
+    """An index init-db makes on the table: its name's suffix, its columns, its access method."""
+
+    suffix: str
+    columns: tuple[str, ...]
+    method: str = "btree"
+
+
+INDEXES = (Index("service_name_report_time_idx", ("service_name", "report_time")),  # the application's reads
+           Index("service_ip_time_idx", ("service_name", "ip_address", "report_time")),  # status, report
+           # `heartbeatd rollup` finds new rows by created_at: a BRIN index is a few pages, costs an INSERT
+           # next to nothing, and fits a heap appended in created_at order (late rows too: appended now).
+           Index("created_at_brin", ("created_at",), "brin"))
 RELATION = """SELECT c.relkind, n.nspname, c.relname FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass(%s)"""
 CHILDREN = """SELECT c.relkind, n.nspname, c.relname FROM pg_catalog.pg_inherits i
@@ -91,12 +103,12 @@ def object_name(table_name: str, suffix: str) -> str:
 
 def index_name(table: Sequence[str]) -> str:
     """The name init-db gives the (service_name, report_time) index."""
-    return object_name(table[-1], INDEXES[0][0])
+    return object_name(table[-1], INDEXES[0].suffix)
 
 
 def pair_index_name(table: Sequence[str]) -> str:
     """The name init-db gives the (service_name, ip_address, report_time) index the read side uses."""
-    return object_name(table[-1], INDEXES[1][0])
+    return object_name(table[-1], INDEXES[1].suffix)
 
 
 def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
@@ -234,47 +246,50 @@ class _Init:
                  f"ALTER TABLE {rel.name} ADD COLUMN {LATENCY}")
         self.done.append(f"added column {LATENCY} {ddl}")
 
-    def index(self, rel: Relation, suffix: str, columns: Sequence[str]) -> int:
+    def index(self, rel: Relation, index: Index) -> int:
         """Make the index valid; how many tables got a new one built (0: it was there)."""
+        suffix = index.suffix
         state = self.state(rel, suffix)
         if state:
             return 0
         name = object_name(rel.name, suffix)
         has_rows = bool(self.fetch(sql.SQL(HAS_ROWS).format(table=rel.ident).as_string(self.conn))[0][0])
         if rel.kind == "p" and (has_rows or state is False):
-            return self._partitioned(rel, suffix, columns, state is None)
+            return self._partitioned(rel, index, state is None)
         if state is False:  # a CONCURRENTLY build that was interrupted
             self.ddl(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(rel.index(suffix)),
                      f"DROP INDEX {name}", INDEX_TIMEOUT)
         # On a table that already holds rows, CONCURRENTLY: the daemons go on writing meanwhile.
-        self.ddl(self._create(rel, suffix, columns, "CONCURRENTLY" if has_rows else "", ""),
+        self.ddl(self._create(rel, index, "CONCURRENTLY" if has_rows else "", ""),
                  f"CREATE INDEX {name}", INDEX_TIMEOUT if has_rows else None)
         self.concurrently = self.concurrently or has_rows
         return 1
 
-    def _partitioned(self, rel: Relation, suffix: str, columns: Sequence[str], missing: bool) -> int:
+    def _partitioned(self, rel: Relation, index: Index, missing: bool) -> int:
         """PostgreSQL builds no index CONCURRENTLY on a partitioned table: an index ON ONLY the parent
         (invalid, instantly), each partition's own built as for a table, each attached; the parent's is
         valid once every partition's is attached."""
+        suffix = index.suffix
         name = object_name(rel.name, suffix)
         self.split = True
         if missing:
-            self.ddl(self._create(rel, suffix, columns, "", "ONLY"), f"CREATE INDEX {name} ON ONLY {rel.name}")
+            self.ddl(self._create(rel, index, "", "ONLY"), f"CREATE INDEX {name} ON ONLY {rel.name}")
         built = 0
         for child in self.children(rel):
             if child.kind not in ("r", "p") or self.fetch(ATTACHED, rel.index(suffix), child.ident)[0][0]:
                 continue  # a foreign table has no index; one attached already (made with the partition)
-            built += self.index(child, suffix, columns)
+            built += self.index(child, index)
             self.ddl(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(rel.index(suffix), child.index(suffix)),
                      f"ALTER INDEX {name} ATTACH PARTITION {object_name(child.name, suffix)}")
         return built
 
     @staticmethod
-    def _create(rel: Relation, suffix: str, columns: Sequence[str], concurrently: str, only: str) -> sql.Composed:
+    def _create(rel: Relation, index: Index, concurrently: str, only: str) -> sql.Composed:
         # CREATE INDEX takes the index's bare name: it goes into the table's schema.
         return sql.SQL(INDEX).format(concurrently=sql.SQL(concurrently), only=sql.SQL(only), table=rel.ident,
-                                     index=sql.Identifier(object_name(rel.name, suffix)),
-                                     columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
+                                     index=sql.Identifier(object_name(rel.name, index.suffix)),
+                                     method=sql.SQL(index.method),
+                                     columns=sql.SQL(", ").join(map(sql.Identifier, index.columns)))
 
 
 def _periods(unit: str, now: datetime) -> list[tuple[datetime, datetime]]:
@@ -355,11 +370,11 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool 
         rel = work.create_table(sql.Identifier(*table), ".".join(table))
     if with_latency:
         work.add_latency(rel)
-    for suffix, columns in INDEXES:
-        name = object_name(rel.name, suffix)
+    for index in INDEXES:
+        name = object_name(rel.name, index.suffix)
         work.concurrently = work.split = False
-        built = work.index(rel, suffix, columns)
-        if fresh and suffix == INDEXES[0][0]:
+        built = work.index(rel, index)
+        if fresh and index == INDEXES[0]:
             continue  # part of the new table's DDL (as in schema.sql), not news
         if work.split and built:
             work.done.append(f"created index {name} on partitioned table {rel.name}: ON ONLY the table, then on "
@@ -367,7 +382,8 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool 
                              "each attached")
         elif built:
             work.done.append(f"created index {name}" + (" concurrently" if work.concurrently else ""))
-    for suffix, _ in INDEXES:
-        if not work.state(rel, suffix):
-            raise DdlFailed(f"index {object_name(rel.name, suffix)} on {rel.name} is missing or invalid after init-db")
+    for index in INDEXES:
+        if not work.state(rel, index.suffix):
+            raise DdlFailed(f"index {object_name(rel.name, index.suffix)} on {rel.name} is missing or invalid "
+                            "after init-db")
     return work.done

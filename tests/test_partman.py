@@ -92,7 +92,7 @@ def test_init_db_indexes_partmans_partitions_and_leaves_them_to_it(pg: PgServer)
     assert result.returncode == 0, result.stderr
     assert f"ON ONLY the table, then on {len(made)} partition(s) (CONCURRENTLY where they held rows), each attached" \
         in result.stdout, result.stdout
-    for suffix, columns in INDEXES:
+    for suffix, *_ in INDEXES:
         parent = object_name("service_heartbeat", suffix)
         assert pg.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (parent,),
                       db=pg.dbname) == [(True,)]
@@ -109,7 +109,7 @@ def test_init_db_indexes_partmans_partitions_and_leaves_them_to_it(pg: PgServer)
     pg.sql("UPDATE partman.part_config SET premake = 5", db=pg.dbname)
     seen = maintenance(pg)
     assert len(seen) > len(made) - 1 and set(made) - {"service_heartbeat_default"} <= set(seen), seen
-    for suffix, _ in INDEXES:  # partman's new partitions get the parent's indexes from PostgreSQL
+    for suffix, *_ in INDEXES:  # partman's new partitions get the parent's indexes from PostgreSQL
         assert pg.sql("SELECT count(*) FROM pg_partition_tree(%s) WHERE level = 1", (object_name(
             "service_heartbeat", suffix),), db=pg.dbname) == [(len(seen) + 1,)]
 
