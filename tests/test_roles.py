@@ -1,0 +1,75 @@
+"""README's least-privilege roles, run as written: the daemon's role writes, rolls up and prunes with
+the grants the recipe gives and no more, and the readers' role reads; neither can do what it was not given."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import cli, clean_env
+from servers import PgServer, RedisServer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def recipe() -> str:
+    """The SQL between README's role-sql markers."""
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"<!-- role-sql -->\n```sql\n(.*?)```\n<!-- /role-sql -->", text, re.S)
+    assert found, "README.md has no role recipe between <!-- role-sql --> markers"
+    return found.group(1)
+
+
+@pytest.fixture
+def roles(pg: PgServer) -> Iterator[tuple[str, str]]:
+    """The recipe applied in the test's database, with role names of this test's own (roles are the cluster's)."""
+    writer, reader = f"hb_w_{uuid.uuid4().hex[:8]}", f"hb_r_{uuid.uuid4().hex[:8]}"
+    sql = recipe().replace("heartbeatd_reader", reader).replace("heartbeatd", writer) \
+        .replace("DATABASE app", f"DATABASE {pg.dbname}")  # type: ignore[attr-defined]
+    assert cli(["init-db"], clean_env(DATABASE_URL=pg.url(db=pg.dbname))).returncode == 0  # type: ignore[attr-defined]
+    pg.sql(sql, db=pg.dbname)  # type: ignore[attr-defined]
+    yield writer, reader
+    for role in (writer, reader):
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)  # type: ignore[attr-defined]
+        pg.sql(f"DROP ROLE {role}")
+
+
+def test_the_daemons_role_writes_rolls_up_and_prunes_with_the_recipes_grants(
+        pg: PgServer, redis_server: RedisServer, roles: tuple[str, str]) -> None:
+    writer, reader = roles
+    db = pg.dbname  # type: ignore[attr-defined]
+    env = clean_env(DATABASE_URL=pg.url(user=writer, db=db), REDIS_URL=redis_server.url())
+    once = cli(["once"], env)
+    assert once.returncode == 0, once.stdout + once.stderr
+    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=db) == [(3,)]
+    old = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=40)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "VALUES ('redis', '10.0.0.1', %s, %s)", (old, old), db=db)
+    rolled = cli(["rollup"], env)
+    assert rolled.returncode == 0, rolled.stderr
+    pruned = cli(["prune", "--older-than", "30d"], env)
+    assert pruned.returncode == 0 and "1" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=db) == [(3,)]
+    # The recipe gives no more than that: no DDL, and nothing of the application's other tables.
+    denied = cli(["init-db", "--with-latency"], env)
+    assert denied.returncode == 1 and "must be owner" in denied.stderr, denied.stderr
+
+
+def test_the_readers_role_reads_and_cannot_write(pg: PgServer, redis_server: RedisServer,
+                                                 roles: tuple[str, str]) -> None:
+    writer, reader = roles
+    db = pg.dbname  # type: ignore[attr-defined]
+    assert cli(["once"], clean_env(DATABASE_URL=pg.url(user=writer, db=db), REDIS_URL=redis_server.url())
+               ).returncode == 0
+    env = clean_env(DATABASE_URL=pg.url(user=reader, db=db))
+    status = cli(["status"], env)
+    assert status.returncode == 0 and "fresh" in status.stdout, status.stdout + status.stderr
+    report = cli(["report", "--since", "1h", "--format", "json"], env)
+    assert report.returncode == 0, report.stderr
+    once = cli(["once"], clean_env(DATABASE_URL=pg.url(user=reader, db=db), REDIS_URL=redis_server.url()))
+    assert once.returncode == 1 and "permission denied" in once.stdout + once.stderr, once.stdout + once.stderr
