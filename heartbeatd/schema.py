@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from psycopg2 import sql
 
@@ -19,8 +19,10 @@ INDEX_STATE = """SELECT i.indisvalid FROM pg_catalog.pg_index i
 HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
 # Nullable, no default: PostgreSQL only records it in the catalog, however many rows there are.
 ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"
+# The type's name, and the type as declared (format_type with the column's typmod:
+# `timestamp(0) without time zone`), which is what a value must be cast to to compare as stored.
 COLUMN_TYPES = """\
-SELECT a.attname, t.typname
+SELECT a.attname, t.typname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
 # Building an index over millions of rows takes minutes, not HEARTBEAT_TIMEOUT; still bounded.
@@ -37,10 +39,23 @@ def pair_index_name(table: Sequence[str]) -> str:
     return f"{table[-1]}_service_ip_time_idx"[:63]
 
 
+class ColumnType(NamedTuple):
+    """A column's type: its name (`timestamp`), as declared (`timestamp(0) without time zone`), its typmod."""
+
+    name: str
+    declared: str
+    typmod: int  # -1 when the type has none (`timestamp` alone: 6 digits of fraction)
+
+
+def declared_types(cur: Any, table: sql.Identifier) -> dict[str, ColumnType]:
+    """The table's columns and their types; empty if it does not exist."""
+    cur.execute(COLUMN_TYPES, (table.as_string(cur),))
+    return {name: ColumnType(typ, declared, typmod) for name, typ, declared, typmod in cur.fetchall()}
+
+
 def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
     """The table's columns and their type names (`timestamp`, `timestamptz`, ...); empty if it does not exist."""
-    cur.execute(COLUMN_TYPES, (table.as_string(cur),))
-    return {name: typ for name, typ in cur.fetchall()}
+    return {name: typ.name for name, typ in declared_types(cur, table).items()}
 
 
 def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool = False) -> list[str]:
