@@ -38,11 +38,15 @@ LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(%s::int4[]) AS s"
 # The rows missing from the table, inserted; the statement returns one empty row for each, so the
 # row count says how many the table got even where a BEFORE trigger returns NULL after putting the
 # row elsewhere (old-style partitioning by inheritance), which makes an INSERT's own count 0.
-INSERT_MISSING = TIMEOUT + LOCK + """;
-WITH missing AS (SELECT {picked} FROM (VALUES {values}) AS v ({columns})
-                  WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})),
+MISSING = "SELECT {picked} FROM (VALUES {values}) AS v ({columns}) WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"
+INSERT_MISSING = TIMEOUT + LOCK + ";\nWITH missing AS (" + MISSING + """),
      inserted AS (INSERT INTO {table} ({columns}) SELECT * FROM missing)
 SELECT FROM missing"""
+# PostgreSQL refuses an INSERT in WITH on a table with rules (but an unconditional DO INSTEAD),
+# as old-style partitioning by rules has (0A000): there the INSERT stands alone, and its own
+# count (0 where a rule sent the rows elsewhere) is what there is.
+INSERT_MISSING_BY_RULES = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
+HAS_RULES = "SELECT relhasrules FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass(%s)"
 STRIPES = 1024
 # A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
 # a SELECT of nothing from it takes ACCESS SHARE until the transaction ends (as LOCK TABLE would,
@@ -162,8 +166,10 @@ class Writer:
         missing = [c for c in REQUIRED if c not in types]
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
+        cur.execute(HAS_RULES, (self._ident.as_string(cur),))
+        found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
-        return _Shape(types)
+        return _Shape(types, has_rules=bool(found and found[0]))
 
     def _query(self, cur: Any, shape: "_Shape", count: int) -> str:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
@@ -176,7 +182,7 @@ class Writer:
                 sql.SQL("CAST({} AS {})").format(sql.Placeholder(), cast) for cast in shape.casts))
             values = sql.SQL(", ").join([row] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
-            query = sql.SQL(INSERT_MISSING).format(
+            query = sql.SQL(INSERT_MISSING_BY_RULES if shape.has_rules else INSERT_MISSING).format(
                 timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space), table=self._ident,
                 values=values, columns=sql.SQL(", ").join(names),
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
@@ -305,9 +311,15 @@ def lock_space(table: str) -> int:
     return zlib.crc32(f"heartbeatd:{table}".encode()) - (1 << 31)
 
 
-def lock_keys(keys: Iterable[Sequence[Any]]) -> list[int]:
-    """The stripes of rows' keys (service, address, report_time as stored), distinct and ascending."""
-    return sorted({zlib.crc32("\x1f".join(map(str, key)).encode()) % STRIPES for key in keys})
+def lock_keys(times: Iterable[datetime]) -> list[int]:
+    """The stripes of rows with these report_times (as stored), distinct and ascending.
+
+    Rows with the same key have the same report_time, so they share a stripe; the rows of one
+    cycle share one, and two hosts' cycles share one only by chance (1 in STRIPES). The time
+    within the hour, to the microsecond, is the same number for naive and aware UTC, in every
+    process (no hash seed), and cheap: this runs every cycle.
+    """
+    return sorted({((t.minute * 60 + t.second) * 1_000_000 + t.microsecond) % STRIPES for t in times})
 
 
 def _as_stored(precision: int, naive: bool) -> Callable[[datetime], datetime]:
@@ -316,25 +328,30 @@ def _as_stored(precision: int, naive: bool) -> Callable[[datetime], datetime]:
     Rounded as PostgreSQL rounds (half up, for times after 2000), so the value sent is the value
     stored: the lock keys of two copies of a row are the same whatever the column's precision.
     """
-    scale = 10 ** (6 - precision) if 0 <= precision < 6 else 1
+    if not 0 <= precision < 6:  # all six digits: nothing to round (the usual case, kept cheap)
+        return to_naive_utc if naive else _as_it_is
+    scale = 10 ** (6 - precision)
 
     def stored(value: datetime) -> datetime:
         if naive:
             value = to_naive_utc(value)
-        if scale == 1:
-            return value
         fraction = value.microsecond
         return value + timedelta(microseconds=(fraction + scale // 2) // scale * scale - fraction)
     return stored
 
 
+def _as_it_is(value: datetime) -> datetime:
+    """An aware time for a `timestamptz` column: sent as it is."""
+    return value
+
+
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "columns", "casts", "_values", "_key_at")
+    __slots__ = ("types", "has_rules", "columns", "casts", "_values", "_report_at")
 
-    def __init__(self, types: dict[str, ColumnType]) -> None:
-        self.types = types
+    def __init__(self, types: dict[str, ColumnType], has_rules: bool = False) -> None:
+        self.types, self.has_rules = types, has_rules
         # The required columns, then the extras this table has: each in COLUMNS' order.
         self.columns = [c for c in COLUMNS if c.kind != "extra" or c.name in types]
         # A time is cast to the column's type as declared (`timestamp(0) without time zone`): the
@@ -344,28 +361,26 @@ class _Shape:
         self.casts = [sql.SQL(types[c.name].declared) if c.time else sql.Identifier(types[c.name].name)
                       for c in self.columns]
         self._values = [self._value(c) for c in self.columns]
-        self._key_at = [self.columns.index(c) for c in KEY]
+        self._report_at = [c.name for c in self.columns].index("report_time")  # what the lock keys are taken from
 
-    def _value(self, column: Column) -> Callable[[Row, datetime], Any]:
-        """How a column's value is taken from a row and the write's time (`created`)."""
+    def _value(self, column: Column) -> Callable[[Sequence[Row], datetime], list[Any]]:
+        """How a column's values are taken from the rows and the write's time (`now`), row by row."""
         typ = self.types[column.name]
-        if column.kind == "stamp":  # set by the write itself
-            stored = _as_stored(typ.typmod, typ.name != "timestamptz")
-            return lambda row, created: stored(created)
+        stored = _as_stored(typ.typmod, typ.name != "timestamptz")
+        if column.kind == "stamp":  # set by the write itself, the same for every row
+            return lambda rows, now: [stored(now)] * len(rows)
         if column.kind == "extra":  # a row spooled before the column existed has none: NULL
             at = EXTRA.index(column)
-            return lambda row, created: row.extra[at] if at < len(row.extra) else None
+            return lambda rows, now: [row.extra[at] if at < len(row.extra) else None for row in rows]
         field = KEY.index(column)  # a key column: the Row's field in the same place
         if column.time:
-            stored = _as_stored(typ.typmod, typ.name != "timestamptz")
-            return lambda row, created: stored(row[field])  # type: ignore[arg-type]
-        return lambda row, created: row[field]
+            return lambda rows, now: [stored(row[field]) for row in rows]  # type: ignore[arg-type]
+        return lambda rows, now: [row[field] for row in rows]
 
     def params(self, rows: Sequence[Row], now: datetime) -> list[Any]:
         """The rows' lock keys, then the values of every row in the order of `columns` (see INSERT_MISSING)."""
-        values, key_at = self._values, self._key_at
-        laid = [[value(row, now) for value in values] for row in rows]
-        params: list[Any] = [lock_keys([[row[i] for i in key_at] for row in laid])]
-        for row in laid:
+        columns = [values(rows, now) for values in self._values]
+        params: list[Any] = [lock_keys(columns[self._report_at])]
+        for row in zip(*columns):
             params += row
         return params
