@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import zlib
+from datetime import datetime, timedelta
 from itertools import chain
 from operator import itemgetter
-from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import psycopg2
@@ -43,8 +43,9 @@ INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSIN
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
 # one empty row for each row missing, and that count is what the table got. (Not everywhere: it
-# costs the daemon's cycle 1 % more, and PostgreSQL refuses an INSERT in WITH on a table with
-# conditional rules, the other old way to partition, 0A000: there the rows are written uncounted.)
+# costs the server a CTE and the client a result of rows, and PostgreSQL refuses an INSERT in WITH
+# on a table with conditional rules, the other old way to partition, 0A000: there the rows are
+# written uncounted, as before.)
 INSERT_MISSING_COUNTED = TIMEOUT + LOCK + ";\nWITH missing AS (" + MISSING + """),
      inserted AS (INSERT INTO {table} ({columns}) SELECT * FROM missing)
 SELECT FROM missing"""
