@@ -241,3 +241,21 @@ def test_a_rule_partitioned_table_takes_rows_once(pg: PgServer) -> None:
         conn.close()
     assert pg.sql("SELECT count(*) FROM service_heartbeat_new", db=pg.dbname) == [(3,)]
     assert len(rows(pg)) == 3
+
+
+# Two writers cannot deadlock: each takes its stripes in one order, ascending, whatever the order of
+# its rows; and two copies of a row take the same stripe at any precision, rounded as stored.
+def test_lock_keys_are_ascending_and_the_same_for_the_same_rows() -> None:
+    from heartbeatd.schema import ColumnType
+    from heartbeatd.writer import _Shape, lock_keys
+    times = [WHEN + timedelta(seconds=30 * i, microseconds=7 * i) for i in range(50)]
+    assert lock_keys(times) == sorted(set(lock_keys(times))) == lock_keys(list(reversed(times)))
+    types = {"service_name": ColumnType("varchar", "character varying(50)", 54),
+             "ip_address": ColumnType("varchar", "character varying(64)", 68),
+             "report_time": ColumnType("timestamp", "timestamp(0) without time zone", 0),
+             "created_at": ColumnType("timestamp", "timestamp(0) without time zone", 0)}
+    shape = _Shape(types)
+    early, late = WHEN.replace(microsecond=500_001), WHEN.replace(microsecond=999_999)  # both round to :01
+    first = shape.params([Row("redis", "10.0.0.1", early)], WHEN)
+    second = shape.params([Row("redis", "10.0.0.1", late)], WHEN)
+    assert first[0] == second[0] and first[3] == second[3] == datetime(2026, 12, 6, 20, 0, 1)
