@@ -296,12 +296,16 @@ def cmd_once(config: Config) -> int:
     finally:
         cycle.close()
     recorded = {row.service for row in outcome.recorded}
+    refused = {row.service: why.split(" DETAIL: ")[0] for row, why in outcome.rejected}
+    table = ".".join(config.table)
     for result in outcome.results:
         state = "up" if result.ok else "down"
         if not result.ok:
             note = result.error or "down"
         elif result.service in recorded:
             note = "recorded"
+        elif result.service in refused:
+            note = f"not recorded: refused by table {table}: {refused[result.service]}"
         else:
             note = f"not recorded: {outcome.write_error or 'PostgreSQL unavailable'}"
         print(f"{result.service}\t{state}\t{result.ip}\t{result.latency * 1000:.1f}ms\t{note}")

@@ -57,7 +57,7 @@ class CycleOutcome:
     results: list[ProbeResult]
     recorded: list[Row] = field(default_factory=list)
     spooled: list[Row] = field(default_factory=list)
-    rejected: list[Row] = field(default_factory=list)
+    rejected: list[tuple[Row, str]] = field(default_factory=list)  # refused by the table, with its reason
     write_error: Optional[str] = None
     report_time: Optional[datetime] = None  # the cycle's rows' report_time
 
@@ -139,7 +139,7 @@ class Cycle:
         if len(outcome.recorded) == len(rows):
             kept: list[Row] = []  # the usual cycle: every row written
         else:
-            done = {id(r) for r in outcome.recorded} | {id(r) for r in outcome.rejected}
+            done = {id(r) for r in outcome.recorded} | {id(r) for r, _ in outcome.rejected}
             kept = [r for r in rows if id(r) not in done]
         if kept:
             outcome.spooled = delivery.keep(kept, outcome.write_error)

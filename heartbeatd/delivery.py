@@ -78,8 +78,8 @@ class Delivery:
         return write_split(self.writer, conn, batch, dedupe, between=self.loop.alive, split=split,
                            until=until, clock=self._clock)
 
-    def write_cycle(self, conn: Any, rows: list[Row], recorded: list[Row], rejected: list[Row]) -> None:
-        """The live rows, then the backlog; the live rows written go to `recorded`, those set aside to `rejected`.
+    def write_cycle(self, conn: Any, rows: list[Row], recorded: list[Row], rejected: list[tuple[Row, str]]) -> None:
+        """The live rows, then the backlog; the live rows written go to `recorded`, those set aside to `rejected` (with why).
 
         They are added as soon as they are known, so a backlog that then fails (WriteError) does not
         make rows already committed look unwritten. Rows are set aside only if the table took others
@@ -136,27 +136,35 @@ class Delivery:
                 return written, at_fault, refusal.why
         return written, at_fault, None
 
-    def set_aside(self, refused: Sequence[Refused]) -> Optional[list[Row]]:
+    def set_aside(self, refused: Sequence[Refused]) -> Optional[list[tuple[Row, str]]]:
         """Rows the table refused while it took others: kept aside in the spool, logged with the reason.
 
-        Returns the rows of this cycle (id 0) now set aside, or None if the spool could not record
-        them: they stay where they were (a live one is spooled as usual) and are tried again.
+        Returns the rows of this cycle (id 0) now set aside, with the reason, or None if the spool
+        could not record them: they stay where they were (a live one is spooled as usual) and are
+        tried again. Without a spool (`once`) they are only logged: nothing is kept.
         """
         for _, row, why in refused:
             # Once per row, and a flood of rows refused for the same reason is one line a minute.
+            kind = why.split(" DETAIL: ")[0]
+            if self.spool is None:
+                self._repeats.failed(
+                    "rejected", logging.ERROR, "心跳被拒绝 - 服务: %s, IP: %s, report_time %s: table %s refused the "
+                    "row: %s; not recorded", row.service, row.ip, naive_utc(row.report_time), self.table, why,
+                    kind=kind)
+                continue
             self._repeats.failed(
                 "rejected", logging.ERROR,
                 "心跳被拒绝 - 服务: %s, IP: %s, report_time %s: table %s refused the row: %s; kept aside in the "
                 "spool (`heartbeatd rejected` lists them, `heartbeatd rejected --retry` writes them again)",
-                row.service, row.ip, naive_utc(row.report_time), self.table, why, kind=why.split(" DETAIL: ")[0],
+                row.service, row.ip, naive_utc(row.report_time), self.table, why, kind=kind,
             )
-        if self.spool is not None:  # `once` has none: its output says "rejected"
+        if self.spool is not None:
             try:
                 self.spool.reject(refused)
             except SpoolWriteFailed as exc:
                 self.spool_failed("心跳缓存不可写 - %s", exc)
                 return None
-        return [row for i, row, _ in refused if i == 0]
+        return [(row, why) for i, row, why in refused if i == 0]
 
     def spool_failed(self, msg: str, *args: Any) -> None:
         """The spool file could not be changed: one line a minute; the episode ends with a cycle without."""

@@ -71,8 +71,10 @@ ATTACHED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h JOIN pg_cata
 HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
 # Nullable, no default: PostgreSQL only records it in the catalog, however many rows there are.
 ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"
+# The type's name, and the type as declared (format_type with the column's typmod:
+# `timestamp(0) without time zone`), which is what a value must be cast to to compare as stored.
 COLUMN_TYPES = """\
-SELECT a.attname, t.typname
+SELECT a.attname, t.typname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
 LOCK_TIMEOUT = "SET lock_timeout = %s"
@@ -111,10 +113,23 @@ def pair_index_name(table: Sequence[str]) -> str:
     return object_name(table[-1], INDEXES[1].suffix)
 
 
+class ColumnType(NamedTuple):
+    """A column's type: its name (`timestamp`), as declared (`timestamp(0) without time zone`), its typmod."""
+
+    name: str
+    declared: str
+    typmod: int  # -1 when the type has none (`timestamp` alone: 6 digits of fraction)
+
+
+def declared_types(cur: Any, table: sql.Identifier) -> dict[str, ColumnType]:
+    """The table's columns and their types; empty if it does not exist."""
+    cur.execute(COLUMN_TYPES, (table.as_string(cur),))
+    return {name: ColumnType(typ, declared, typmod) for name, typ, declared, typmod in cur.fetchall()}
+
+
 def column_types(cur: Any, table: sql.Identifier) -> dict[str, str]:
     """The table's columns and their type names (`timestamp`, `timestamptz`, ...); empty if it does not exist."""
-    cur.execute(COLUMN_TYPES, (table.as_string(cur),))
-    return {name: typ for name, typ in cur.fetchall()}
+    return {name: typ.name for name, typ in declared_types(cur, table).items()}
 
 
 def _words(query: str, count: int = 8) -> str:

@@ -3,34 +3,56 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import zlib
+from datetime import datetime, timedelta
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions as ext
 from psycopg2 import sql
 
-from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Row, to_naive_utc, utcnow
+from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Column, Row, to_naive_utc, utcnow
 from heartbeatd.pg import deadline
-from heartbeatd.schema import column_types
+from heartbeatd.schema import ColumnType, declared_types
 
-# Every write of this table takes one transaction-scoped advisory lock, as a statement of its own,
-# and inserts only the rows not already there. The INSERT's snapshot is taken once the lock is
-# held, so it sees what another writer holding it committed: check-and-insert is atomic against
-# any other writer of the same rows (two daemons, `heartbeatd rejected --retry` beside the daemon),
-# with or without a unique index. Live rows are no exception: an INSERT whose client gave up can
-# still reach the server later (a frozen path that delivers what it held, a daemon killed after
-# sending), after the replay of the same rows from the spool; it then inserts nothing (the soak,
-# seed 7, 60 minutes). A frozen commit holds the lock, so the replay waits for it. Both statements
-# go in one round trip after the server-side timeout: when our deadline gives up on a stalled
-# INSERT (a lock, a frozen backend), the server cancels it too instead of committing much later.
+# Every write takes transaction-scoped advisory locks, as a statement of its own, and inserts only
+# the rows not already there. The INSERT's snapshot is taken once the locks are held, so it sees
+# what another writer holding one of them committed: check-and-insert is atomic against any other
+# writer of the same rows (two daemons, `heartbeatd rejected --retry` beside the daemon), with or
+# without a unique index. Live rows are no exception: an INSERT whose client gave up can still reach
+# the server later (a frozen path that delivers what it held, a daemon killed after sending), after
+# the replay of the same rows from the spool; it then inserts nothing (the soak, seed 7, 60
+# minutes). A frozen commit holds its locks, so the replay waits for it. Both statements go in one
+# round trip after the server-side timeout: when our deadline gives up on a stalled INSERT (a lock,
+# a frozen backend), the server cancels it too instead of committing much later.
+#
+# The locks are per row key, not per table: only writers of the same row need to be ordered, and
+# a fleet's hosts write different rows (their report_times differ; (service, address) alone would
+# not do: every host writes a row for the same Redis and PostgreSQL). A row's key falls in one of
+# STRIPES locks of the table by its report_time (lock_keys): a cycle's rows take one, a batch of
+# 500 spooled rows a few hundred at most, and the fleet never more than STRIPES of PostgreSQL's
+# shared lock table. A writer takes its stripes in ascending order (unnest keeps the array's
+# order), so two writers cannot deadlock.
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
-LOCK = "SELECT pg_advisory_xact_lock(hashtext({lock_key}))"
-INSERT_MISSING = TIMEOUT + LOCK + """;
-INSERT INTO {table} ({columns})
-SELECT {picked} FROM (VALUES {values}) AS v ({columns})
- WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"""
+LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(%s::int4[]) AS s"
+MISSING = "SELECT {picked} FROM (VALUES {values}) AS v ({columns}) WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"
+INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
+# A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
+# inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
+# one empty row for each row missing, and that count is what the table got. (Not everywhere: it
+# costs the server a CTE and the client a result of rows, and PostgreSQL refuses an INSERT in WITH
+# on a table with conditional rules, the other old way to partition, 0A000: there the rows are
+# written uncounted, as before.)
+INSERT_MISSING_COUNTED = TIMEOUT + LOCK + ";\nWITH missing AS (" + MISSING + """),
+     inserted AS (INSERT INTO {table} ({columns}) SELECT * FROM missing)
+SELECT FROM missing"""
+ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+  WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D')  -- a row-level BEFORE INSERT trigger
+  FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
+STRIPES = 1024
 # A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
 # a SELECT of nothing from it takes ACCESS SHARE until the transaction ends (as LOCK TABLE would,
 # but with no more than the SELECT privilege the deduplication needs, column privileges too), and
@@ -38,8 +60,8 @@ SELECT {picked} FROM (VALUES {values}) AS v ({columns})
 # or its default dropped, a CHECK added, a plain DETACH PARTITION): between the row's refusal and
 # the witness's acceptance those cannot land. (A trigger's function replaced, or a partition
 # detached CONCURRENTLY, can; only a row already refused once and again alone is then set aside on
-# that word.) The advisory lock first, as every write takes it, so no writer waits on us in
-# between. ROLLBACK TO SAVEPOINT releases only what was taken after it: both locks stay. Deferred
+# that word.) The row's advisory locks first, as every write takes them, so no writer waits on us
+# in between. ROLLBACK TO SAVEPOINT releases only what was taken after it: both locks stay. Deferred
 # constraints are checked at each INSERT, not at COMMIT, so a refusal is the row's answer, not the
 # commit's. The row's INSERT follows in the same round trip (an error leaves the transaction open
 # and aborted, its savepoint there to go back to), as the witness's does its ROLLBACK TO: two round
@@ -126,6 +148,8 @@ class Writer:
         self._shape: Optional[_Shape] = None
         # A little under our own deadline, so the server gives up first and says so.
         self._server_timeout_ms = max(1, int(timeout * 800))
+        # The table's own space of advisory locks (the two-key form: apart from prune's lock).
+        self._space = lock_space(self.name)
         self._queries: dict[int, str] = {}
         self._begin: Optional[str] = None  # JUDGE_BEGIN for this table
         self.inserted = 0  # rows inserted since this writer was made
@@ -141,39 +165,37 @@ class Writer:
         return WriteError(f"table {self.name} does not exist: run `heartbeatd init-db`", kind="missing table")
 
     def _lookup(self, cur: Any) -> "_Shape":
-        types = column_types(cur, self._ident)
+        types = declared_types(cur, self._ident)
         if not types:
             raise self._missing_table()
         missing = [c for c in REQUIRED if c not in types]
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
+        cur.execute(ROUTED, (self._ident.as_string(cur),))
+        found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
-        return _Shape(types)
+        return _Shape(types, counted=bool(found and found[0]))
 
     def _query(self, cur: Any, shape: "_Shape", count: int) -> str:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
-        key = count
-        query = self._queries.get(key)
+        query = self._queries.get(count)
         if query is None:
-            # Out of a VALUES list in a subquery a string is text and a NULL is text: every value
-            # but the times (psycopg2 sends those typed) is cast to its column's own type name, so
-            # the INSERT and the replay's comparison see an `inet` ip_address as inet, and a
-            # numeric extra column its NULL. The bare type name: a length (varchar(50)) would
-            # truncate instead of refusing what is too long (22001).
+            # Out of a VALUES list in a subquery a string is text and a NULL is text: every value is
+            # cast to its column's type (shape.casts), so the INSERT and the replay's comparison see
+            # it as the column holds it.
             row = sql.SQL("({})").format(sql.SQL(", ").join(
-                sql.Placeholder() if c.time else
-                sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.Identifier(shape.types[c.name]))
-                for c in shape.columns))
+                sql.Placeholder() if cast is None else sql.SQL("CAST({} AS {})").format(sql.Placeholder(), cast)
+                for cast in shape.casts))
             values = sql.SQL(", ").join([row] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
-            picked = [sql.SQL("v.") + n for n in names]
-            query = sql.SQL(INSERT_MISSING).format(
-                timeout=sql.Literal(self._server_timeout_ms), table=self._ident, values=values,
-                columns=sql.SQL(", ").join(names), picked=sql.SQL(", ").join(picked),
+            query = sql.SQL(INSERT_MISSING_COUNTED if shape.counted else INSERT_MISSING).format(
+                timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space), table=self._ident,
+                values=values, columns=sql.SQL(", ").join(names),
+                picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
-                lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
+            ).as_string(cur)
             if len(self._queries) < 16:
-                self._queries[key] = query
+                self._queries[count] = query
         return query
 
     def write(self, conn: Any, rows: Sequence[Row], dedupe: bool = False) -> None:
@@ -189,8 +211,9 @@ class Writer:
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
                 cur.execute(self._query(cur, shape, len(rows)), shape.params(rows, self._clock()))
-                # Rows the statement inserted: a replay of rows already in the table inserts none,
-                # which is no sign that the table takes rows.
+                # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
+                # INSERT's own count): a replay of rows already in the table inserts none, which is
+                # no sign that the table takes rows.
                 count = cur.rowcount
                 if count > 0:
                     self.inserted += count
@@ -216,7 +239,7 @@ class Writer:
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
                 insert = self._query(cur, shape, 1)
-                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row)
+                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row, lock=True)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -242,14 +265,17 @@ class Writer:
         begin = self._begin
         if begin is None:
             begin = self._begin = sql.SQL(JUDGE_BEGIN).format(
-                timeout=sql.Literal(self._server_timeout_ms), table=self._ident,
-                lock_key=sql.Literal(f"heartbeatd:{self.name}")).as_string(cur)
+                timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space),
+                table=self._ident).as_string(cur)
         return begin
 
-    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row) -> Optional[str]:
-        """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a data reason."""
+    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row, lock: bool = False) -> Optional[str]:
+        """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a data reason.
+
+        `lock`: the query starts with JUDGE_BEGIN, whose lock takes the row's keys too."""
+        params = shape.params([row], self._clock())
         try:
-            cur.execute(query, shape.params([row], self._clock()))
+            cur.execute(query, [params[0], *params] if lock else params)
         except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
             error = self._write_error(exc)
             if not error.data_error:
@@ -287,34 +313,82 @@ class Writer:
         return WriteError(_one_line(exc), getattr(exc, "pgcode", None), type(exc).__name__)
 
 
-# `_Shape.params` sends the required columns in this order, as fast as a tuple can be built: a
-# change to COLUMNS' required part must change it too (an extra column needs no change here).
-assert REQUIRED == ("service_name", "ip_address", "report_time", "created_at"), REQUIRED
+def lock_space(table: str) -> int:
+    """The first key of the table's advisory locks: the same in every process (no hash seed), a signed int4."""
+    return zlib.crc32(f"heartbeatd:{table}".encode()) - (1 << 31)
+
+
+def lock_keys(times: Iterable[datetime]) -> list[int]:
+    """The stripes of rows with these report_times (as stored), distinct and ascending.
+
+    Rows with the same key have the same report_time, so they share a stripe; the rows of one
+    cycle share one, and two hosts' cycles share one only by chance (1 in STRIPES). The time
+    within the hour, to the microsecond, is the same number for naive and aware UTC, in every
+    process (no hash seed), and cheap: this runs every cycle.
+    """
+    return sorted({((t.minute * 60 + t.second) * 1_000_000 + t.microsecond) % STRIPES for t in times})
+
+
+def _as_stored(precision: int, naive: bool) -> Callable[[datetime], datetime]:
+    """A time as a column of that type stores it: naive UTC for `timestamp`, rounded to its digits of fraction.
+
+    Rounded as PostgreSQL rounds (half up, for times after 2000), so the value sent is the value
+    stored: the lock keys of two copies of a row are the same whatever the column's precision.
+    """
+    if not 0 <= precision < 6:  # all six digits: nothing to round (the usual case, kept cheap)
+        return to_naive_utc if naive else _as_it_is
+    scale = 10 ** (6 - precision)
+
+    def stored(value: datetime) -> datetime:
+        if naive:
+            value = to_naive_utc(value)
+        fraction = value.microsecond
+        return value + timedelta(microseconds=(fraction + scale // 2) // scale * scale - fraction)
+    return stored
+
+
+def _as_it_is(value: datetime) -> datetime:
+    """An aware time for a `timestamptz` column: sent as it is."""
+    return value
 
 
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "columns", "_naive_report", "_naive_created", "_extra")
+    __slots__ = ("types", "counted", "columns", "casts", "_values", "_report_at")
 
-    def __init__(self, types: dict[str, str]) -> None:
-        self.types = types
-        # Every required column (the Row's key fields, then the write's stamp: `params` below), then
-        # the extras this table has.
-        self.columns = [c for c in COLUMNS if c.kind != "extra"] + [c for c in EXTRA if c.name in types]
-        # timestamptz gets the aware instant; timestamp gets naive UTC wall time. Neither depends
-        # on the server's or the session's TimeZone.
-        self._naive_report = types["report_time"] != "timestamptz"
-        self._naive_created = types["created_at"] != "timestamptz"
-        self._extra = [i for i, c in enumerate(EXTRA) if c.name in types]  # positions in Row.extra
+    def __init__(self, types: dict[str, ColumnType], counted: bool = False) -> None:
+        # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
+        self.types, self.counted = types, counted
+        # The required columns, then the extras this table has: each in COLUMNS' order.
+        self.columns = [c for c in COLUMNS if c.kind != "extra" or c.name in types]
+        # A time is cast to the column's type as declared (`timestamp(0) without time zone`): the
+        # replay then compares what is stored with what it would store (one of full precision is
+        # sent typed as its column already, and left as it is). Any other value to the bare type
+        # name: a length (varchar(50)) would truncate instead of refusing what is too long (22001).
+        self.casts = [None if c.time and types[c.name].typmod < 0 else sql.SQL(types[c.name].declared) if c.time
+                      else sql.Identifier(types[c.name].name) for c in self.columns]
+        self._values = [self._value(c) for c in self.columns]
+        self._report_at = [c.name for c in self.columns].index("report_time")  # what the lock keys are taken from
+
+    def _value(self, column: Column) -> Callable[[Sequence[Row], datetime], list[Any]]:
+        """How a column's values are taken from the rows and the write's time (`now`), row by row."""
+        # Built of map() and itemgetter where it can be: this runs for every column every cycle.
+        typ = self.types[column.name]
+        stored = _as_stored(typ.typmod, typ.name != "timestamptz")
+        if column.kind == "stamp":  # set by the write itself, the same for every row
+            return lambda rows, now: [stored(now)] * len(rows)
+        if column.kind == "extra":  # a row spooled before the column existed has none: NULL
+            at = EXTRA.index(column)
+            return lambda rows, now: [row.extra[at] if at < len(row.extra) else None for row in rows]
+        field = itemgetter(KEY.index(column))  # a key column: the Row's field in the same place
+        if column.time and stored is not _as_it_is:
+            return lambda rows, now: list(map(stored, map(field, rows)))
+        return lambda rows, now: list(map(field, rows))
 
     def params(self, rows: Sequence[Row], now: datetime) -> list[Any]:
-        """The values of every row, in the order of `columns`."""
-        created = to_naive_utc(now) if self._naive_created else now
-        naive, extra = self._naive_report, self._extra
-        params: list[Any] = []
-        for row in rows:
-            params += (row.service, row.ip, to_naive_utc(row.report_time) if naive else row.report_time, created)
-            if extra:
-                params += [row.extra[i] if i < len(row.extra) else None for i in extra]
+        """The rows' lock keys, then the values of every row in the order of `columns` (see INSERT_MISSING)."""
+        columns = [values(rows, now) for values in self._values]
+        params: list[Any] = [lock_keys(columns[self._report_at])]
+        params.extend(chain.from_iterable(zip(*columns)))
         return params

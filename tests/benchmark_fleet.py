@@ -1,7 +1,7 @@
 """Fleet benchmark (a script, not a test): N daemons as simulated hosts against one private PostgreSQL.
 
     python tests/benchmark_fleet.py [--hosts 30] [--interval 1] [--seconds 60] [--rounds 1]
-                                    [--modes direct,pgbouncer,tls,scram,tls+scram]
+                                    [--modes direct,pgbouncer,tls,scram,tls+scram] [--trees DIR,DIR]
 
 Each daemon is a host of its own (distinct HEARTBEAT_BACKEND_IP, own spool). Per mode it prints
 PostgreSQL, PgBouncer and daemon CPU per cycle (from /proc: the postmaster with its reaped
@@ -9,6 +9,8 @@ backends, PgBouncer, the daemons), the connection slots the daemons hold (sample
 pg_stat_activity), and how many hosts one PostgreSQL core carries at the default 30 s interval.
 Modes: direct; pgbouncer (transaction pooling in front); tls (sslmode=require, trust);
 scram (SCRAM-SHA-256 without TLS); tls+scram (both, the usual managed-database setup).
+--trees runs each mode once per source tree (the daemons import heartbeatd from it), one after
+the other in the same run: two versions side by side.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def cpu(pid: int, children_of: bool = False) -> float:
     return total / TICK
 
 
-def run_mode(mode: str, hosts: int, interval: float, seconds: float) -> dict[str, float]:
+def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str = "") -> dict[str, float]:
     pg = PgServer()
     if mode in ("tls", "scram", "tls+scram"):
         # tls: TLS, no password asked; scram: SCRAM-SHA-256 in the clear; tls+scram: both.
@@ -80,6 +82,8 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float) -> dict[str
             env = dict(os.environ, DATABASE_URL=url, REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(interval),
                        HEARTBEAT_TIMEOUT="5", HEARTBEAT_BACKEND_IP=f"10.50.{n // 250}.{n % 250 + 1}",
                        HEARTBEAT_SPOOL_PATH=str(tmp / f"spool-{n}.db"), HEARTBEAT_LOG_LEVEL="WARNING")
+            if tree:
+                env["PYTHONPATH"] = tree
             daemons.append(subprocess.Popen([sys.executable, "-m", "heartbeatd", "run"], env=env, cwd=tmp,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(max(5.0, 3 * interval))  # imports, first connections
@@ -130,13 +134,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--modes", default="direct,pgbouncer,tls,scram,tls+scram")
+    parser.add_argument("--trees", default="", help="comma-separated source trees to compare (default: this one)")
     args = parser.parse_args()
     print(f"{args.hosts} daemons at {args.interval:g} s for {args.seconds:g} s, {args.rounds} round(s); "
           f"{os.cpu_count()} cores")
     print(f"{'mode':<11} {'PostgreSQL ms/cycle':>20} {'pooler ms/cycle':>16} {'daemon ms/cycle':>16} "
           f"{'slots mean/max':>15} {'hosts/PG core @30s':>19}")
-    for mode in args.modes.split(","):
-        rounds = [run_mode(mode, args.hosts, args.interval, args.seconds) for _ in range(args.rounds)]
+    runs = [(mode, tree) for mode in args.modes.split(",") for tree in args.trees.split(",")]
+    for mode, tree in runs:
+        if tree:
+            print(f"-- {tree}")
+        rounds = [run_mode(mode, args.hosts, args.interval, args.seconds, tree) for _ in range(args.rounds)]
         r = {k: mean(x[k] for x in rounds) for k in rounds[0]}
         spread = f" ({min(x['pg_ms'] for x in rounds):.2f}-{max(x['pg_ms'] for x in rounds):.2f})" if args.rounds > 1 else ""
         capacity = 30 / (r["pg_ms"] / 1000) if r["pg_ms"] else float("inf")

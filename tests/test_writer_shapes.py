@@ -1,0 +1,261 @@
+"""The write side on the tables operators really have, and beside the rest of a fleet (issue 24: 2, 4, 5, 6).
+
+Each test fails on heartbeatd 1.5.1 (the line above it says how), against a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from conftest import cli, clean_env, db_url, init_table, rows
+from heartbeatd.heartbeat import Row
+from heartbeatd.writer import Writer, write_split
+from servers import PgServer, RedisServer
+
+# A report_time with every digit of fraction set, half of them above the rounding point.
+WHEN = datetime(2026, 12, 6, 20, 0, 0, 654_321, tzinfo=timezone.utc)
+
+
+def _connect(pg: PgServer, autocommit: bool = True) -> Any:
+    conn = psycopg2.connect(host=str(pg.root), port=pg.port, user="postgres", dbname=pg.dbname)
+    conn.autocommit = autocommit
+    return conn
+
+
+def _table(pg: PgServer, name: str, time_type: str) -> None:
+    pg.sql(f"CREATE TABLE {name} (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           f"report_time {time_type} NOT NULL, created_at {time_type} NOT NULL)", db=pg.dbname)
+
+
+# 1.5.1: with report_time timestamp(p), p < 6, or timestamptz(p), the replay compares the stored,
+# rounded value with the unrounded one and inserts every row again (two rows each).
+@pytest.mark.parametrize("base", ["timestamp", "timestamptz"])
+def test_a_replay_writes_each_row_once_at_every_precision(pg: PgServer, base: str) -> None:
+    conn = _connect(pg)
+    try:
+        for precision in range(7):
+            name = f"hb_{base}_{precision}"
+            _table(pg, name, f"{base}({precision})")
+            writer = Writer((name,), timeout=5.0)
+            batch = [Row(s, "10.0.0.1", WHEN + timedelta(seconds=30 * i)) for i in range(3)
+                     for s in ("后端", "redis")]
+            writer.write(conn, batch)
+            assert writer.inserted == 6 and writer.witness == batch[-1], (name, writer.inserted)
+            writer.write(conn, batch, dedupe=True)  # the replay, as from the spool
+            Writer((name,), timeout=5.0).write(conn, batch[2:4], dedupe=True)  # another process's replay
+            assert writer.inserted == 6, (name, writer.inserted)
+            found = pg.sql(f"SELECT service_name, report_time FROM {name} ORDER BY 2, 1", db=pg.dbname)
+            assert len(found) == 6, (name, found)
+    finally:
+        conn.close()
+
+
+def _inheritance_partitioned(pg: PgServer) -> None:
+    """service_heartbeat partitioned the old way: children by inheritance, a trigger routing rows to them."""
+    init_table(pg)
+    pg.sql("""
+        CREATE TABLE service_heartbeat_old (CHECK (report_time < '2026-01-01')) INHERITS (service_heartbeat);
+        CREATE TABLE service_heartbeat_new (CHECK (report_time >= '2026-01-01'),
+                                            CHECK (service_name <> 'ghost')) INHERITS (service_heartbeat);
+        CREATE FUNCTION heartbeat_route() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.report_time < '2026-01-01' THEN INSERT INTO service_heartbeat_old VALUES (NEW.*);
+            ELSE INSERT INTO service_heartbeat_new VALUES (NEW.*);
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER route BEFORE INSERT ON service_heartbeat FOR EACH ROW EXECUTE FUNCTION heartbeat_route();
+    """, db=pg.dbname)
+
+
+# 1.5.1: every INSERT reports 0 rows, so the writer never counts a row written nor keeps a witness:
+# a row the child refuses makes "the table refuses every row" (forever, the rows kept spooled), and
+# a backlog replayed on such a table is never seen as taken.
+def test_an_inheritance_partitioned_table_takes_rows_once_and_says_so(pg: PgServer, tmp_path: Path) -> None:
+    from heartbeatd.spool import Spool, rejected_rows
+    from test_round_three import _AlterOnce, _delivery
+    _inheritance_partitioned(pg)
+    now = datetime.now(timezone.utc)
+    backlog = [Row("后端", "10.0.0.1", datetime(2025, 6, 1, tzinfo=timezone.utc) + timedelta(seconds=30 * i))
+               for i in range(3)]
+    spool = Spool(tmp_path / "spool.db", 1000)
+    spool.append(backlog)
+    conn = _connect(pg)
+    try:
+        delivery = _delivery(pg, spool, _AlterOnce(lambda: None))
+        live = [Row("后端", "10.0.0.1", now), Row("ghost", "10.0.0.2", now), Row("redis", "10.0.0.3", now)]
+        recorded: list[Row] = []
+        rejected: list[tuple[Row, str]] = []
+        delivery.write_cycle(conn, live, recorded, rejected)  # no WriteError "refuses every row"
+        assert recorded == [live[0], live[2]]
+        assert [(row, "violates check constraint" in why) for row, why in rejected] == [(live[1], True)]
+        assert spool.count == 0 and [row for _, row, _ in rejected_rows(spool)] == [live[1]]
+        assert delivery.writer.inserted == 5  # 2 live, 3 from the spool: each counted as written
+        # The same rows again (a live INSERT that reached the server late, a replay): none twice.
+        writer = Writer(("service_heartbeat",), 5.0)
+        written, refused = write_split(writer, conn, [(0, r) for r in backlog + [live[0], live[2]]], dedupe=True)
+        assert len(written) == 5 and refused == [] and writer.inserted == 0
+        assert pg.sql("SELECT count(*) FROM ONLY service_heartbeat", db=pg.dbname) == [(0,)]
+        assert pg.sql("SELECT count(*) FROM service_heartbeat_old", db=pg.dbname) == [(3,)]
+        assert len(rows(pg)) == 5
+    finally:
+        conn.close()
+        spool.close()
+
+
+# 1.5.1: `redis up ... not recorded: PostgreSQL unavailable`, and an ERROR line sending the user
+# to `heartbeatd rejected`, though `once` keeps no spool.
+def test_once_says_the_table_refused_a_row_and_why(pg: PgServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_redis CHECK (service_name <> 'redis')", db=pg.dbname)
+    env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_TIMEOUT="5")
+    result = cli(["once"], env, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
+    assert lines["后端"][4] == "recorded" and lines["postgres"][4] == "recorded"
+    assert lines["redis"][1] == "up"
+    assert lines["redis"][4] == ('not recorded: refused by table service_heartbeat: new row for relation '
+                                 '"service_heartbeat" violates check constraint "no_redis"'), lines["redis"]
+    assert "PostgreSQL unavailable" not in result.stdout + result.stderr
+    assert "heartbeatd rejected" not in result.stderr and "spool" not in result.stderr, result.stderr
+    assert "心跳被拒绝 - 服务: redis" in result.stderr and "not recorded" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(r[0] for r in rows(pg)) == ["postgres", "后端"]
+
+
+def _host(n: int, when: datetime) -> list[Row]:
+    """One host's cycle: its own address, and the Redis and PostgreSQL every host of the fleet checks."""
+    return [Row("后端", f"10.50.0.{n}", when), Row("redis", "10.1.11.128", when), Row("postgres", "10.1.11.5", when)]
+
+
+def _held_open(pg: PgServer, batch: list[Row]) -> Any:
+    """A writer's transaction that wrote `batch` and is left open (not committed): its locks are held."""
+    conn = _connect(pg, autocommit=False)
+    Writer(("service_heartbeat",), 5.0).write(conn, batch)
+    assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+    return conn
+
+
+# 1.5.1: every write takes the table's one advisory lock, so the second host's write waits for the
+# first host's transaction and gives up after its timeout (WriteError, the rows spooled).
+def test_one_hosts_open_write_does_not_delay_another_hosts(pg: PgServer) -> None:
+    init_table(pg)
+    now = datetime.now(timezone.utc)
+    held = _held_open(pg, _host(1, now))
+    conn = _connect(pg)
+    try:
+        writer = Writer(("service_heartbeat",), timeout=2.0)
+        started = time.monotonic()
+        writer.write(conn, _host(2, now + timedelta(microseconds=1)))
+        assert time.monotonic() - started < 1.0
+        assert writer.inserted == 3
+    finally:
+        held.rollback()
+        held.close()
+        conn.close()
+
+
+# The last try (Writer.judge) and `rejected --retry` take the rows' locks, not the table's: a host's
+# write left open does not delay them either (1.5.1: they wait for it and time out).
+def test_a_last_try_is_not_delayed_by_another_hosts_open_write(pg: PgServer) -> None:
+    init_table(pg)
+    pg.sql("ALTER TABLE service_heartbeat ADD CONSTRAINT no_ghost CHECK (service_name <> 'ghost')", db=pg.dbname)
+    now = datetime.now(timezone.utc)
+    conn = _connect(pg)
+    writer = Writer(("service_heartbeat",), timeout=2.0)
+    writer.write(conn, [Row("后端", "10.50.0.2", now - timedelta(seconds=30))])  # a witness
+    held = _held_open(pg, _host(1, now))
+    later = now + timedelta(milliseconds=1)  # another host's cycle: another time
+    try:
+        started = time.monotonic()
+        refusal = writer.judge(conn, Row("ghost", "10.50.0.2", later))
+        assert refusal is not None and refusal.row_at_fault
+        assert writer.judge(conn, Row("后端", "10.50.0.2", later)) is None  # taken
+        assert time.monotonic() - started < 1.0
+    finally:
+        held.rollback()
+        held.close()
+        conn.close()
+    assert sorted(r[0] for r in rows(pg)) == ["后端", "后端"]
+
+
+# The same rows from two writers at once (a live INSERT frozen in its commit and the replay): the
+# second waits for the first and inserts nothing, whatever order the rows come in.
+def test_two_writers_of_the_same_rows_never_double_one(pg: PgServer) -> None:
+    init_table(pg)
+    now = datetime.now(timezone.utc)
+    batch = _host(1, now) + _host(2, now + timedelta(microseconds=1))
+    held = _held_open(pg, batch)
+    outcome: dict[str, Any] = {}
+
+    def replay() -> None:
+        conn = _connect(pg)
+        writer = Writer(("service_heartbeat",), timeout=10.0)
+        try:
+            writer.write(conn, list(reversed(batch))[:4], dedupe=True)
+            outcome["inserted"] = writer.inserted
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=replay)
+    thread.start()
+    try:
+        waiting: Optional[list[Any]] = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not waiting:
+            waiting = pg.sql("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", db=pg.dbname)
+            time.sleep(0.05)
+        assert waiting, "the second writer did not wait for the first"
+        held.commit()
+    finally:
+        held.close()
+        thread.join(15)
+    assert outcome == {"inserted": 0}, outcome
+    found = rows(pg)
+    assert len(found) == 6 and len({(r[0], r[1], r[2]) for r in found}) == 6
+
+
+# Partitioning by rules (older still): PostgreSQL refuses an INSERT in WITH on such a table, so the
+# INSERT stands alone there; the rows still go in once, replays included (as in 1.5.1).
+def test_a_rule_partitioned_table_takes_rows_once(pg: PgServer) -> None:
+    init_table(pg)
+    pg.sql("CREATE TABLE service_heartbeat_new (CHECK (report_time >= '2026-01-01')) INHERITS (service_heartbeat);"
+           "CREATE RULE route AS ON INSERT TO service_heartbeat WHERE (report_time >= '2026-01-01') "
+           "DO INSTEAD INSERT INTO service_heartbeat_new VALUES (NEW.*)", db=pg.dbname)
+    conn = _connect(pg)
+    try:
+        batch = _host(1, datetime.now(timezone.utc))
+        Writer(("service_heartbeat",), 5.0).write(conn, batch)
+        Writer(("service_heartbeat",), 5.0).write(conn, batch, dedupe=True)
+    finally:
+        conn.close()
+    assert pg.sql("SELECT count(*) FROM service_heartbeat_new", db=pg.dbname) == [(3,)]
+    assert len(rows(pg)) == 3
+
+
+# Two writers cannot deadlock: each takes its stripes in one order, ascending, whatever the order of
+# its rows; and two copies of a row take the same stripe at any precision, rounded as stored.
+def test_lock_keys_are_ascending_and_the_same_for_the_same_rows() -> None:
+    from heartbeatd.schema import ColumnType
+    from heartbeatd.writer import _Shape, lock_keys
+    times = [WHEN + timedelta(seconds=30 * i, microseconds=7 * i) for i in range(50)]
+    assert lock_keys(times) == sorted(set(lock_keys(times))) == lock_keys(list(reversed(times)))
+    types = {"service_name": ColumnType("varchar", "character varying(50)", 54),
+             "ip_address": ColumnType("varchar", "character varying(64)", 68),
+             "report_time": ColumnType("timestamp", "timestamp(0) without time zone", 0),
+             "created_at": ColumnType("timestamp", "timestamp(0) without time zone", 0)}
+    shape = _Shape(types)
+    early, late = WHEN.replace(microsecond=500_001), WHEN.replace(microsecond=999_999)  # both round to :01
+    first = shape.params([Row("redis", "10.0.0.1", early)], WHEN)
+    second = shape.params([Row("redis", "10.0.0.1", late)], WHEN)
+    assert first[0] == second[0] and first[3] == second[3] == datetime(2026, 12, 6, 20, 0, 1)
