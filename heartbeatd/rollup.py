@@ -31,7 +31,7 @@ HOUR = timedelta(hours=1)
 WATCHER = "*"  # the ip_address of the all-hosts 后端 series: no real address is `*`
 # How far behind the last pass's clock a pass re-reads by created_at, beyond HEARTBEAT_TIMEOUT:
 # a daemon sets created_at from its own clock, so a host whose clock lags this much is still seen.
-CLOCK_SKEW = timedelta(minutes=2)
+CLOCK_SKEW = timedelta(minutes=15)
 BACKFILL_SLICE = timedelta(days=7)
 # The table's services, partitions included: prune's list reads each table ONLY (a partitioned
 # parent holds no row itself, so on one it found no service and a pass rolled up only `*`).

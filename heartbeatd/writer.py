@@ -38,7 +38,11 @@ from heartbeatd.schema import ColumnType, declared_types
 # order), so two writers cannot deadlock.
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
 LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(%s::int4[]) AS s"
-MISSING = "SELECT {picked} FROM (VALUES {values}) AS v ({columns}) WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})"
+# DISTINCT ON the key: two rows of one batch whose keys the column makes one (two cycles within a
+# second, into a `timestamp(0)` column) are one row, as they would be written one at a time; NOT
+# EXISTS sees only what the table held before the statement.
+MISSING = ("SELECT DISTINCT ON ({key}) {picked} FROM (VALUES {values}) AS v ({columns})"
+           " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})")
 INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
@@ -53,6 +57,7 @@ ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_tri
   WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D')  -- a row-level BEFORE INSERT trigger
   FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
 STRIPES = 1024
+OUT_OF_LOCKS = "53200"  # out of shared memory: "You might need to increase max_locks_per_transaction"
 # A refused row's last try (Writer.judge) is one transaction that holds the table's shape still:
 # a SELECT of nothing from it takes ACCESS SHARE until the transaction ends (as LOCK TABLE would,
 # but with no more than the SELECT privilege the deduplication needs, column privileges too), and
@@ -122,9 +127,13 @@ def write_split(writer: "Writer | Any", conn: Any, batch: Batch, dedupe: bool,
         writer.write(conn, [row for _, row in batch], dedupe=dedupe)
         return list(batch), []
     except WriteError as exc:
-        if not exc.data_error:
+        # A batch whose advisory locks do not fit the server's shared lock table (53200, while a
+        # fleet replays at once) is halved, as a refused one is: fewer rows take fewer stripes.
+        if exc.sqlstate == OUT_OF_LOCKS and len(batch) > 1:
+            pass
+        elif not exc.data_error:
             raise
-        if len(batch) == 1 or not split:
+        elif len(batch) == 1 or not split:
             return [], [(i, row, str(exc)) for i, row in batch]
     if clock() >= until:
         return [], []
@@ -192,6 +201,7 @@ class Writer:
                 timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space), table=self._ident,
                 values=values, columns=sql.SQL(", ").join(names),
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
+                key=sql.SQL(", ").join(sql.SQL("v.") + sql.Identifier(c.name) for c in KEY),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
             ).as_string(cur)
             if len(self._queries) < 16:
@@ -239,7 +249,12 @@ class Writer:
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
                 insert = self._query(cur, shape, 1)
-                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row, lock=True)
+                # The witness's stripe is taken with the row's, in ascending order, at the start:
+                # taken later it would break the order every writer keeps (a deadlock with a replay).
+                now = self._clock()
+                copy = witness._replace(report_time=now) if witness is not None else None
+                keys = sorted({*shape.params([row], now)[0], *(shape.params([copy], now)[0] if copy else ())})
+                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row, lock=keys)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -247,12 +262,11 @@ class Writer:
                         self.inserted += count
                         self.witness = row
                     return None
-                if witness is None:  # nothing taken by this writer yet: nothing proves the row at fault
+                if copy is None:  # nothing taken by this writer yet: nothing proves the row at fault
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert), shape,
-                                          witness._replace(report_time=self._clock()))
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert), shape, copy)
                 if table_why is None:
                     return Refusal(why, True)
                 cur.execute("ROLLBACK")
@@ -269,13 +283,14 @@ class Writer:
                 table=self._ident).as_string(cur)
         return begin
 
-    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row, lock: bool = False) -> Optional[str]:
+    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row,
+                 lock: Optional[list[int]] = None) -> Optional[str]:
         """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a data reason.
 
-        `lock`: the query starts with JUDGE_BEGIN, whose lock takes the row's keys too."""
+        `lock`: the query starts with JUDGE_BEGIN, whose lock takes these stripes."""
         params = shape.params([row], self._clock())
         try:
-            cur.execute(query, [params[0], *params] if lock else params)
+            cur.execute(query, [lock, *params] if lock is not None else params)
         except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
             error = self._write_error(exc)
             if not error.data_error:

@@ -296,3 +296,24 @@ def test_ctrl_c_cancels_the_pass_on_the_server(table: PgServer) -> None:
     assert proc.returncode == 130 and "Traceback" not in err, out + err
     result = cli(["rollup"], env_for(table))  # nothing of it stayed: the next pass is the first
     assert result.returncode == 0 and "(first pass: the whole table)" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_row_from_a_host_whose_clock_lags_ten_minutes_is_rolled_up(table: PgServer) -> None:
+    insert(table, history(4))
+    roll(table)
+    # A daemon on a host whose clock is 10 minutes behind (its NTP broken; README allows up to 15) replays its spool: created_at is
+    # its own clock (writer.py: the `stamp` column from Writer._clock), 10 min before the pass's watermark.
+    hole = T0 + 10 * H + 7 * M
+    conn = table.connect(table.dbname)
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                    "SELECT '后端', %s, t, now() AT TIME ZONE 'UTC' - interval '10 min' "
+                    "FROM generate_series(%s::timestamp, %s::timestamp, interval '30 s') t",
+                    (HOSTS[0], hole.replace(tzinfo=None), (hole + 2 * H).replace(tzinfo=None)))
+    conn.commit()
+    conn.close()
+    roll(table)
+    for since, until in WINDOWS:
+        raw, rolled, _ = both(table, since, until)
+        assert rolled == raw, (since, until)
