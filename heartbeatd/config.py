@@ -108,7 +108,6 @@ class Config:
 # secret options (those it marks secret: password, sslpassword; tests check the two agree),
 # redis-py's password and ssl_password (its key file's), the sentinels' sentinel_password.
 SECRET_OPTIONS = ("password", "sslpassword", "ssl_password", "sentinel_password")
-_SECRET_QUERY = re.compile(r"([?&](?:%s)=)([^&]*)" % "|".join(SECRET_OPTIONS))
 PG_SCHEMES = ("postgresql", "postgres")
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_SCHEMES = (SENTINEL_SCHEME, "rediss+sentinel")
@@ -202,24 +201,49 @@ def url_password(url: str) -> Optional[str]:
     return url[span[0]:span[1]] if span else None
 
 
+def _secret_values(url: str, after: int = 0) -> list[tuple[int, int]]:
+    """Where the values of the secret options stand in the URL's query (which begins after `after`, the
+    password's end). Their names count as the drivers read them, percent-decoded and in any case: libpq
+    takes `?%70assword=` for `password=`."""
+    start = url.find("?", after)
+    spans: list[tuple[int, int]] = []
+    if start < 0:
+        return spans
+    at = start + 1
+    for item in url[start + 1:].split("&"):
+        key, equals, _ = item.partition("=")
+        if equals and unquote(key).strip().lower() in SECRET_OPTIONS:
+            spans.append((at + len(key) + 1, at + len(item)))
+        at += len(item) + 1
+    return spans
+
+
+def _secret_spans(url: str) -> list[tuple[int, int]]:
+    """Every secret's place in the URL: the password (all of what was meant as one, when the driver
+    would cut it short), then the secret options' values."""
+    span = _password_span(url)
+    if misread_password(url) is not None:  # refused anyway; hide all of what was meant as the password
+        found = _AS_WRITTEN.match(url)
+        assert found is not None
+        span = found.span("password")
+    return ([span] if span else []) + _secret_values(url, span[1] if span else 0)
+
+
 def url_secrets(url: str) -> list[str]:
-    """Every secret in a URL: its userinfo's password, the secret options' values, and a password
-    the driver would misread, as written."""
-    found = [url_password(url), misread_password(url)] + [m.group(2) for m in _SECRET_QUERY.finditer(url)]
-    return [s for s in found if s]
+    """Every secret in a URL, as written: its password and the secret options' values."""
+    return [url[a:b] for a, b in _secret_spans(url) if b > a]
 
 
 def mask_url(url: str) -> str:
     """The URL with every secret shown as `***`: its password, and the values of the secret options."""
-    written = misread_password(url)
-    span = _password_span(url)
-    if written is not None:  # refused anyway; hide all of what was meant as the password
-        found = _AS_WRITTEN.match(url)
-        assert found is not None
-        span = found.span("password")
-    if span:
-        url = url[:span[0]] + "***" + url[span[1]:]
-    return _SECRET_QUERY.sub(r"\1***", url)
+    shown, end = [], len(url)
+    for a, b in sorted(_secret_spans(url), reverse=True):
+        if b <= end:  # (a password holding `?…=` may overlap an option's value: masked once)
+            shown.append(url[b:end])
+            shown.append("***")
+            end = a
+    shown.append(url[:end])
+    return "".join(reversed(shown))
 
 
 def config_secrets(*urls: str) -> list[str]:
@@ -260,8 +284,10 @@ def _check_scheme(name: str, value: str, schemes: tuple[str, ...], problems: lis
     if scheme in schemes:
         return True
     wanted = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
-    got = scheme + "://" if scheme else "none"
-    problems.append(f"{name}: scheme must be {wanted}, got {got} in {mask_url(value)!r}")
+    if not scheme:  # not a URL at all (a libpq key=value string?): nothing of it is shown, it may hold a password
+        problems.append(f"{name}: scheme must be {wanted}, got no scheme (not a URL; a key=value string is not taken)")
+        return False
+    problems.append(f"{name}: scheme must be {wanted}, got {scheme}:// in {mask_url(value)!r}")
     return False
 
 
@@ -411,8 +437,15 @@ def _spool_path(value: str, environ: Mapping[str, str], cwd: Optional[Path]) -> 
 
 
 def _read_text(path: Path, what: str) -> str:
+    """An env or credential file's text; ConfigError if it is not UTF-8 or holds a NUL byte (the line
+    named, nothing of it shown: libpq and the C library read a value only up to a NUL, so what follows
+    would be misread, and what precedes could be shown as a host or a port)."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        if "\x00" in text:
+            line = text.count("\n", 0, text.index("\x00")) + 1
+            raise ConfigError([f"{what} {path}, line {line}: holds a NUL byte"])
+        return text
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{what} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]) \
             from None
