@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import column_types, run_ddl
+from heartbeatd.schema import DdlFailed, column_types, partitions_ahead, run_ddl
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -250,9 +250,12 @@ class Ledger:
     # -- prune ------------------------------------------------------------------------------
 
     def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
-              dropped: Callable[[str, int], None] = lambda name, rows: None) -> Optional[int]:
+              dropped: Callable[[str, int], None] = lambda name, rows: None,
+              ahead: Callable[[list[str], Optional[str]], None] = lambda made, failed: None) -> Optional[int]:
         """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`),
-        the rest deleted in batches; how many rows, or None if another prune holds the lock."""
+        the rest deleted in batches; how many rows, or None if another prune holds the lock. First, on a
+        table init-db --partitioned made, the partitions ahead that are missing are made (told to `ahead`,
+        with why not if they could not be: pruning goes on, the DEFAULT partition catches the rows)."""
         conn = self.conn
         conn.autocommit = True
         conn.set_session(readonly=False, autocommit=True)
@@ -263,6 +266,15 @@ class Ledger:
             cur.execute(PRUNE_LOCK, (f"heartbeatd-prune:{self.name}",))
             if not cur.fetchone()[0]:
                 return None
+        try:  # under the prune lock: two prunes never make the same partition
+            made = partitions_ahead(conn, self.table, self.timeout, datetime.now(UTC), dry_run, self._helper)
+            if made is not None:
+                ahead(made, None)
+        except DdlFailed as exc:
+            if conn.closed:  # a lock not had (its holder named): as for a partition's DROP, prune stops
+                raise
+            ahead([], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
+        with deadline(self.timeout), conn.cursor() as cur:
             drop, tables = self._prune_plan(cur, when)
         pid = conn.get_backend_pid()
         try:

@@ -96,9 +96,19 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
     dry = cli(["prune", "--older-than", older, "--dry-run"], env)
     assert dry.returncode == 0, dry.stderr
     assert times(pg) == sorted(old + new)
+    assert partitions(pg) == before, "a dry run makes nothing"
     result = cli(["prune", "--older-than", older], env)
     assert result.returncode == 0, result.stderr
     assert times(pg) == sorted(new), "exactly the old rows are gone, every current one kept"
+    # RANGE's partitions are named as init-db --partitioned names them: prune first makes the days up to 7
+    # ahead that are missing (it has days up to 2 ahead), as init-db --partitioned does; other shapes: nothing.
+    ahead = {f"service_heartbeat_p{day(datetime.now(timezone.utc)) + timedelta(days=n):%Y%m%d}" for n in range(3, 8)}
+    made = "made partition(s) ahead: " + ", ".join(sorted(ahead))
+    assert (made in result.stdout.splitlines()) == (shape == "range"), result.stdout
+    assert ("would make" + made[4:] in dry.stdout.splitlines()) == (shape == "range"), dry.stdout
+    if shape == "range":
+        result.stdout = result.stdout.replace(made + "\n", "")
+        dry.stdout = dry.stdout.replace("would make" + made[4:] + "\n", "")
 
     def said(out: str) -> list[str]:
         return [re.sub(r" older than .*", "", line.replace("would drop", "dropped").replace("would remove", "removed"))
@@ -122,7 +132,7 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
         assert m is not None
         start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
         assert int(m.group(2)) == sum(start <= at < start + timedelta(days=1) for at in old)
-    assert partitions(pg) == before - below
+    assert partitions(pg) == (before - below) | ahead
     assert "service_heartbeat_default" in partitions(pg)  # straddles every cut: deleted from, kept
 
 
@@ -260,3 +270,47 @@ def test_init_db_partitioned_never_converts_a_plain_table(pg: PgServer) -> None:
     result = cli(["init-db", "--partitioned"], env_for(pg))
     assert result.returncode == 1 and "exists and is not partitioned" in result.stderr
     assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("r",)]
+
+
+@pytest.mark.parametrize("unit", ["day", "month"])
+def test_prune_makes_the_missing_partitions_ahead_as_init_db_partitioned_does(pg: PgServer, unit: str) -> None:
+    """Days (months) pass with no init-db run: prune (its timer, daily) makes the partitions ahead that
+    are missing before it prunes, and says which; --dry-run says which it would make, and makes none;
+    a second prune finds none missing. The rows of those days then go to their own partitions."""
+    env = env_for(pg)
+    assert cli(["init-db", f"--partitioned={unit}"], env).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    names = [f"service_heartbeat_p{today + timedelta(days=n):%Y%m%d}" for n in range(8)] if unit == "day" else \
+        [f"service_heartbeat_p{(today.replace(day=1) + timedelta(days=32 * n)):%Y%m}" for n in range(3)]
+    for name in names[1:]:  # as if init-db had run only on a day (month) long before: the current one left
+        pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("DROP TABLE service_heartbeat_default", db=pg.dbname)
+    before = partitions(pg)
+    dry = cli(["prune", "--older-than", "30d", "--dry-run"], env)
+    assert dry.returncode == 0, dry.stderr
+    line = "partition(s) ahead: " + ", ".join(names[1:] + ["service_heartbeat_default"])
+    assert dry.stdout.splitlines()[0] == "would make " + line, dry.stdout
+    assert partitions(pg) == before
+    result = cli(["prune", "--older-than", "30d"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["made " + line, result.stdout.splitlines()[-1]], result.stdout
+    assert partitions(pg) == set(names + ["service_heartbeat_default"])
+    again = cli(["prune", "--older-than", "30d"], env)
+    assert again.returncode == 0 and "ahead" not in again.stdout, again.stdout
+    last = names[-1]
+    at = (today + timedelta(days=7, hours=1)) if unit == "day" else \
+        datetime.strptime(last[-6:], "%Y%m") + timedelta(hours=1)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (at,), db=pg.dbname)
+    assert pg.sql("SELECT tableoid::regclass::text FROM service_heartbeat", db=pg.dbname) == [(last,)]
+
+
+def test_prune_leaves_a_range_table_it_did_not_make_as_it_is(pg: PgServer) -> None:
+    """Partitions not named as init-db names them (an operator's, or another tool's): prune makes none."""
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamp NOT NULL DEFAULT now()) PARTITION BY RANGE (report_time);"
+           "CREATE TABLE hb_all PARTITION OF service_heartbeat FOR VALUES FROM ('2000-01-01') TO ('2100-01-01')",
+           db=pg.dbname)
+    result = cli(["prune", "--older-than", "30d"], env_for(pg))
+    assert result.returncode == 0 and "ahead" not in result.stdout, result.stdout + result.stderr
+    assert partitions(pg) == {"hb_all"}
