@@ -368,7 +368,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         ledger.conn.close()
     if args.format == "prometheus":
         # For a timer on the monitoring host: staleness is in the metrics, so success is "written".
-        text = metrics.exposition(metrics.ledger_families(found, now, _stale_after(config)))
+        text = metrics.exposition(metrics.ledger_families(found, now, _stale_after(config), ledger.default_rows))
         if args.output is None:
             sys.stdout.write(text)
             return EX_OK
@@ -379,7 +379,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             return EX_DOWN
         return EX_OK
     stale = [f for f in found if not f.fresh]
-    render.status(found, now, _stale_after(config), args.window.text, args.format, sys.stdout, sys.stderr)
+    render.status(found, now, _stale_after(config), args.window.text, args.format, sys.stdout, sys.stderr,
+                  ledger.default_rows)
     return EX_OK if found and not stale else EX_DOWN
 
 

@@ -24,6 +24,12 @@ from heartbeatd.schema import DdlFailed, column_types, partitions_ahead, run_ddl
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
 
+# `status`: the table's DEFAULT partition (a partitioned table's, at the top level), if it has one...
+DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table k
+  JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
+# ... and what it holds: rows no partition covers (normally none: a count of an empty table is microseconds).
+DEFAULT_ROWS = "SELECT count(*), min(report_time), max(report_time) FROM ONLY {d}"
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
 PAIRS = """\
@@ -165,6 +171,16 @@ class Latest:
     fresh: bool
 
 
+@dataclass(frozen=True)
+class DefaultRows:
+    """`status`: the rows in the table's DEFAULT partition (strays: a partition is missing), their span."""
+
+    name: str  # the partition's name (schema-qualified outside public)
+    rows: int
+    first: Optional[datetime]
+    last: Optional[datetime]
+
+
 class Ledger:
     """Reads (and prunes) the heartbeat table on a connection it is handed."""
 
@@ -181,6 +197,8 @@ class Ledger:
         self._time_type = "timestamp"  # report_time's type, for reading a partition's bound
         self._timeout_ms = 1000
         self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
+        # Set by latest(): what the DEFAULT partition holds; None where the table is not partitioned or has none.
+        self.default_rows: Optional[DefaultRows] = None
 
     @property
     def name(self) -> str:
@@ -237,8 +255,21 @@ class Ledger:
             for service, ip, last in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()
                 found.append(Latest(service, ip, as_utc(last), age, age <= stale_after))
+            self.default_rows = self._default_rows(cur)
             return found
         return list(self._read(work))
+
+    def _default_rows(self, cur: Any) -> Optional[DefaultRows]:
+        """The DEFAULT partition's rows and their span, in the read (under its deadline); None if none."""
+        cur.execute(DEFAULT_OF, (self._t.as_string(cur),))
+        found = cur.fetchone()
+        if found is None:
+            return None
+        schema, name = found
+        cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name)))
+        rows, first, last = cur.fetchone()
+        return DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
+                           as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
 
     # -- report -----------------------------------------------------------------------------
 

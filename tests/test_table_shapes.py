@@ -314,3 +314,50 @@ def test_prune_leaves_a_range_table_it_did_not_make_as_it_is(pg: PgServer) -> No
     result = cli(["prune", "--older-than", "30d"], env_for(pg))
     assert result.returncode == 0 and "ahead" not in result.stdout, result.stdout + result.stderr
     assert partitions(pg) == {"hb_all"}
+
+
+def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
+    """Rows no partition covers go to the DEFAULT partition: status says how many and their span after its
+    table (stderr; JSON: a field; prometheus: heartbeatd_ledger_default_partition_rows), exit status unchanged;
+    nothing said while it is empty, and no field or metric where the table is not partitioned."""
+    import json
+    env = env_for(pg)
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    strays = [day(now) - timedelta(days=3, hours=-5), day(now) - timedelta(days=2)]  # before the first partition
+
+    def insert(*times: datetime) -> None:
+        for at in times:
+            pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+                   (at,), db=pg.dbname)
+
+    insert(now)
+    quiet = cli(["status"], env)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "后端\t10.0.0.1" in quiet.stdout, quiet.stderr
+    assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] == {
+        "name": "service_heartbeat_default", "rows": 0, "first_report_time": None, "last_report_time": None}
+    assert "\nheartbeatd_ledger_default_partition_rows 0\n" in cli(["status", "--format", "prometheus"], env).stdout
+    insert(*strays)
+    said = cli(["status"], env)
+    assert said.returncode == 0 and said.stdout.startswith("后端\t10.0.0.1\t") and len(said.stdout.splitlines()) == 1
+    assert said.stderr == (f"2 row(s) in the DEFAULT partition service_heartbeat_default (report_time {strays[0]} .. "
+                           f"{strays[1]}): a partition is missing; heartbeatd prune (or init-db --partitioned) makes "
+                           "them ahead\n"), said.stderr
+    found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
+    assert found["rows"] == 2 and found["first_report_time"].startswith(strays[0].isoformat()), found
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert prom.returncode == 0 and "\nheartbeatd_ledger_default_partition_rows 2\n" in prom.stdout, prom.stdout
+    pg.sql("DELETE FROM service_heartbeat WHERE report_time > now() - interval '1 day'", db=pg.dbname)
+    stale = cli(["status"], env)  # none fresh: exit 1, as without the strays
+    assert stale.returncode == 1 and stale.stderr.splitlines()[-1] == said.stderr.strip(), stale.stderr
+
+
+def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
+    import json
+    env = env_for(pg)
+    assert cli(["init-db"], env).returncode == 0
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', "
+           "now() AT TIME ZONE 'utc')", db=pg.dbname)
+    assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] is None
+    assert "default_partition" not in cli(["status", "--format", "prometheus"], env).stdout
+    assert cli(["status"], env).stderr == ""
