@@ -101,7 +101,8 @@ SELECT p.service_name, p.ip_address,
  WHERE p.service_name <> %(backend)s {filters}"""
 # Every relation under the table, parents first: the table itself and its partitions (declarative) or
 # children (inheritance), at every level. `below`: a partition of a table partitioned by RANGE
-# (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key):
+# (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key);
+# `above`: one whose lower bound is at or after it (no row to remove: not looked into, nor its partitions):
 # PostgreSQL reads back the bound it printed, in this session's DateStyle and TimeZone.
 PRUNE_TREE = """\
 WITH RECURSIVE tree AS (
@@ -112,7 +113,10 @@ WITH RECURSIVE tree AS (
 SELECT tree.rel, tree.parent, c.relkind, n.nspname, c.relname,
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
             THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type}
-                 <= %(cutoff)s END AS below
+                 <= %(cutoff)s END AS below,
+       CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
+            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type}
+                 >= %(cutoff)s END AS above
   FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_partitioned_table k ON c.relispartition AND k.partrelid = tree.parent
   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.parent AND a.attname = 'report_time'
@@ -326,12 +330,15 @@ class Ledger:
         cur.execute(sql.SQL(PRUNE_TREE).format(type=sql.SQL(self._time_type)),
                     {"t": self._t.as_string(cur), "cutoff": when})
         gone: set[int] = set()
+        kept: set[int] = set()
         drop, tables = [], []
-        for rel, parent, kind, schema, name, below in cur.fetchall():
+        for rel, parent, kind, schema, name, below, above in cur.fetchall():
             if parent in gone or below:  # dropping a partition drops its own partitions
                 if parent not in gone:
                     drop.append(sql.Identifier(schema, name))
                 gone.add(rel)
+            elif parent in kept or above:  # the partitions made ahead, say: every row is after the cut
+                kept.add(rel)
             elif kind == "r":  # "p" holds no rows itself; a foreign table's rows are its server's to keep
                 tables.append(sql.Identifier(schema, name))
         return drop, tables
