@@ -361,3 +361,29 @@ def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
     assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] is None
     assert "default_partition" not in cli(["status", "--format", "prometheus"], env).stdout
     assert cli(["status"], env).stderr == ""
+
+
+def test_prune_by_a_role_that_does_not_own_the_table_says_so_and_prunes(pg: PgServer) -> None:
+    """A prune role with DELETE only (README's recipe) cannot make partitions: one line on stderr says so and
+    what to run, and prune deletes the old rows all the same (exit 0); the row of a missing day is not refused."""
+    import uuid
+    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    pg.sql(f"DROP TABLE service_heartbeat_p{today + timedelta(days=7):%Y%m%d}", db=pg.dbname)
+    old = today - timedelta(days=40)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (old,), db=pg.dbname)
+    role = f"hb_p_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE ROLE {role} LOGIN; GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA public TO {role}", db=pg.dbname)
+    try:
+        result = cli(["prune", "--older-than", "30d"], env_for(pg, DATABASE_URL=pg.url(user=role, db=pg.dbname)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr.startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE service_heartbeat_p"
+                                        f"{today + timedelta(days=7):%Y%m%d} PARTITION OF service_heartbeat: "), result.stderr
+        assert "permission denied" in result.stderr and "as the table's owner)\n" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert result.stdout.startswith("removed 1 row(s) older than"), result.stdout
+        assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(0,)]
+    finally:
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)
+        pg.sql(f"DROP ROLE {role}")
