@@ -60,7 +60,8 @@ LEDGER_HELP = """\
                  --service, --ip, --gap SECONDS, --format text|json|csv|html, --output FILE, --timeout SECONDS);
                  html: a self-contained status page of the 90 days up to --until
   prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
-                 the rest deleted in batches; --dry-run counts
+                 the rest deleted in batches; --dry-run counts; first, on a table init-db --partitioned made,
+                 the partitions ahead that are missing are made
   rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
                  (--timeout SECONDS, 600: the first pass reads the whole table)
 """
@@ -84,7 +85,8 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
     "report": "Uptime, outages and no-data stretches per service and IP. "
               "Exit 0, 1 table missing, 64 bad arguments, 69 database unreachable.",
     "prune": "Remove rows older than --older-than (default HEARTBEAT_RETENTION): partitions wholly older are "
-             "dropped, other rows deleted in batches. Exit 0 (also when another prune is running), 1 a partition's "
+             "dropped, other rows deleted in batches; on a table init-db --partitioned made, the partitions ahead "
+             "that are missing are made first. Exit 0 (also when another prune is running), 1 a partition's "
              "lock not had, 69 database unreachable, 130 interrupted.",
     "rollup": "Fold the rows written since the last pass into the hourly rollups report reads for whole hours. "
               "Exit 0 (also when another pass is running), 1 table missing, 69 database unreachable.",
@@ -366,7 +368,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         ledger.conn.close()
     if args.format == "prometheus":
         # For a timer on the monitoring host: staleness is in the metrics, so success is "written".
-        text = metrics.exposition(metrics.ledger_families(found, now, _stale_after(config)))
+        text = metrics.exposition(metrics.ledger_families(found, now, _stale_after(config), ledger.default_rows))
         if args.output is None:
             sys.stdout.write(text)
             return EX_OK
@@ -377,7 +379,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             return EX_DOWN
         return EX_OK
     stale = [f for f in found if not f.fresh]
-    render.status(found, now, _stale_after(config), args.window.text, args.format, sys.stdout, sys.stderr)
+    render.status(found, now, _stale_after(config), args.window.text, args.format, sys.stdout, sys.stderr,
+                  ledger.default_rows)
     return EX_OK if found and not stale else EX_DOWN
 
 
@@ -440,8 +443,15 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
             print("\r", end="", file=sys.stderr)
         print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({rows} row(s))", flush=True)
 
+    def ahead(made: list[str], failed: Optional[str]) -> None:
+        if failed is not None:
+            print(f"heartbeatd: prune: partitions ahead not made: {failed}; the DEFAULT partition takes the rows "
+                  "meanwhile (run prune, or init-db --partitioned, as the table's owner)", file=sys.stderr)
+        elif made:
+            print(f"{'would make' if args.dry_run else 'made'} partition(s) ahead: {', '.join(made)}", flush=True)
+
     try:
-        removed = ledger.prune(cutoff, args.dry_run, progress, dropped)
+        removed = ledger.prune(cutoff, args.dry_run, progress, dropped, ahead)
     except schema.DdlFailed as exc:
         print(f"heartbeatd: prune failed: {exc}; nothing more removed, run it again later", file=sys.stderr)
         return EX_DOWN

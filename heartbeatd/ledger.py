@@ -19,11 +19,17 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import column_types, run_ddl
+from heartbeatd.schema import DdlFailed, column_types, partitions_ahead, run_ddl
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
 
+# `status`: the table's DEFAULT partition (a partitioned table's, at the top level), if it has one...
+DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table k
+  JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
+# ... and what it holds: rows no partition covers (normally none: a count of an empty table is microseconds).
+DEFAULT_ROWS = "SELECT count(*), min(report_time), max(report_time) FROM ONLY {d}"
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
 PAIRS = """\
@@ -95,7 +101,8 @@ SELECT p.service_name, p.ip_address,
  WHERE p.service_name <> %(backend)s {filters}"""
 # Every relation under the table, parents first: the table itself and its partitions (declarative) or
 # children (inheritance), at every level. `below`: a partition of a table partitioned by RANGE
-# (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key):
+# (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key);
+# `above`: one whose lower bound is at or after it (no row to remove: not looked into, nor its partitions):
 # PostgreSQL reads back the bound it printed, in this session's DateStyle and TimeZone.
 PRUNE_TREE = """\
 WITH RECURSIVE tree AS (
@@ -106,7 +113,10 @@ WITH RECURSIVE tree AS (
 SELECT tree.rel, tree.parent, c.relkind, n.nspname, c.relname,
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
             THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type}
-                 <= %(cutoff)s END AS below
+                 <= %(cutoff)s END AS below,
+       CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
+            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type}
+                 >= %(cutoff)s END AS above
   FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_partitioned_table k ON c.relispartition AND k.partrelid = tree.parent
   LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.parent AND a.attname = 'report_time'
@@ -165,6 +175,16 @@ class Latest:
     fresh: bool
 
 
+@dataclass(frozen=True)
+class DefaultRows:
+    """`status`: the rows in the table's DEFAULT partition (strays: a partition is missing), their span."""
+
+    name: str  # the partition's name (schema-qualified outside public)
+    rows: int
+    first: Optional[datetime]
+    last: Optional[datetime]
+
+
 class Ledger:
     """Reads (and prunes) the heartbeat table on a connection it is handed."""
 
@@ -181,6 +201,8 @@ class Ledger:
         self._time_type = "timestamp"  # report_time's type, for reading a partition's bound
         self._timeout_ms = 1000
         self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
+        # Set by latest(): what the DEFAULT partition holds; None where the table is not partitioned or has none.
+        self.default_rows: Optional[DefaultRows] = None
 
     @property
     def name(self) -> str:
@@ -237,8 +259,21 @@ class Ledger:
             for service, ip, last in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()
                 found.append(Latest(service, ip, as_utc(last), age, age <= stale_after))
+            self.default_rows = self._default_rows(cur)
             return found
         return list(self._read(work))
+
+    def _default_rows(self, cur: Any) -> Optional[DefaultRows]:
+        """The DEFAULT partition's rows and their span, in the read (under its deadline); None if none."""
+        cur.execute(DEFAULT_OF, (self._t.as_string(cur),))
+        found = cur.fetchone()
+        if found is None:
+            return None
+        schema, name = found
+        cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name)))
+        rows, first, last = cur.fetchone()
+        return DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
+                           as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
 
     # -- report -----------------------------------------------------------------------------
 
@@ -250,9 +285,12 @@ class Ledger:
     # -- prune ------------------------------------------------------------------------------
 
     def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
-              dropped: Callable[[str, int], None] = lambda name, rows: None) -> Optional[int]:
+              dropped: Callable[[str, int], None] = lambda name, rows: None,
+              ahead: Callable[[list[str], Optional[str]], None] = lambda made, failed: None) -> Optional[int]:
         """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`),
-        the rest deleted in batches; how many rows, or None if another prune holds the lock."""
+        the rest deleted in batches; how many rows, or None if another prune holds the lock. First, on a
+        table init-db --partitioned made, the partitions ahead that are missing are made (told to `ahead`,
+        with why not if they could not be: pruning goes on, the DEFAULT partition catches the rows)."""
         conn = self.conn
         conn.autocommit = True
         conn.set_session(readonly=False, autocommit=True)
@@ -263,6 +301,15 @@ class Ledger:
             cur.execute(PRUNE_LOCK, (f"heartbeatd-prune:{self.name}",))
             if not cur.fetchone()[0]:
                 return None
+        try:  # under the prune lock: two prunes never make the same partition
+            made = partitions_ahead(conn, self.table, self.timeout, datetime.now(UTC), dry_run, self._helper)
+            if made is not None:
+                ahead(made, None)
+        except DdlFailed as exc:
+            if conn.closed:  # a lock not had (its holder named): as for a partition's DROP, prune stops
+                raise
+            ahead([], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
+        with deadline(self.timeout), conn.cursor() as cur:
             drop, tables = self._prune_plan(cur, when)
         pid = conn.get_backend_pid()
         try:
@@ -283,12 +330,15 @@ class Ledger:
         cur.execute(sql.SQL(PRUNE_TREE).format(type=sql.SQL(self._time_type)),
                     {"t": self._t.as_string(cur), "cutoff": when})
         gone: set[int] = set()
+        kept: set[int] = set()
         drop, tables = [], []
-        for rel, parent, kind, schema, name, below in cur.fetchall():
+        for rel, parent, kind, schema, name, below, above in cur.fetchall():
             if parent in gone or below:  # dropping a partition drops its own partitions
                 if parent not in gone:
                     drop.append(sql.Identifier(schema, name))
                 gone.add(rel)
+            elif parent in kept or above:  # the partitions made ahead, say: every row is after the cut
+                kept.add(rel)
             elif kind == "r":  # "p" holds no rows itself; a foreign table's rows are its server's to keep
                 tables.append(sql.Identifier(schema, name))
         return drop, tables

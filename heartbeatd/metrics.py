@@ -305,9 +305,14 @@ class Textfile:
             log.warning("指标文件写入恢复 - %s is written again", self.path)
 
 
-def ledger_families(found: Sequence[Any], now: Any, stale_after: float) -> list[Family]:
-    """`status --format prometheus`: the ledger's view of every (service, ip), for the host that died."""
+def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default: Any = None) -> list[Family]:
+    """`status --format prometheus`: the ledger's view of every (service, ip), for the host that died; and the
+    rows in the table's DEFAULT partition, where it has one."""
     pairs = [(labels(service=f.service, ip=str(f.ip)), f) for f in found]
+    strays: list[Family] = [] if default is None else [
+        ("heartbeatd_ledger_default_partition_rows", "gauge",
+         "Rows in the table's DEFAULT partition (above 0: a partition is missing; heartbeatd prune makes them ahead).",
+         [("", default.rows)])]
     return [
         ("heartbeatd_ledger_heartbeat_age_seconds", "gauge",
          "Age of the newest heartbeat of the service at this address in the table.",
@@ -321,7 +326,7 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float) -> list[
          "The staleness limit: 2 x HEARTBEAT_INTERVAL + HEARTBEAT_TIMEOUT.", [("", stale_after)]),
         ("heartbeatd_ledger_query_timestamp_seconds", "gauge",
          "When the ledger was read, in seconds since the epoch.", [("", now.timestamp())]),
-    ]  # no heartbeatd_build_info: node_exporter refuses one series from two files (this host's daemon writes it)
+    ] + strays  # no heartbeatd_build_info: node_exporter refuses one series from two files (this host's daemon writes it)
 
 
 def _why(exc: BaseException) -> str:

@@ -7,10 +7,10 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from heartbeatd.heartbeat import Row, naive_utc
-from heartbeatd.ledger import Latest
+from heartbeatd.ledger import DefaultRows, Latest
 from heartbeatd.outage import PairReport, Span
 
 UP, DOWN, NO_DATA = "=", "X", "."
@@ -87,19 +87,36 @@ def retried(written: Sequence[Any], still: Sequence[tuple[int, Row, str]], out: 
     out.write(f"{len(written)} row(s) written, {len(still)} still rejected\n")
 
 
+def default_line(default: DefaultRows) -> str:
+    """status's line about rows in the DEFAULT partition (some partition is missing)."""
+    span = f"report_time {naive_utc(default.first)} .. {naive_utc(default.last)}" \
+        if default.first is not None and default.last is not None else "report_time unknown"
+    return (f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): a partition is missing; "
+            "heartbeatd prune (or init-db --partitioned) makes them ahead")
+
+
 def status(found: Sequence[Latest], now: datetime, stale_after: float, window: str, form: str, out: TextIO,
-           err: TextIO) -> None:
-    """Print `status`: one line (or JSON object) per (service, ip), its newest heartbeat, fresh or stale."""
+           err: TextIO, default: Optional[DefaultRows] = None) -> None:
+    """Print `status`: one line (or JSON object) per (service, ip), its newest heartbeat, fresh or stale; and
+    the rows in the DEFAULT partition, where there are any (JSON: always, where the table has one)."""
     if form == "json":
         json.dump({"now": iso(now), "stale_after_seconds": stale_after, "services": [
             {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
-             "state": "fresh" if f.fresh else "stale"} for f in found]}, out, ensure_ascii=False)
+             "state": "fresh" if f.fresh else "stale"} for f in found],
+            "default_partition": None if default is None else {
+                "name": default.name, "rows": default.rows,
+                "first_report_time": iso(default.first) if default.first is not None else None,
+                "last_report_time": iso(default.last) if default.last is not None else None}},
+            out, ensure_ascii=False)
         out.write("\n")
         return
     for f in found:
         out.write(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}\n")
     if not found:
         err.write(f"no heartbeats in the last {window}\n")
+    if default is not None and default.rows:
+        out.flush()
+        err.write(default_line(default) + "\n")
 
 
 def write(pairs: Sequence[PairReport], since: datetime, until: datetime, gap: float, form: str, out: TextIO) -> None:

@@ -37,6 +37,11 @@ PARTMAN_SCHEMA = """SELECT n.nspname FROM pg_catalog.pg_extension e
   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'"""
 PARTMAN_MANAGED = "SELECT EXISTS (SELECT 1 FROM {config} WHERE parent_table = %(t)s)"
 AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
+# Whether the table is partitioned by RANGE (report_time) alone, and its partitions' names (prune: is it ours).
+RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 'report_time'
+  FROM pg_catalog.pg_partitioned_table k
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
 # What packaging/schema.sql gives for applying by hand (init-db runs the same, step by step).
 CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
@@ -333,6 +338,61 @@ def _partman_managed(work: _Init, rel: Relation) -> bool:
         return False
 
 
+def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool = False) -> list[str]:
+    """The partitions of the current day (month) and AHEAD[unit] more that no partition covers, and the DEFAULT
+    one if there is none, made (with dry_run: only named); the names. init-db --partitioned and prune run this."""
+    with deadline(work.timeout), work.conn.cursor() as cur:
+        kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
+    made = []
+    for start, end in _periods(unit, now):
+        bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
+            {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
+        if work.fetch_with(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
+            continue
+        part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
+        if not dry_run:
+            work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
+                                               start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
+                     f"CREATE TABLE {part} PARTITION OF {rel.name}")
+        made.append(part)
+    if not work.fetch(HAS_DEFAULT, rel.ident)[0][0]:
+        part = object_name(rel.name, "default")
+        if not dry_run:
+            work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
+                     f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
+        made.append(part)
+    return made
+
+
+def _unit(work: _Init, rel: Relation) -> Optional[str]:
+    """"day" or "month" where the table is one init-db --partitioned made: partitioned by RANGE (report_time)
+    alone, with a partition named as init-db names them (its newest says the unit); None otherwise."""
+    found = work.fetch(RANGE_BY_TIME, rel.ident)
+    if not found or not found[0][0]:
+        return None
+    units = []
+    for child in work.children(rel):
+        digits = child.name.rsplit("_p", 1)[-1]
+        if digits.isdigit() and len(digits) in (6, 8) and child.name == object_name(rel.name, f"p{digits}"):
+            units.append((digits.ljust(8, "0"), "day" if len(digits) == 8 else "month"))
+    return max(units)[1] if units else None
+
+
+def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datetime, dry_run: bool = False,
+                     helper: Optional[Callable[[], Any]] = None) -> Optional[list[str]]:
+    """prune's first step on a table init-db --partitioned made (not pg_partman's): the partitions ahead that
+    are missing made, as init-db --partitioned makes them (dry_run: only named); None where the table is not
+    such a table. DdlFailed says why one could not be made (a role that does not own the table, say)."""
+    work = _Init(conn, timeout, helper)
+    rel = work.relation(sql.Identifier(*table))
+    if rel is None or rel.kind != "p":
+        return None
+    unit = _unit(work, rel)
+    if unit is None or _partman_managed(work, rel):
+        return None
+    return _ahead(work, rel, unit, now, dry_run)
+
+
 def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
     """The table partitioned by report_time (made if missing, never converted), with partitions made ahead
     and a DEFAULT one that catches what no partition covers."""
@@ -348,24 +408,7 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
         work.done.append(f"table {name} is managed by pg_partman: its partitions are left to it "
                          "(partman.run_maintenance)")
         return rel
-    with deadline(work.timeout), work.conn.cursor() as cur:
-        kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
-    made = []
-    for start, end in _periods(unit, now):
-        bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
-            {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
-        if work.fetch_with(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
-            continue
-        part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
-        work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
-                                           start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
-                 f"CREATE TABLE {part} PARTITION OF {rel.name}")
-        made.append(part)
-    if not work.fetch(HAS_DEFAULT, rel.ident)[0][0]:
-        part = object_name(rel.name, "default")
-        work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
-                 f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
-        made.append(part)
+    made = _ahead(work, rel, unit, now)
     if made:
         work.done.append(f"created partition(s) {', '.join(made)}")
     return rel

@@ -1,7 +1,7 @@
 """Benchmark (a script, not a test): CPU per cycle and RSS of the daemon next to a minimal loop.
 
     python tests/benchmark.py [--cycles 3000] [--interval 0.05]
-    python tests/benchmark.py --callgrind [--short 20 --long 120]
+    python tests/benchmark.py --callgrind [--short 20 --long 120] [--shape plain|partitioned|both]
 
 Starts private PostgreSQL and Redis, runs `heartbeatd run` at a short interval, and in the same
 run a minimal loop doing the same work (Redis PING on a kept client; fresh PostgreSQL connect,
@@ -15,6 +15,11 @@ counts repeat whatever else the machine does (every program gets the same fixed 
 Python's random one moved them by about 3 %). It prints instructions per cycle for both, their
 ratio (goal <= 1.05x), the same loop with heartbeatd's libpq deadline and with its logging set-up
 for comparison, and the functions where the two programs' instructions differ.
+
+--shape: the table the daemon writes into: `plain` (the default), `partitioned` (as `init-db --partitioned`
+makes it: a partition a day, 7 ahead, a DEFAULT one), or `both`: with --callgrind, a daemon on each in the
+same run (its own table, HEARTBEAT_TABLE), their instructions per cycle compared (goal: within 3 %); the
+minimal loop's variants are left out then, to keep the run short.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import PgServer, RedisServer, remove_template  # noqa: E402
@@ -115,7 +121,23 @@ def _short(name: str) -> str:
     return re.sub(r" \[(?:[^]]*/)?([^]/]+)\]$", r" [\1]", name)
 
 
-def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float) -> None:
+PARTITIONED_TABLE = "service_heartbeat_part"
+
+
+def make_tables(pg: PgServer, shape: str) -> None:
+    """service_heartbeat (plain: what the minimal loop writes into, and a plain daemon), and for `partitioned`
+    or `both` service_heartbeat_part as `heartbeatd init-db --partitioned` makes it."""
+    from heartbeatd.schema import CREATE_TABLE, index_name
+    pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
+    if shape != "plain":
+        subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", "--partitioned=day"], check=True,
+                       stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_TABLE=PARTITIONED_TABLE,
+                                HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env"))
+
+
+def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int, interval: float,
+              shape: str = "plain") -> None:
     """Instructions per cycle of the daemon and the minimal loop, start-up differenced away."""
     # One fixed hash seed for every program: with Python's random one, how often dict lookups
     # collide changes from run to run, and so did the counts (by about 3 %).
@@ -124,15 +146,15 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
                HEARTBEAT_TIMEOUT="30", HEARTBEAT_BACKEND_IP="10.0.0.1")
     valgrind = ["valgrind", "--tool=callgrind", "--quiet"]
 
-    def daemon_run(cycles: int) -> Path:
-        out = tmp / f"daemon-{cycles}.out"
-        sock_path = tmp / f"notify-{cycles}.sock"
+    def daemon_run(cycles: int, table: str = "service_heartbeat") -> Path:
+        out = tmp / f"daemon-{cycles}-{table}.out"
+        sock_path = tmp / f"notify-{cycles}-{table}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(sock_path))
         notify.settimeout(600)
         proc = subprocess.Popen([*valgrind, f"--callgrind-out-file={out}", sys.executable, "-m", "heartbeatd", "run"],
-                                env=dict(env, NOTIFY_SOCKET=str(sock_path),
-                                         HEARTBEAT_SPOOL_PATH=str(tmp / f"spool-{cycles}.db")),
+                                env=dict(env, NOTIFY_SOCKET=str(sock_path), HEARTBEAT_TABLE=table,
+                                         HEARTBEAT_SPOOL_PATH=str(tmp / f"spool-{cycles}-{table}.db")),
                                 cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seen = 0
         while seen < cycles:
@@ -152,10 +174,15 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
         return out
 
     from concurrent.futures import ThreadPoolExecutor
-    programs = {"daemon": daemon_run, "minimal": minimal_run,
-                "minimal+deadline": lambda n: minimal_run(n, "HB_MINIMAL_DEADLINE"),
-                "minimal-select": lambda n: minimal_run(n, "HB_MINIMAL_NO_SELECT"),
-                "minimal+logging": lambda n: minimal_run(n, "HB_MINIMAL_LEAN_LOGGING")}
+    programs: dict[str, Any] = {"daemon": daemon_run, "minimal": minimal_run}
+    if shape == "partitioned":
+        programs["daemon"] = lambda n: daemon_run(n, PARTITIONED_TABLE)
+    if shape == "both":
+        programs["daemon-partitioned"] = lambda n: daemon_run(n, PARTITIONED_TABLE)
+    else:
+        programs.update({"minimal+deadline": lambda n: minimal_run(n, "HB_MINIMAL_DEADLINE"),
+                         "minimal-select": lambda n: minimal_run(n, "HB_MINIMAL_NO_SELECT"),
+                         "minimal+logging": lambda n: minimal_run(n, "HB_MINIMAL_LEAN_LOGGING")})
     with ThreadPoolExecutor(2) as pool:  # side by side (2 cores)
         runs = {(who, n): pool.submit(fn, n) for n in (short, long) for who, fn in programs.items()}
         outs = {key: future.result() for key, future in runs.items()}
@@ -165,6 +192,11 @@ def callgrind(pg: PgServer, redis: RedisServer, tmp: Path, short: int, long: int
     print(f"daemon instructions/cycle:  {per_cycle['daemon']:,.0f}")
     print(f"minimal instructions/cycle: {per_cycle['minimal']:,.0f}")
     print(f"ratio:                      {per_cycle['daemon'] / per_cycle['minimal']:.3f}x (goal <= 1.05x)")
+    if shape == "both":
+        part = per_cycle["daemon-partitioned"]
+        print(f"daemon on a partitioned table (a partition a day): {part:,.0f} instructions/cycle, "
+              f"{(part / per_cycle['daemon'] - 1) * 100:+.2f}% against the plain table (goal: within 3 %)")
+        return
     print(f"minimal loop with heartbeatd's deadline on every libpq wait: {per_cycle['minimal+deadline']:,.0f} "
           f"({per_cycle['minimal+deadline'] / per_cycle['minimal']:.3f}x); the daemon against it: "
           f"{per_cycle['daemon'] / per_cycle['minimal+deadline']:.3f}x")
@@ -195,14 +227,15 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true", help="count instructions under valgrind instead")
     parser.add_argument("--short", type=int, default=20, help="--callgrind: cycles of the short run")
     parser.add_argument("--long", type=int, default=120, help="--callgrind: cycles of the long run")
+    parser.add_argument("--shape", choices=("plain", "partitioned", "both"), default="plain",
+                        help="the table the daemon writes into (both: with --callgrind, a daemon on each)")
     args = parser.parse_args()
     if args.callgrind:
         pg, redis = PgServer().start(), RedisServer().start()
         tmp = Path(tempfile.mkdtemp(prefix="hb-bench-"))
         try:
-            from heartbeatd.schema import CREATE_TABLE, index_name
-            pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
-            callgrind(pg, redis, tmp, args.short, args.long, max(args.interval, 0.3))
+            make_tables(pg, args.shape)
+            callgrind(pg, redis, tmp, args.short, args.long, max(args.interval, 0.3), args.shape)
         finally:
             pg.destroy()
             redis.destroy()
@@ -212,14 +245,16 @@ def main() -> None:
     pg, redis = PgServer().start(), RedisServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="hb-bench-"))
     try:
-        from heartbeatd.schema import CREATE_TABLE, index_name
-        pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
+        if args.shape == "both":
+            parser.error("--shape both goes with --callgrind")
+        make_tables(pg, args.shape)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmp / "notify.sock"))
         notify.settimeout(30)
         env = dict(os.environ, DATABASE_URL=pg.url(), REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(args.interval),
                    HEARTBEAT_TIMEOUT="5", HEARTBEAT_SPOOL_PATH=str(tmp / "spool.db"), HEARTBEAT_BACKEND_IP="10.0.0.1",
-                   NOTIFY_SOCKET=str(tmp / "notify.sock"))
+                   NOTIFY_SOCKET=str(tmp / "notify.sock"),
+                   HEARTBEAT_TABLE=PARTITIONED_TABLE if args.shape == "partitioned" else "service_heartbeat")
         daemon = subprocess.Popen([sys.executable, "-m", "heartbeatd", "run"], env=env, cwd=tmp,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -18,6 +18,15 @@ minutes a day and Redis 30 minutes a day (gap 2 x cadence + 5 s). Times the firs
 table), a pass after a normal hour (one hour of every host at 30 s, written now), and
 `report --since 1y` (--days) for the fleet and for one host from rollups, and once from raw rows,
 checking that both find the same. Targets: a pass after an hour <= 1 s, the fleet <= 1 s, one host <= 100 ms.
+
+    python tests/benchmark_ledger.py --partitioned [--hosts 100] [--days 5]
+
+Prune on a partitioned table instead: the table as `heartbeatd init-db --partitioned --with-latency`
+makes it (indexes on the parent, a DEFAULT partition), a partition a UTC day for the --days of history
+before today (generated as above, from 00:00 UTC --days ago), then `prune` as the command runs it
+(Ledger.prune: partitions ahead checked, the oldest day's partition counted and dropped whole, every
+other partition looked at for rows below the cut) with the cut at the end of the oldest remaining day,
+three times. Target: <= 100 ms.
 """
 
 from __future__ import annotations
@@ -64,7 +73,11 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=None, help="30, or 365 with --rollup")
     parser.add_argument("--rollup", action="store_true", help="the hourly rollups' benchmark")
     parser.add_argument("--cadence", type=int, default=600, help="--rollup: seconds between a host's heartbeats")
+    parser.add_argument("--partitioned", action="store_true", help="prune of a day's partition")
     args = parser.parse_args()
+    if args.partitioned:
+        partitioned_prune(args.hosts, args.days or 5)
+        return
     if args.rollup:
         rollups(args.hosts, args.days or 365, args.cadence)
         return
@@ -172,6 +185,59 @@ SELECT s.name, CASE s.name WHEN '后端' THEN '10.60.' || (h / 250) || '.' || (h
        (VALUES ('后端'), ('redis'), ('postgres')) s(name)
  ORDER BY t
 """
+
+
+def partitioned_prune(hosts: int, days: int) -> None:
+    """Time prune dropping one day's partition of a partitioned history (three days, one after another)."""
+    import subprocess
+    from heartbeatd.ledger import Ledger
+    pg = PgServer()
+    pg.extra_opts = "-c shared_buffers=1GB -c maintenance_work_mem=1GB -c work_mem=64MB -c max_wal_size=8GB"
+    pg.start()
+    try:
+        subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", "--partitioned=day", "--with-latency"],
+                       check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env"))
+        today = datetime.now(timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+        start = today - timedelta(days=days)
+        for n in range(days):  # the days before today, named as init-db names them
+            d = start + timedelta(days=n)
+            pg.sql(f"CREATE TABLE service_heartbeat_p{d:%Y%m%d} PARTITION OF service_heartbeat "
+                   f"FOR VALUES FROM ('{d:%Y-%m-%d}') TO ('{d + timedelta(days=1):%Y-%m-%d}')")
+        t0 = time.perf_counter()
+        pg.sql(SEED, {"hosts": hosts, "cycles": days * 2880, "start": start})  # type: ignore[arg-type]
+        pg.sql("VACUUM ANALYZE service_heartbeat")
+        rows = pg.sql("SELECT count(*) FROM service_heartbeat")[0][0]
+        strays = pg.sql("SELECT count(*) FROM service_heartbeat_default")[0][0]
+        size = pg.sql("SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) "
+                      "FROM pg_partition_tree('service_heartbeat')")[0][0]
+        per_day = pg.sql(f"SELECT count(*) FROM service_heartbeat_p{start:%Y%m%d}")[0][0]
+        print(f"history: {hosts} hosts x {days} days = {rows:,} rows ({per_day:,} a day, {strays} in DEFAULT), "
+              f"partitioned by day, {size} with indexes, generated in {time.perf_counter() - t0:.0f} s; "
+              f"{os.cpu_count()} cores")
+        samples = []
+        for n in range(1, min(days, 3) + 1):
+            conn = pg.connect()
+            ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
+            dropped: list[tuple[str, int]] = []
+            cut = (start + timedelta(days=n)).replace(tzinfo=timezone.utc)
+            began = time.perf_counter()  # a dry run first: what counting (and looking) costs, without the DROP
+            ledger.prune(cut, True, lambda k: None)
+            dry = time.perf_counter() - began
+            conn.close()
+            conn = pg.connect()
+            ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
+            began = time.perf_counter()
+            removed = ledger.prune(cut, False, lambda k: None, lambda name, k: dropped.append((name, k)))
+            samples.append(time.perf_counter() - began)
+            conn.close()
+            print(f"prune, cut at {start + timedelta(days=n)}: {samples[-1] * 1000:7.1f} ms (its dry run "
+                  f"{dry * 1000:.1f} ms), "
+                  f"dropped {dropped}, {removed:,} row(s) removed")
+        print(f"prune of one day's partition: median {statistics.median(samples) * 1000:.1f} ms "
+              f"(target <= 100 ms)")
+    finally:
+        pg.destroy()
 
 
 def rollups(hosts: int, days: int, cadence: int) -> None:

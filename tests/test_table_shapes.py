@@ -96,9 +96,19 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
     dry = cli(["prune", "--older-than", older, "--dry-run"], env)
     assert dry.returncode == 0, dry.stderr
     assert times(pg) == sorted(old + new)
+    assert partitions(pg) == before, "a dry run makes nothing"
     result = cli(["prune", "--older-than", older], env)
     assert result.returncode == 0, result.stderr
     assert times(pg) == sorted(new), "exactly the old rows are gone, every current one kept"
+    # RANGE's partitions are named as init-db --partitioned names them: prune first makes the days up to 7
+    # ahead that are missing (it has days up to 2 ahead), as init-db --partitioned does; other shapes: nothing.
+    ahead = {f"service_heartbeat_p{day(datetime.now(timezone.utc)) + timedelta(days=n):%Y%m%d}" for n in range(3, 8)}
+    made = "made partition(s) ahead: " + ", ".join(sorted(ahead))
+    assert (made in result.stdout.splitlines()) == (shape == "range"), result.stdout
+    assert ("would make" + made[4:] in dry.stdout.splitlines()) == (shape == "range"), dry.stdout
+    if shape == "range":
+        result.stdout = result.stdout.replace(made + "\n", "")
+        dry.stdout = dry.stdout.replace("would make" + made[4:] + "\n", "")
 
     def said(out: str) -> list[str]:
         return [re.sub(r" older than .*", "", line.replace("would drop", "dropped").replace("would remove", "removed"))
@@ -122,7 +132,7 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
         assert m is not None
         start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
         assert int(m.group(2)) == sum(start <= at < start + timedelta(days=1) for at in old)
-    assert partitions(pg) == before - below
+    assert partitions(pg) == (before - below) | ahead
     assert "service_heartbeat_default" in partitions(pg)  # straddles every cut: deleted from, kept
 
 
@@ -260,3 +270,120 @@ def test_init_db_partitioned_never_converts_a_plain_table(pg: PgServer) -> None:
     result = cli(["init-db", "--partitioned"], env_for(pg))
     assert result.returncode == 1 and "exists and is not partitioned" in result.stderr
     assert pg.sql("SELECT relkind FROM pg_class WHERE relname = 'service_heartbeat'", db=pg.dbname) == [("r",)]
+
+
+@pytest.mark.parametrize("unit", ["day", "month"])
+def test_prune_makes_the_missing_partitions_ahead_as_init_db_partitioned_does(pg: PgServer, unit: str) -> None:
+    """Days (months) pass with no init-db run: prune (its timer, daily) makes the partitions ahead that
+    are missing before it prunes, and says which; --dry-run says which it would make, and makes none;
+    a second prune finds none missing. The rows of those days then go to their own partitions."""
+    env = env_for(pg)
+    assert cli(["init-db", f"--partitioned={unit}"], env).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    names = [f"service_heartbeat_p{today + timedelta(days=n):%Y%m%d}" for n in range(8)] if unit == "day" else \
+        [f"service_heartbeat_p{(today.replace(day=1) + timedelta(days=32 * n)):%Y%m}" for n in range(3)]
+    for name in names[1:]:  # as if init-db had run only on a day (month) long before: the current one left
+        pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("DROP TABLE service_heartbeat_default", db=pg.dbname)
+    before = partitions(pg)
+    dry = cli(["prune", "--older-than", "30d", "--dry-run"], env)
+    assert dry.returncode == 0, dry.stderr
+    line = "partition(s) ahead: " + ", ".join(names[1:] + ["service_heartbeat_default"])
+    assert dry.stdout.splitlines()[0] == "would make " + line, dry.stdout
+    assert partitions(pg) == before
+    result = cli(["prune", "--older-than", "30d"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["made " + line, result.stdout.splitlines()[-1]], result.stdout
+    assert partitions(pg) == set(names + ["service_heartbeat_default"])
+    again = cli(["prune", "--older-than", "30d"], env)
+    assert again.returncode == 0 and "ahead" not in again.stdout, again.stdout
+    last = names[-1]
+    at = (today + timedelta(days=7, hours=1)) if unit == "day" else \
+        datetime.strptime(last[-6:], "%Y%m") + timedelta(hours=1)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (at,), db=pg.dbname)
+    assert pg.sql("SELECT tableoid::regclass::text FROM service_heartbeat", db=pg.dbname) == [(last,)]
+
+
+def test_prune_leaves_a_range_table_it_did_not_make_as_it_is(pg: PgServer) -> None:
+    """Partitions not named as init-db names them (an operator's, or another tool's): prune makes none."""
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamp NOT NULL DEFAULT now()) PARTITION BY RANGE (report_time);"
+           "CREATE TABLE hb_all PARTITION OF service_heartbeat FOR VALUES FROM ('2000-01-01') TO ('2100-01-01')",
+           db=pg.dbname)
+    result = cli(["prune", "--older-than", "30d"], env_for(pg))
+    assert result.returncode == 0 and "ahead" not in result.stdout, result.stdout + result.stderr
+    assert partitions(pg) == {"hb_all"}
+
+
+def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
+    """Rows no partition covers go to the DEFAULT partition: status says how many and their span after its
+    table (stderr; JSON: a field; prometheus: heartbeatd_ledger_default_partition_rows), exit status unchanged;
+    nothing said while it is empty, and no field or metric where the table is not partitioned."""
+    import json
+    env = env_for(pg)
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    strays = [day(now) - timedelta(days=3, hours=-5), day(now) - timedelta(days=2)]  # before the first partition
+
+    def insert(*times: datetime) -> None:
+        for at in times:
+            pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+                   (at,), db=pg.dbname)
+
+    insert(now)
+    quiet = cli(["status"], env)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "后端\t10.0.0.1" in quiet.stdout, quiet.stderr
+    assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] == {
+        "name": "service_heartbeat_default", "rows": 0, "first_report_time": None, "last_report_time": None}
+    assert "\nheartbeatd_ledger_default_partition_rows 0\n" in cli(["status", "--format", "prometheus"], env).stdout
+    insert(*strays)
+    said = cli(["status"], env)
+    assert said.returncode == 0 and said.stdout.startswith("后端\t10.0.0.1\t") and len(said.stdout.splitlines()) == 1
+    assert said.stderr == (f"2 row(s) in the DEFAULT partition service_heartbeat_default (report_time {strays[0]} .. "
+                           f"{strays[1]}): a partition is missing; heartbeatd prune (or init-db --partitioned) makes "
+                           "them ahead\n"), said.stderr
+    found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
+    assert found["rows"] == 2 and found["first_report_time"].startswith(strays[0].isoformat()), found
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert prom.returncode == 0 and "\nheartbeatd_ledger_default_partition_rows 2\n" in prom.stdout, prom.stdout
+    pg.sql("DELETE FROM service_heartbeat WHERE report_time > now() - interval '1 day'", db=pg.dbname)
+    stale = cli(["status"], env)  # none fresh: exit 1, as without the strays
+    assert stale.returncode == 1 and stale.stderr.splitlines()[-1] == said.stderr.strip(), stale.stderr
+
+
+def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
+    import json
+    env = env_for(pg)
+    assert cli(["init-db"], env).returncode == 0
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', "
+           "now() AT TIME ZONE 'utc')", db=pg.dbname)
+    assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] is None
+    assert "default_partition" not in cli(["status", "--format", "prometheus"], env).stdout
+    assert cli(["status"], env).stderr == ""
+
+
+def test_prune_by_a_role_that_does_not_own_the_table_says_so_and_prunes(pg: PgServer) -> None:
+    """A prune role with DELETE only (README's recipe) cannot make partitions: one line on stderr says so and
+    what to run, and prune deletes the old rows all the same (exit 0); the row of a missing day is not refused."""
+    import uuid
+    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    pg.sql(f"DROP TABLE service_heartbeat_p{today + timedelta(days=7):%Y%m%d}", db=pg.dbname)
+    old = today - timedelta(days=40)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (old,), db=pg.dbname)
+    role = f"hb_p_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE ROLE {role} LOGIN; GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA public TO {role}", db=pg.dbname)
+    try:
+        result = cli(["prune", "--older-than", "30d"], env_for(pg, DATABASE_URL=pg.url(user=role, db=pg.dbname)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr.startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE service_heartbeat_p"
+                                        f"{today + timedelta(days=7):%Y%m%d} PARTITION OF service_heartbeat: "), result.stderr
+        assert "permission denied" in result.stderr and "as the table's owner)\n" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert result.stdout.startswith("removed 1 row(s) older than"), result.stdout
+        assert pg.sql("SELECT count(*) FROM service_heartbeat", db=pg.dbname) == [(0,)]
+    finally:
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)
+        pg.sql(f"DROP ROLE {role}")
