@@ -1,8 +1,8 @@
 """`report --format html`: a status page in one self-contained file: no script, nothing fetched.
 
 Its figures are `report`'s: one 90-day report whose outages and no-data stretches are clipped to
-each UTC day and to the last 24 h, 7 d and 30 d. The page reads them through `gather` only, so
-another source of the same spans (rollups) changes that one function.
+each UTC day and to the last 24 h, 7 d and 30 d. `gather` reads it as `report` does, from the hourly
+rollups where they cover and raw rows at the edges (RollupReport), and the page says which.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from heartbeatd import __version__
 from heartbeatd.ledger import Ledger
 from heartbeatd.outage import PairReport, clip
 from heartbeatd.render import human
+from heartbeatd.rollup import RollupReport
 
 DAYS = 90
 WINDOWS = (("24 h", timedelta(hours=24)), ("7 d", timedelta(days=7)), ("30 d", timedelta(days=30)),
@@ -46,18 +47,22 @@ class Page:
     table: str
     days: list[datetime]  # the bars' UTC midnights, oldest first
     pairs: list[PairPage]
+    source: str = ""  # which rows the report read, as `report` says on stderr
 
 
 def gather(ledger: Ledger, until: datetime, gap: float, now: datetime, service: Optional[str] = None,
            ip: Optional[str] = None, seconds: Optional[float] = None) -> Page:
-    """The page's figures: one 90-day `report` up to `until`, its spans clipped to days and windows."""
+    """The page's figures: one 90-day `report` up to `until`, its spans clipped to days and windows.
+
+    Read as `report` reads it (rollups for whole covered hours, raw rows for the rest), so a day's
+    bar and the windows come from the same classification as the 90 days'."""
     since = until - timedelta(days=DAYS)
-    found = ledger.report(since, until, gap, now, service, ip, seconds)
+    found, source = RollupReport(ledger).run(since, until, gap, now, service, ip, seconds)
     midnight = until.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     starts = [midnight - timedelta(days=DAYS - 1 - n) for n in range(DAYS)]
     return Page(since, until, gap, ledger.name, starts, [
         PairPage(p, [clip(p, day, day + timedelta(days=1)) for day in starts],
-                 [(label, clip(p, until - span, until)) for label, span in WINDOWS]) for p in found])
+                 [(label, clip(p, until - span, until)) for label, span in WINDOWS]) for p in found], source)
 
 
 def grade(uptime: Optional[float]) -> str:
@@ -176,6 +181,7 @@ table{border-collapse:collapse;width:100%;margin-top:.3rem;font-variant-numeric:
 th,td{text-align:left;padding:.15rem .6rem .15rem 0;border-bottom:1px solid var(--line);vertical-align:top}
 th{font-weight:600;color:var(--muted);font-size:.75rem}
 footer{color:var(--muted);font-size:.75rem;margin-top:1.5rem}
+header p.source{font-size:.75rem}
 @media (max-width:480px){body{padding:.6rem;font-size:14px}.pair{padding:.6rem}.bars{height:1.8rem}.figures{gap:.3rem 1rem}}
 @media print{body{max-width:none;padding:0;font-size:10pt}.pair{border-color:#999}
  *{-webkit-print-color-adjust:exact;print-color-adjust:exact}summary{cursor:auto}}
@@ -208,7 +214,9 @@ def html(page: Page) -> str:
         f'<p class="overall">{escape(overall)} at {_time(page.until)} UTC{": " + links if links else ""}.</p>'
         f"<p>All times are UTC. Each bar is one UTC day of the last {DAYS}, coloured by uptime over the time "
         f"observed; a gap of more than {page.gap:g} s between heartbeats is an outage. "
-        f"Table {escape(page.table)}.</p><p class=\"legend\">{legend}</p></header>\n<main>"
+        f"Table {escape(page.table)}.</p><p class=\"legend\">{legend}</p>"
+        + (f'<p class="source">{escape(page.source[:1].upper() + page.source[1:])}.</p>' if page.source else "")
+        + "</header>\n<main>"
         + "\n".join(_pair(p, n, dates) for n, p in enumerate(page.pairs))
         + f"</main>\n<footer>Written by heartbeatd {escape(__version__)} (<code>heartbeatd report --format html"
         "</code>) from its ledger; it opens no port: any web server may serve this file.</footer></body></html>\n")

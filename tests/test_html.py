@@ -260,28 +260,8 @@ def uptime_text(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}%"
 
 
-@needs_chromium
-def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    page = tmp_path / "status.html"
-    old = os.umask(0o077)  # as under the status unit's UMask=0077: the web server must still read it
-    try:
-        result = run(ledger, "--format", "html", "--output", str(page))
-    finally:
-        os.umask(old)
-    assert result.stdout == "" and stat.S_IMODE(page.stat().st_mode) == 0o644
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    source = page.read_text()
-    assert "<script" not in source.lower().replace("&lt;script", "")  # no script of its own; the address escaped
-    assert "http://" not in source and "https://" not in source and "src=" not in source
-
-    dom = Tree(chromium(tmp_path, "--dump-dom", page.as_uri()))
-    doc = dom.root
-    assert not doc.all("script") and not doc.all("link") and not doc.all("img") and not doc.all("iframe")
-    policy = [m for m in doc.all("meta") if m.attrs.get("http-equiv") == "Content-Security-Policy"]
-    assert policy and policy[0].attrs["content"].startswith("default-src 'none'")
-    assert "All times are UTC" in doc.one("header").text
-
-    # The same pairs as `report --format json` over the same 90 days, with the same figures.
+def figures_agree(ledger: PgServer, doc: Node) -> dict[tuple[str, str], Node]:
+    """The page's pairs and figures are `report --format json`'s over the same windows; its sections by pair."""
     windows = {label: json.loads(run(ledger, "--since", (UNTIL - span).isoformat(), "--format", "json").stdout)
                for label, span in (("24 h", DAY), ("7 d", 7 * DAY), ("30 d", 30 * DAY), ("90 d", 90 * DAY))}
     pairs = {(p["service"], p["ip"]): p for p in windows["90 d"]["pairs"]}
@@ -309,8 +289,11 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pyte
         expected = [[o["start"][:-1].replace("T", " "), "ongoing" if o["ongoing"] else o["end"][:-1].replace("T", " ")]
                     for o in reversed(pairs[key]["outage_list"])]
         assert [r[:2] for r in rows] == expected, key
+    return shown
 
-    # The planted layout, day by day (index 89 is D0, the window's last day, until noon).
+
+def planted_layout(shown: dict[tuple[str, str], Node]) -> None:
+    """The planted layout, day by day (index 89 is D0, the window's last day, until noon)."""
     def classes(key: tuple[str, str]) -> list[str]:
         return [next(c for c in b.classes if c != "bar") for b in shown[key].all("span", "bar")]
 
@@ -327,9 +310,11 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pyte
     assert shown[("postgres", PG)].one(cls="state").text.startswith(
         f"down since {(UNTIL - H - 40 * timedelta(seconds=1)).strftime('%Y-%m-%d %H:%M:%S')}")
 
-    # Each day's figure is `report`'s over that day, where the pair reported in it; but for an outage
-    # that crosses midnight, which the page counts from its start on both days where a report of the
-    # day alone cannot see its first `--gap` seconds before its end: at most 2 x gap apart.
+
+def days_agree(ledger: PgServer, shown: dict[tuple[str, str], Node]) -> None:
+    """Each day's figure is `report`'s over that day, where the pair reported in it; but for an outage
+    that crosses midnight, which the page counts from its start on both days where a report of the
+    day alone cannot see its first `--gap` seconds before its end: at most 2 x gap apart."""
     for key, section in shown.items():
         for bar in section.all("span", "bar"):
             start = datetime.fromisoformat(bar.attrs["data-day"])
@@ -342,6 +327,33 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pyte
             want = found[key]["uptime_percent"] if key in found else 0.0
             edges = 100 * 2 * GAP / (end - start).total_seconds()
             assert abs(float(bar.attrs["data-uptime"]) - want) <= edges + 0.0005, (key, bar.attrs["data-day"])
+
+
+@needs_chromium
+def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page = tmp_path / "status.html"
+    old = os.umask(0o077)  # as under the status unit's UMask=0077: the web server must still read it
+    try:
+        result = run(ledger, "--format", "html", "--output", str(page))
+    finally:
+        os.umask(old)
+    assert result.stdout == "" and stat.S_IMODE(page.stat().st_mode) == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    source = page.read_text()
+    assert "<script" not in source.lower().replace("&lt;script", "")  # no script of its own; the address escaped
+    assert "http://" not in source and "https://" not in source and "src=" not in source
+
+    dom = Tree(chromium(tmp_path, "--dump-dom", page.as_uri()))
+    doc = dom.root
+    assert not doc.all("script") and not doc.all("link") and not doc.all("img") and not doc.all("iframe")
+    policy = [m for m in doc.all("meta") if m.attrs.get("http-equiv") == "Content-Security-Policy"]
+    assert policy and policy[0].attrs["content"].startswith("default-src 'none'")
+    assert "All times are UTC" in doc.one("header").text
+
+    shown = figures_agree(ledger, doc)
+
+    planted_layout(shown)
+    days_agree(ledger, shown)
 
     # Readable on a phone and on a desktop: nothing wider than the window, nothing cut at its edge.
     # First the measures on a page that does overflow, so that a measure that sees nothing fails.
@@ -375,6 +387,45 @@ def test_status_page_in_a_browser(ledger: PgServer, tmp_path: Path, capsys: pyte
     printed = pdf.read_bytes()
     assert printed.startswith(b"%PDF") and 1 <= len(re.findall(rb"/Type\s*/Page(?!s)", printed)) <= 5
     shutil.copy(pdf, ARTIFACTS / pdf.name)
+
+
+def facts(doc: Node) -> list[Any]:
+    """Per pair: its bars (day, class, uptime), state, notes, window figures and outages; not latency,
+    which is sampled from the raw rows still kept."""
+    return [([(b.attrs["data-day"], b.attrs["class"], b.attrs["data-uptime"]) for b in s.all("span", "bar")],
+             s.one("h2").text, [n.text for n in s.all("p")],
+             [(dt.text, dd.text) for dt, dd in zip(s.all("dt"), s.all("dd")) if not dt.text.startswith("latency")],
+             [[td.text for td in tr.all("td")] for tr in s.all("tr")]) for s in doc.all("section", "pair")]
+
+
+def test_status_page_from_rollups(ledger: PgServer, tmp_path: Path) -> None:
+    """After a rollup pass the page reads the rollups, as `report` does, and says so; with the raw rows
+    of its first 10 days pruned, its bars, figures and outages are still the raw-row page's, and
+    still `report --format json`'s over the same windows (which reads the rollups too)."""
+    raw = Tree(run(ledger, "--format", "html").stdout).root
+    assert raw.one("p", "source").text == "Read raw rows only (no rollup yet: `heartbeatd rollup` makes it)."
+    for command in ("init-db", "rollup"):
+        result = cli([command], env_for(ledger))
+        assert result.returncode == 0, result.stderr
+    assert "(first pass: the whole table)" in result.stdout
+    # What prune does: the raw rows before the cut are gone; only the rollup still knows those days.
+    cut = D0 - 10 * DAY
+    db = ledger.dbname  # type: ignore[attr-defined]
+    ledger.sql("DELETE FROM service_heartbeat WHERE report_time < %s", (cut,), db=db)
+    assert ledger.sql("SELECT min(report_time) FROM service_heartbeat", db=db)[0][0] >= cut
+
+    page = tmp_path / "status.html"
+    run(ledger, "--format", "html", "--output", str(page))
+    doc = Tree(page.read_text()).root  # the markup chromium renders in the test above: here its source suffices
+    note = doc.one("p", "source").text
+    assert note.startswith(f"Read hourly rollups for {(UNTIL - 90 * DAY).isoformat()}Z .. {UNTIL.isoformat()}Z "
+                           "(pass of "), note
+    json_line = run(ledger, "--since", (UNTIL - 90 * DAY).isoformat(), "--format", "json").stderr
+    assert json_line.startswith("report: read hourly rollups for"), json_line
+    shown = figures_agree(ledger, doc)
+    planted_layout(shown)
+    days_agree(ledger, shown)
+    assert facts(doc) == facts(raw)
 
 
 def test_report_output_and_bad_arguments(ledger: PgServer, tmp_path: Path) -> None:
