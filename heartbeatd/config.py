@@ -195,12 +195,6 @@ _HOW = {FROM_OPTION: " (--env-file: its values win over the environment)",
         FROM_CWD: " (./.env in the working directory: the environment wins over it)"}
 
 
-def url_password(url: str) -> Optional[str]:
-    """The password in a URL's userinfo as its driver reads it (raw, as written), if any."""
-    span = _password_span(url)
-    return url[span[0]:span[1]] if span else None
-
-
 def _secret_values(url: str, after: int = 0) -> list[tuple[int, int]]:
     """Where the values of the secret options stand in the URL's query (which begins after `after`, the
     password's end). Their names count as the drivers read them, percent-decoded and in any case: libpq
