@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 import zlib
 from datetime import datetime, timedelta
-from itertools import chain
-from operator import itemgetter
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import psycopg2
@@ -35,9 +33,13 @@ from heartbeatd.schema import ColumnType, declared_types
 # STRIPES locks of the table by its report_time (lock_keys): a cycle's rows take one, a batch of
 # 500 spooled rows a few hundred at most, and the fleet never more than STRIPES of PostgreSQL's
 # shared lock table. A writer takes its stripes in ascending order (unnest keeps the array's
-# order), so two writers cannot deadlock.
+# order), so two writers cannot deadlock. The stripes are written into the statement as numbers,
+# between the two halves of a composed statement (Stated): they are our own integers, with nothing
+# to quote, and a list parameter would cost psycopg2 a Python adapter for the list and for each of
+# its elements, every cycle (the largest client cost a write had: about 14,000 instructions).
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
-LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(%s::int4[]) AS s"
+LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::int4[]) AS s"
+_STRIPES = "\0"  # where a composed statement is cut in two: no identifier or literal can hold a NUL
 # DISTINCT ON the key: two rows of one batch whose keys the column makes one (two cycles within a
 # second, into a `timestamp(0)` column) are one row, as they would be written one at a time; NOT
 # EXISTS sees only what the table held before the statement.
@@ -79,6 +81,22 @@ SELECT FROM {table} WHERE false;
 SAVEPOINT heartbeatd_row;
 """
 JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
+
+
+class Stated(NamedTuple):
+    """A composed statement that takes advisory locks: the stripes go between its halves."""
+
+    head: str
+    tail: str
+
+    @classmethod
+    def compose(cls, cur: Any, template: str, **parts: Any) -> "Stated":
+        head, tail = sql.SQL(template).format(stripes=sql.SQL(_STRIPES), **parts).as_string(cur).split(_STRIPES)
+        return cls(head, tail)
+
+    def taking(self, stripes: Iterable[int]) -> str:
+        """The statement, taking these stripes (ascending)."""
+        return self.head + ",".join(map(str, stripes)) + self.tail
 
 
 class WriteError(Exception):
@@ -159,8 +177,8 @@ class Writer:
         self._server_timeout_ms = max(1, int(timeout * 800))
         # The table's own space of advisory locks (the two-key form: apart from prune's lock).
         self._space = lock_space(self.name)
-        self._queries: dict[int, str] = {}
-        self._begin: Optional[str] = None  # JUDGE_BEGIN for this table
+        self._queries: dict[int, Stated] = {}
+        self._begin: Optional[Stated] = None  # JUDGE_BEGIN for this table
         self.inserted = 0  # rows inserted since this writer was made
         # A row of the last statement that inserted rows: what `judge` shows the table takes rows like.
         self.witness: Optional[Row] = None
@@ -185,25 +203,23 @@ class Writer:
         self._queries.clear()  # composed for the columns the table had
         return _Shape(types, counted=bool(found and found[0]))
 
-    def _query(self, cur: Any, shape: "_Shape", count: int) -> str:
+    def _query(self, cur: Any, shape: "_Shape", count: int) -> Stated:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
         query = self._queries.get(count)
         if query is None:
             # Out of a VALUES list in a subquery a string is text and a NULL is text: every value is
-            # cast to its column's type (shape.casts), so the INSERT and the replay's comparison see
+            # cast to its column's type (shape.slots), so the INSERT and the replay's comparison see
             # it as the column holds it.
-            row = sql.SQL("({})").format(sql.SQL(", ").join(
-                sql.Placeholder() if cast is None else sql.SQL("CAST({} AS {})").format(sql.Placeholder(), cast)
-                for cast in shape.casts))
+            row = sql.SQL("({})").format(sql.SQL(", ").join(shape.slots))
             values = sql.SQL(", ").join([row] * count)
             names = [sql.Identifier(c.name) for c in shape.columns]
-            query = sql.SQL(INSERT_MISSING_COUNTED if shape.counted else INSERT_MISSING).format(
+            query = Stated.compose(
+                cur, INSERT_MISSING_COUNTED if shape.counted else INSERT_MISSING,
                 timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space), table=self._ident,
                 values=values, columns=sql.SQL(", ").join(names),
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
                 key=sql.SQL(", ").join(sql.SQL("v.") + sql.Identifier(c.name) for c in KEY),
-                same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
-            ).as_string(cur)
+                same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY))
             if len(self._queries) < 16:
                 self._queries[count] = query
         return query
@@ -220,7 +236,8 @@ class Writer:
                 shape = self._shape
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
-                cur.execute(self._query(cur, shape, len(rows)), shape.params(rows, self._clock()))
+                values = shape.values(rows, self._clock())
+                cur.execute(self._query(cur, shape, len(rows)).taking(shape.stripes(values)), values)
                 # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
                 # INSERT's own count): a replay of rows already in the table inserts none, which is
                 # no sign that the table takes rows.
@@ -253,8 +270,9 @@ class Writer:
                 # taken later it would break the order every writer keeps (a deadlock with a replay).
                 now = self._clock()
                 copy = witness._replace(report_time=now) if witness is not None else None
-                keys = sorted({*shape.params([row], now)[0], *(shape.params([copy], now)[0] if copy else ())})
-                why = self._refused(cur, self._judge_begin(cur) + insert, shape, row, lock=keys)
+                stripes = sorted({*shape.stripes(shape.values([row], now)),
+                                  *(shape.stripes(shape.values([copy], now)) if copy else ())})
+                why = self._refused(cur, self._judge_begin(cur).taking(stripes) + insert.taking(stripes), shape, row)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -266,7 +284,7 @@ class Writer:
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert), shape, copy)
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.taking(stripes)), shape, copy)
                 if table_why is None:
                     return Refusal(why, True)
                 cur.execute("ROLLBACK")
@@ -275,22 +293,19 @@ class Writer:
             self._abandon(conn)
             raise self._write_error(exc) from exc
 
-    def _judge_begin(self, cur: Any) -> str:
+    def _judge_begin(self, cur: Any) -> Stated:
         begin = self._begin
         if begin is None:
-            begin = self._begin = sql.SQL(JUDGE_BEGIN).format(
-                timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space),
-                table=self._ident).as_string(cur)
+            begin = self._begin = Stated.compose(
+                cur, JUDGE_BEGIN, timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space),
+                table=self._ident)
         return begin
 
-    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row,
-                 lock: Optional[list[int]] = None) -> Optional[str]:
-        """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a data reason.
-
-        `lock`: the query starts with JUDGE_BEGIN, whose lock takes these stripes."""
-        params = shape.params([row], self._clock())
+    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row) -> Optional[str]:
+        """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a
+        data reason."""
         try:
-            cur.execute(query, [lock, *params] if lock is not None else params)
+            cur.execute(query, shape.values([row], self._clock()))
         except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
             error = self._write_error(exc)
             if not error.data_error:
@@ -341,18 +356,21 @@ def lock_keys(times: Iterable[datetime]) -> list[int]:
     within the hour, to the microsecond, is the same number for naive and aware UTC, in every
     process (no hash seed), and cheap: this runs every cycle.
     """
-    return sorted({((t.minute * 60 + t.second) * 1_000_000 + t.microsecond) % STRIPES for t in times})
+    return sorted({((t.minute * 60 + t.second) * 1_000_000 + t.microsecond) % STRIPES for t in set(times)})
 
 
-def _as_stored(precision: int, naive: bool) -> Callable[[datetime], datetime]:
-    """A time as a column of that type stores it: naive UTC for `timestamp`, rounded to its digits of fraction.
+def _as_stored(typ: ColumnType) -> Optional[Callable[[datetime], datetime]]:
+    """How a time is sent to a column of that type: as it stores it, or None for as the Row holds it.
 
-    Rounded as PostgreSQL rounds (half up, for times after 2000), so the value sent is the value
-    stored: the lock keys of two copies of a row are the same whatever the column's precision.
+    A Row's times are aware UTC, what a `timestamptz` column takes; a `timestamp` column gets the
+    UTC wall time (naive), whatever the session's TimeZone. Both rounded to the column's digits of
+    fraction, as PostgreSQL rounds (half up, for times after 2000), so the value sent is the value
+    stored: the lock stripes of two copies of a row are the same whatever the column's precision.
     """
-    if not 0 <= precision < 6:  # all six digits: nothing to round (the usual case, kept cheap)
-        return to_naive_utc if naive else _as_it_is
-    scale = 10 ** (6 - precision)
+    naive = typ.name != "timestamptz"
+    if not 0 <= typ.typmod < 6:  # all six digits: nothing to round (the usual case, kept cheap)
+        return to_naive_utc if naive else None
+    scale = 10 ** (6 - typ.typmod)
 
     def stored(value: datetime) -> datetime:
         if naive:
@@ -362,48 +380,68 @@ def _as_stored(precision: int, naive: bool) -> Callable[[datetime], datetime]:
     return stored
 
 
-def _as_it_is(value: datetime) -> datetime:
-    """An aware time for a `timestamptz` column: sent as it is."""
-    return value
+def _slot(column: Column, typ: ColumnType) -> sql.Composable:
+    """Where a column's value stands in the VALUES list: the parameter, cast to the column's type.
+
+    A time is cast to the type as declared (`timestamp(0) without time zone`): the replay then
+    compares what is stored with what it would store (one of full precision is sent typed as its
+    column already, and left as it is). Any other value goes to the bare type name: a length
+    (varchar(50)) would truncate instead of refusing what is too long (22001).
+    """
+    if column.time:
+        return sql.Placeholder() if typ.typmod < 0 else sql.SQL("CAST({} AS {})").format(
+            sql.Placeholder(), sql.SQL(typ.declared))
+    return sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.Identifier(typ.name))
 
 
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "counted", "columns", "casts", "_values", "_report_at")
+    __slots__ = ("types", "counted", "columns", "slots", "_convert", "_stamps", "_extras", "_report_at", "_width")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
         self.types, self.counted = types, counted
-        # The required columns, then the extras this table has: each in COLUMNS' order.
-        self.columns = [c for c in COLUMNS if c.kind != "extra" or c.name in types]
-        # A time is cast to the column's type as declared (`timestamp(0) without time zone`): the
-        # replay then compares what is stored with what it would store (one of full precision is
-        # sent typed as its column already, and left as it is). Any other value to the bare type
-        # name: a length (varchar(50)) would truncate instead of refusing what is too long (22001).
-        self.casts = [None if c.time and types[c.name].typmod < 0 else sql.SQL(types[c.name].declared) if c.time
-                      else sql.Identifier(types[c.name].name) for c in self.columns]
-        self._values = [self._value(c) for c in self.columns]
-        self._report_at = [c.name for c in self.columns].index("report_time")  # what the lock keys are taken from
+        # A row's values in the order a Row holds them: the key columns, the stamps (set by the
+        # write), then the extra columns this table has; each group in COLUMNS' order.
+        extras = [c for c in EXTRA if c.name in types]
+        self.columns = [*KEY, *(c for c in COLUMNS if c.kind == "stamp"), *extras]
+        self.slots = [_slot(c, types[c.name]) for c in self.columns]
+        # The key fields sent otherwise than as the Row holds them (times, as the column stores them).
+        self._convert = [(at, stored) for at, stored in enumerate(_as_stored(types[c.name]) if c.time else None
+                                                                  for c in KEY) if stored is not None]
+        self._stamps = [_as_stored(types[c.name]) or _as_it_is for c in COLUMNS if c.kind == "stamp"]
+        # Where in Row.extra each extra column's value is: None when the table has all of them.
+        self._extras = None if len(extras) == len(EXTRA) else [EXTRA.index(c) for c in extras]
+        self._report_at = KEY.index(next(c for c in KEY if c.name == "report_time"))  # the lock stripes' time
+        self._width = len(self.columns)
 
-    def _value(self, column: Column) -> Callable[[Sequence[Row], datetime], list[Any]]:
-        """How a column's values are taken from the rows and the write's time (`now`), row by row."""
-        # Built of map() and itemgetter where it can be: this runs for every column every cycle.
-        typ = self.types[column.name]
-        stored = _as_stored(typ.typmod, typ.name != "timestamptz")
-        if column.kind == "stamp":  # set by the write itself, the same for every row
-            return lambda rows, now: [stored(now)] * len(rows)
-        if column.kind == "extra":  # a row spooled before the column existed has none: NULL
-            at = EXTRA.index(column)
-            return lambda rows, now: [row.extra[at] if at < len(row.extra) else None for row in rows]
-        field = itemgetter(KEY.index(column))  # a key column: the Row's field in the same place
-        if column.time and stored is not _as_it_is:
-            return lambda rows, now: list(map(stored, map(field, rows)))
-        return lambda rows, now: list(map(field, rows))
+    def values(self, rows: Sequence[Row], now: datetime) -> list[Any]:
+        """The values of every row, one row after the other, each in the order of `columns`.
 
-    def params(self, rows: Sequence[Row], now: datetime) -> list[Any]:
-        """The rows' lock keys, then the values of every row in the order of `columns` (see INSERT_MISSING)."""
-        columns = [values(rows, now) for values in self._values]
-        params: list[Any] = [lock_keys(columns[self._report_at])]
-        params.extend(chain.from_iterable(zip(*columns)))
-        return params
+        One pass over the rows, without a comprehension per row (in Python 3.11 each is a function
+        made and called): this runs every cycle."""
+        stamps = [stored(now) for stored in self._stamps]  # set by the write: the same for every row
+        convert, extras, n_extra, n_key = self._convert, self._extras, len(EXTRA), len(KEY)
+        some_extra = extras is None or bool(extras)
+        values: list[Any] = []
+        for row in rows:
+            key: list[Any] = [*row[:n_key]]
+            for at, stored in convert:
+                key[at] = stored(key[at])
+            values += key
+            values += stamps
+            if some_extra:
+                extra = row.extra
+                if len(extra) < n_extra:  # a row spooled before the column existed: NULL
+                    extra = (*extra, *[None] * (n_extra - len(extra)))
+                values += extra if extras is None else [extra[at] for at in extras]
+        return values
+
+    def stripes(self, values: Sequence[Any]) -> list[int]:
+        """The lock stripes of rows laid out by `values` (their report_times as sent, that is as stored)."""
+        return lock_keys(values[self._report_at::self._width])
+
+
+def _as_it_is(value: datetime) -> datetime:
+    return value

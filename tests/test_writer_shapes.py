@@ -256,6 +256,7 @@ def test_lock_keys_are_ascending_and_the_same_for_the_same_rows() -> None:
              "created_at": ColumnType("timestamp", "timestamp(0) without time zone", 0)}
     shape = _Shape(types)
     early, late = WHEN.replace(microsecond=500_001), WHEN.replace(microsecond=999_999)  # both round to :01
-    first = shape.params([Row("redis", "10.0.0.1", early)], WHEN)
-    second = shape.params([Row("redis", "10.0.0.1", late)], WHEN)
-    assert first[0] == second[0] and first[3] == second[3] == datetime(2026, 12, 6, 20, 0, 1)
+    first = shape.values([Row("redis", "10.0.0.1", early)], WHEN)
+    second = shape.values([Row("redis", "10.0.0.1", late)], WHEN)
+    assert shape.stripes(first) == shape.stripes(second) == lock_keys([datetime(2026, 12, 6, 20, 0, 1)])
+    assert first[2] == second[2] == datetime(2026, 12, 6, 20, 0, 1)  # sent as stored: naive UTC, rounded
