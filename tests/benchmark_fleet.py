@@ -2,6 +2,7 @@
 
     python tests/benchmark_fleet.py [--hosts 30] [--interval 1] [--seconds 60] [--rounds 1]
                                     [--modes direct,pgbouncer,tls,scram,tls+scram] [--trees DIR,DIR]
+                                    [--tables plain,partitioned]
 
 Each daemon is a host of its own (distinct HEARTBEAT_BACKEND_IP, own spool). Per mode it prints
 PostgreSQL, PgBouncer and daemon CPU per cycle (from /proc: the postmaster with its reaped
@@ -10,7 +11,10 @@ pg_stat_activity), and how many hosts one PostgreSQL core carries at the default
 Modes: direct; pgbouncer (transaction pooling in front); tls (sslmode=require, trust);
 scram (SCRAM-SHA-256 without TLS); tls+scram (both, the usual managed-database setup).
 --trees runs each mode once per source tree (the daemons import heartbeatd from it), one after
-the other in the same run: two versions side by side.
+the other in the same run: two versions side by side. --tables likewise runs each on a plain
+`service_heartbeat` and on one as `heartbeatd init-db --partitioned=day` makes it (a partition a UTC
+day, 7 ahead, a DEFAULT one). With --rounds N the runs alternate, round by round, so that drift of
+the machine falls on every variant alike.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def cpu(pid: int, children_of: bool = False) -> float:
     return total / TICK
 
 
-def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str = "") -> dict[str, float]:
+def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str = "",
+             table: str = "plain") -> dict[str, float]:
     pg = PgServer()
     if mode in ("tls", "scram", "tls+scram"):
         # tls: TLS, no password asked; scram: SCRAM-SHA-256 in the clear; tls+scram: both.
@@ -63,8 +68,14 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
     tmp = Path(tempfile.mkdtemp(prefix="hb-fleet-"))
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        from heartbeatd.schema import CREATE_TABLE, index_name
-        pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
+        if table == "partitioned":
+            subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", "--partitioned=day"], check=True,
+                           stdout=subprocess.DEVNULL, cwd=tmp,
+                           env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env",
+                                    **({"PYTHONPATH": tree} if tree else {})))
+        else:
+            from heartbeatd.schema import CREATE_TABLE, index_name
+            pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
         if mode == "direct":
             url = pg.url() + "?sslmode=disable"
         elif mode == "pgbouncer":
@@ -135,16 +146,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--modes", default="direct,pgbouncer,tls,scram,tls+scram")
     parser.add_argument("--trees", default="", help="comma-separated source trees to compare (default: this one)")
+    parser.add_argument("--tables", default="plain", help="comma-separated: plain, partitioned (default plain)")
     args = parser.parse_args()
     print(f"{args.hosts} daemons at {args.interval:g} s for {args.seconds:g} s, {args.rounds} round(s); "
           f"{os.cpu_count()} cores")
     print(f"{'mode':<11} {'PostgreSQL ms/cycle':>20} {'pooler ms/cycle':>16} {'daemon ms/cycle':>16} "
           f"{'slots mean/max':>15} {'hosts/PG core @30s':>19}")
-    runs = [(mode, tree) for mode in args.modes.split(",") for tree in args.trees.split(",")]
-    for mode, tree in runs:
-        if tree:
-            print(f"-- {tree}")
-        rounds = [run_mode(mode, args.hosts, args.interval, args.seconds, tree) for _ in range(args.rounds)]
+    runs = [(mode, tree, table) for mode in args.modes.split(",") for tree in args.trees.split(",")
+            for table in args.tables.split(",")]
+    results: dict[tuple[str, str, str], list[dict[str, float]]] = {run: [] for run in runs}
+    for _ in range(args.rounds):  # round by round: drift falls on every variant alike
+        for run in runs:
+            results[run].append(run_mode(run[0], args.hosts, args.interval, args.seconds, run[1], run[2]))
+    for (mode, tree, table), rounds in results.items():
+        if tree or args.tables != "plain":
+            print(f"-- {tree or 'this tree'}, {table} table")
         r = {k: mean(x[k] for x in rounds) for k in rounds[0]}
         spread = f" ({min(x['pg_ms'] for x in rounds):.2f}-{max(x['pg_ms'] for x in rounds):.2f})" if args.rounds > 1 else ""
         capacity = 30 / (r["pg_ms"] / 1000) if r["pg_ms"] else float("inf")
