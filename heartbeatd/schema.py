@@ -78,10 +78,21 @@ HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM {table})"
 ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ddl}"
 # The type's name, and the type as declared (format_type with the column's typmod:
 # `timestamp(0) without time zone`), which is what a value must be cast to to compare as stored.
+# Each column's type as declared, and the type under it where that is a domain (a domain over
+# `timestamptz(0)` holds aware times, rounded to the second: what a value is sent as follows the
+# base type and its digits; the cast goes to the domain as declared, its checks with it).
 COLUMN_TYPES = """\
-SELECT a.attname, t.typname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypmod
-  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
- WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"""
+WITH RECURSIVE col AS (
+  SELECT a.attname, a.atttypid AS typid, a.atttypmod AS typmod,
+         pg_catalog.format_type(a.atttypid, a.atttypmod) AS declared
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+  SELECT c.attname, d.typbasetype, CASE WHEN c.typmod >= 0 THEN c.typmod ELSE d.typtypmod END, c.declared
+    FROM col c JOIN pg_catalog.pg_type d ON d.oid = c.typid AND d.typtype = 'd'
+)
+SELECT c.attname, t.typname, c.declared, c.typmod
+  FROM col c JOIN pg_catalog.pg_type t ON t.oid = c.typid AND t.typtype <> 'd'"""
 LOCK_TIMEOUT = "SET lock_timeout = %s"
 # Who a waiting backend waits for, with the first words of what they run.
 BLOCKERS = """SELECT b.pid, coalesce(a.query, '') FROM unnest(pg_catalog.pg_blocking_pids(%s)) AS b(pid)
@@ -124,6 +135,7 @@ class ColumnType(NamedTuple):
     name: str
     declared: str
     typmod: int  # -1 when the type has none (`timestamp` alone: 6 digits of fraction)
+    # For a domain: `name` and `typmod` are those of the type under it, `declared` the domain's name.
 
 
 def declared_types(cur: Any, table: sql.Identifier) -> dict[str, ColumnType]:

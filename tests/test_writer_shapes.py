@@ -58,6 +58,35 @@ def test_a_replay_writes_each_row_once_at_every_precision(pg: PgServer, base: st
         conn.close()
 
 
+# 1.6.0: a column of a domain was taken for a type of its own: over timestamp(0) nothing was rounded
+# (a replay wrote every row again), and over timestamptz the time went as naive UTC, which a session
+# whose TimeZone is not UTC stores hours off.
+@pytest.mark.parametrize("base", ["timestamp(0)", "timestamptz(0)", "timestamptz"])
+def test_a_domain_over_a_time_type_is_written_as_its_base_type(pg: PgServer, base: str) -> None:
+    name = "hb_domain_" + base.replace("(", "_").replace(")", "")
+    pg.sql(f"CREATE DOMAIN {name}_t AS {base} CHECK (VALUE > '2000-01-01'); "
+           f"CREATE DOMAIN {name}_t2 AS {name}_t", db=pg.dbname)  # a domain over a domain, too
+    _table(pg, name, f"{name}_t2")
+    conn = psycopg2.connect(host=str(pg.root), port=pg.port, user="postgres", dbname=pg.dbname,
+                            options="-c TimeZone=Asia/Kolkata")  # +05:30: an hour's stripe and the wall time differ
+    conn.autocommit = True
+    try:
+        writer = Writer((name,), timeout=5.0)
+        batch = [Row(s, "10.0.0.1", WHEN + timedelta(seconds=30 * i)) for i in range(3) for s in ("后端", "redis")]
+        writer.write(conn, batch)
+        writer.write(conn, batch, dedupe=True)  # the replay
+        assert writer.inserted == 6, writer.inserted
+    finally:
+        conn.close()
+    utc = "report_time AT TIME ZONE 'UTC'" if "tz" in base else "report_time"
+    found = pg.sql(f"SELECT DISTINCT {utc} FROM {name} ORDER BY 1", db=pg.dbname)
+    digits = 0 if "(0)" in base else 6
+    expected = [(WHEN + timedelta(seconds=30 * i)).replace(tzinfo=None) for i in range(3)]
+    if digits == 0:
+        expected = [t.replace(microsecond=0) + timedelta(seconds=1) for t in expected]  # .654321 rounds up
+    assert found == [(t,) for t in expected]
+
+
 def _inheritance_partitioned(pg: PgServer) -> None:
     """service_heartbeat partitioned the old way: children by inheritance, a trigger routing rows to them."""
     init_table(pg)
