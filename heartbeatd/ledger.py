@@ -9,7 +9,7 @@ fleet. A gap in a server's rows is an outage only while some daemon was alive to
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import DdlFailed, column_types, partitions_ahead, run_ddl
+from heartbeatd.schema import DdlFailed, column_types, partition_maker, partitions_ahead, run_ddl
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -194,6 +194,11 @@ class DefaultRows:
     rows: int
     first: Optional[datetime]
     last: Optional[datetime]
+    table: str = ""  # the partitioned table, schema-qualified
+    # Where it holds rows: who makes the table's partitions ahead: "heartbeatd" (prune: a table init-db
+    # --partitioned made), "pg_partman" (partman_schema: the extension's schema), None (the operator).
+    maker: Optional[str] = None
+    partman_schema: Optional[str] = None
 
 
 class Ledger:
@@ -283,8 +288,18 @@ class Ledger:
         schema, name = found
         cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name)))
         rows, first, last = cur.fetchone()
-        return DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
-                           as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
+        found = DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
+                            as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
+        if rows:  # strays: who makes the partitions, for status's hint
+            maker, partman = partition_maker(cur, self._t)
+            found = replace(found, table=self._schema_name(cur), maker=maker, partman_schema=partman)
+        return found
+
+    def _schema_name(self, cur: Any) -> str:
+        """The table's name, schema-qualified (as pg_partman's part_config names it)."""
+        cur.execute("SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                    "ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass(%s)", (self._t.as_string(cur),))
+        return str(cur.fetchone()[0])
 
     # -- report -----------------------------------------------------------------------------
 

@@ -157,6 +157,26 @@ def test_spooled_rows_are_replayed_into_partmans_partitions_once(pg_own: PgServe
     assert all(part == partman_name(at) for part, at, _ in found), found
 
 
+def test_status_hint_for_rows_in_partmans_default_names_partman(pg: PgServer) -> None:
+    """Rows in the DEFAULT of a table pg_partman manages: status's hint is pg_partman's maintenance and its
+    partition_data_proc (prune makes no partition there), and that call does move them out."""
+    partman_table(pg)
+    env = env_for(pg)
+    assert cli(["init-db"], env).returncode == 0
+    stray = utcnow().replace(microsecond=0) - 40 * 24 * H
+    insert(pg, [("redis", "10.0.0.1", utcnow() - M), ("redis", "10.0.0.1", stray)])
+    said = cli(["status"], env)
+    assert said.returncode == 0, said.stderr
+    assert said.stderr == (f"1 row(s) in the DEFAULT partition service_heartbeat_default (report_time {stray} .. "
+                           f"{stray}): a partition is missing; pg_partman manages the table: partman.run_maintenance() "
+                           "makes them ahead, and CALL partman.partition_data_proc('public.service_heartbeat') moves "
+                           "these rows into theirs\n"), said.stderr
+    pg.sql("CALL partman.partition_data_proc('public.service_heartbeat')", db=pg.dbname)
+    assert [part for part, _, _ in placed(pg)] == [partman_name(stray), partman_name(utcnow())]
+    quiet = cli(["status"], env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_prune_drops_old_partitions_and_partman_maintenance_goes_on(pg: PgServer) -> None:
     """Rows 8-10 days old in partitions made by partman.create_partition_time, older ones in the DEFAULT,
     current ones in partman's: prune --older-than 7d (dry run and real, same lines and counts) drops the

@@ -365,6 +365,20 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     assert stale.returncode == 1 and stale.stderr.splitlines()[-1] == said.stderr.strip(), stale.stderr
 
 
+def test_status_hint_where_heartbeatd_makes_no_partition(pg: PgServer) -> None:
+    """A table partitioned by another key (not one init-db --partitioned made): prune makes no partition there,
+    and status's hint says so instead of naming prune."""
+    make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
+    at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "VALUES ('后端', '10.0.0.1', %s, %s)", (at, at), db=pg.dbname)
+    said = cli(["status"], env_for(pg))
+    assert said.returncode == 0, said.stderr
+    assert said.stderr == (f"1 row(s) in the DEFAULT partition service_heartbeat_other (report_time {at} .. {at}): "
+                           "a partition is missing; heartbeatd makes none for this table (not one init-db "
+                           "--partitioned made): create it\n"), said.stderr
+
+
 def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
     import json
     env = env_for(pg)
