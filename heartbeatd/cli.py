@@ -438,10 +438,14 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         if tty:
             print(f"\rpruning: {removed} row(s) removed so far", end="", file=sys.stderr, flush=True)
 
-    def dropped(name: str, rows: int) -> None:
+    estimates = []
+
+    def dropped(name: str, rows: int, estimated: bool) -> None:
         if tty:
             print("\r", end="", file=sys.stderr)
-        print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({rows} row(s))", flush=True)
+        estimates.append(estimated)
+        figure = f"about {rows} rows" if estimated else f"{rows} row(s)"
+        print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({figure})", flush=True)
 
     def ahead(made: list[str], failed: Optional[str]) -> None:
         if failed is not None:
@@ -469,7 +473,8 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         print("another heartbeatd prune is running on this table; nothing done")
         return EX_OK
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {removed} row(s) older than {naive_utc(cutoff)} UTC from {ledger.name}")
+    about, note = ("about ", " (dropped partitions' rows estimated from their statistics)") if any(estimates) else ("", "")
+    print(f"{verb} {about}{removed} row(s) older than {naive_utc(cutoff)} UTC from {ledger.name}{note}")
     return EX_OK
 
 

@@ -9,7 +9,7 @@ fleet. A gap in a server's rows is an outage only while some daemon was alive to
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import DdlFailed, column_types, partitions_ahead, run_ddl
+from heartbeatd.schema import DdlFailed, column_types, partition_maker, partitions_ahead, run_ddl
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -132,6 +132,17 @@ WITH RECURSIVE services AS (
 SELECT service_name FROM services"""
 PRUNE_COUNT = "SELECT count(*) FROM ONLY {t} WHERE service_name = %(s)s AND report_time < %(cutoff)s"
 PRUNE_ROWS = "SELECT count(*) FROM ONLY {t}"
+# A partition about to be dropped: the rows of each table in it (itself, or its own partitions', at every
+# level) as the planner estimates them: the rows a page at the last VACUUM or ANALYZE (reltuples / relpages)
+# times the pages it has now. Counting them exactly reads the whole partition (a day of 100 hosts: 0.1 s;
+# the DROP that follows takes 40 ms). reltuples -1 (PostgreSQL 14 and later: never vacuumed nor analyzed), a
+# table analyzed empty that has pages since, or a foreign table: no estimate, those are counted exactly.
+PRUNE_ESTIMATE = """SELECT n.nspname, c.relname, c.relkind, c.reltuples, c.relpages,
+       CASE WHEN c.relkind = 'r' THEN pg_catalog.pg_relation_size(c.oid)
+                                      / pg_catalog.current_setting('block_size')::int END
+  FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(%s)) t
+  JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.isleaf"""
 # Oldest first per service through the (service_name, report_time) index: the heap is laid out
 # by time, so each batch dirties the pages the previous one did (per (service, ip) instead, every
 # old page would be rewritten once per host). Keyset on report_time, so no batch rescans what
@@ -183,6 +194,11 @@ class DefaultRows:
     rows: int
     first: Optional[datetime]
     last: Optional[datetime]
+    table: str = ""  # the partitioned table, schema-qualified
+    # Where it holds rows: who makes the table's partitions ahead: "heartbeatd" (prune: a table init-db
+    # --partitioned made), "pg_partman" (partman_schema: the extension's schema), None (the operator).
+    maker: Optional[str] = None
+    partman_schema: Optional[str] = None
 
 
 class Ledger:
@@ -272,8 +288,18 @@ class Ledger:
         schema, name = found
         cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name)))
         rows, first, last = cur.fetchone()
-        return DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
-                           as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
+        found = DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
+                            as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
+        if rows:  # strays: who makes the partitions, for status's hint
+            maker, partman = partition_maker(cur, self._t)
+            found = replace(found, table=self._schema_name(cur), maker=maker, partman_schema=partman)
+        return found
+
+    def _schema_name(self, cur: Any) -> str:
+        """The table's name, schema-qualified (as pg_partman's part_config names it)."""
+        cur.execute("SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                    "ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass(%s)", (self._t.as_string(cur),))
+        return str(cur.fetchone()[0])
 
     # -- report -----------------------------------------------------------------------------
 
@@ -285,10 +311,11 @@ class Ledger:
     # -- prune ------------------------------------------------------------------------------
 
     def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
-              dropped: Callable[[str, int], None] = lambda name, rows: None,
+              dropped: Callable[[str, int, bool], None] = lambda name, rows, estimated: None,
               ahead: Callable[[list[str], Optional[str]], None] = lambda made, failed: None) -> Optional[int]:
-        """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`),
-        the rest deleted in batches; how many rows, or None if another prune holds the lock. First, on a
+        """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`, with its
+        rows and whether that figure is an estimate: see PRUNE_ESTIMATE), the rest deleted in batches; how many
+        rows (the dropped partitions' as told), or None if another prune holds the lock. First, on a
         table init-db --partitioned made, the partitions ahead that are missing are made (told to `ahead`,
         with why not if they could not be: pruning goes on, the DEFAULT partition catches the rows)."""
         conn = self.conn
@@ -315,8 +342,8 @@ class Ledger:
         try:
             removed = 0
             for table in drop:
-                rows = self._drop(table, dry_run)
-                dropped(".".join(table.strings), rows)
+                rows, estimated = self._drop(table, dry_run)
+                dropped(".".join(table.strings), rows, estimated)
                 removed += rows
             for table in tables:
                 removed = self._prune_batches(table, when, dry_run, progress, removed)
@@ -343,18 +370,34 @@ class Ledger:
                 tables.append(sql.Identifier(schema, name))
         return drop, tables
 
-    def _drop(self, table: sql.Identifier, dry_run: bool) -> int:
-        """Count a partition's rows and (unless a dry run) drop it: one catalog change, whatever its size."""
-        with deadline(self.timeout), self.conn.cursor() as cur:
-            cur.execute(sql.SQL(PRUNE_ROWS).format(t=table))
-            rows = int(cur.fetchone()[0])
+    def _drop(self, table: sql.Identifier, dry_run: bool) -> tuple[int, bool]:
+        """Its rows, and whether that is an estimate (PRUNE_ESTIMATE), and (unless a dry run) the partition
+        dropped: one catalog change, whatever its size."""
+        rows, estimated = self._partition_rows(table)
         if not dry_run:
             # DROP, not DETACH then DROP: a plain DETACH takes the same ACCESS EXCLUSIVE lock on the
             # parent, and DETACH ... CONCURRENTLY is refused where a DEFAULT partition exists and
             # leaves a half-detached partition if interrupted. The lock wait is bounded (run_ddl).
             run_ddl(self.conn, sql.SQL("DROP TABLE {}").format(table), f"DROP TABLE {'.'.join(table.strings)}",
                     self.timeout, self._helper)
-        return rows
+        return rows, estimated
+
+    def _partition_rows(self, table: sql.Identifier) -> tuple[int, bool]:
+        """A partition's rows (its own partitions' at every level): estimated where the statistics allow it,
+        counted where not; and whether any of it is an estimate."""
+        rows, estimated = 0, False
+        with deadline(self.timeout), self.conn.cursor() as cur:
+            cur.execute(PRUNE_ESTIMATE, (table.as_string(cur),))
+            for schema, name, kind, tuples, pages, pages_now in cur.fetchall():
+                if kind == "r" and pages_now == 0:
+                    continue  # no page, no row: exact
+                if kind == "r" and tuples >= 0 and pages > 0:
+                    rows += round(tuples / pages * pages_now)
+                    estimated = True
+                elif kind in ("r", "f"):  # no statistics (or none that tell a density): counted
+                    cur.execute(sql.SQL(PRUNE_ROWS).format(t=sql.Identifier(schema, name)))
+                    rows += int(cur.fetchone()[0])
+        return rows, estimated
 
     def _cancel(self, pid: int) -> None:
         """Ctrl-C in a batch: a DELETE the client stopped waiting for is the server's to finish (one

@@ -311,7 +311,7 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default:
     pairs = [(labels(service=f.service, ip=str(f.ip)), f) for f in found]
     strays: list[Family] = [] if default is None else [
         ("heartbeatd_ledger_default_partition_rows", "gauge",
-         "Rows in the table's DEFAULT partition (above 0: a partition is missing; heartbeatd prune makes them ahead).",
+         "Rows in the table's DEFAULT partition (above 0: a partition is missing; heartbeatd status says who makes them).",
          [("", default.rows)])]
     return [
         ("heartbeatd_ledger_heartbeat_age_seconds", "gauge",

@@ -91,8 +91,14 @@ def default_line(default: DefaultRows) -> str:
     """status's line about rows in the DEFAULT partition (some partition is missing)."""
     span = f"report_time {naive_utc(default.first)} .. {naive_utc(default.last)}" \
         if default.first is not None and default.last is not None else "report_time unknown"
-    return (f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): a partition is missing; "
-            "heartbeatd prune (or init-db --partitioned) makes them ahead")
+    if default.maker == "heartbeatd":
+        hint = "heartbeatd prune (or init-db --partitioned) makes them ahead"
+    elif default.maker == "pg_partman":
+        hint = (f"pg_partman manages the table: {default.partman_schema}.run_maintenance() makes them ahead, "
+                f"and CALL {default.partman_schema}.partition_data_proc('{default.table}') moves these rows into theirs")
+    else:
+        hint = "heartbeatd makes none for this table (not one init-db --partitioned made): create it"
+    return f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): a partition is missing; {hint}"
 
 
 def status(found: Sequence[Latest], now: datetime, stale_after: float, window: str, form: str, out: TextIO,

@@ -382,12 +382,42 @@ def _unit(work: _Init, rel: Relation) -> Optional[str]:
     found = work.fetch(RANGE_BY_TIME, rel.ident)
     if not found or not found[0][0]:
         return None
+    return _unit_of(rel.name, [child.name for child in work.children(rel)])
+
+
+def _unit_of(name: str, children: Sequence[str]) -> Optional[str]:
     units = []
-    for child in work.children(rel):
-        digits = child.name.rsplit("_p", 1)[-1]
-        if digits.isdigit() and len(digits) in (6, 8) and child.name == object_name(rel.name, f"p{digits}"):
+    for child in children:
+        digits = child.rsplit("_p", 1)[-1]
+        if digits.isdigit() and len(digits) in (6, 8) and child == object_name(name, f"p{digits}"):
             units.append((digits.ljust(8, "0"), "day" if len(digits) == 8 else "month"))
     return max(units)[1] if units else None
+
+
+def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Optional[str]]:
+    """Who makes a partitioned table's partitions ahead, read on `cur` (read-only, no statement that can fail
+    on privileges): ("pg_partman", its schema) where pg_partman manages the table; ("heartbeatd", None) where
+    init-db --partitioned made it (prune makes them); (None, None) otherwise: nobody but the operator."""
+    cur.execute(RELATION, (table.as_string(cur),))
+    found = cur.fetchone()
+    if found is None:
+        return None, None
+    rel = Relation(*found)
+    cur.execute(PARTMAN_SCHEMA)
+    partman = cur.fetchone()
+    if partman is not None:
+        config = sql.Identifier(partman[0], "part_config")
+        cur.execute("SELECT pg_catalog.has_table_privilege(%s, 'SELECT')", (config.as_string(cur),))
+        if cur.fetchone()[0]:
+            cur.execute(sql.SQL(PARTMAN_MANAGED).format(config=config), {"t": f"{rel.schema}.{rel.name}"})
+            if cur.fetchone()[0]:
+                return "pg_partman", str(partman[0])
+    cur.execute(RANGE_BY_TIME, (table.as_string(cur),))
+    ranged = cur.fetchone()
+    if not ranged or not ranged[0]:
+        return None, None
+    cur.execute(CHILDREN, (table.as_string(cur),))
+    return ("heartbeatd" if _unit_of(rel.name, [row[2] for row in cur.fetchall()]) else None), None
 
 
 def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datetime, dry_run: bool = False,

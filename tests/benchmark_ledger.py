@@ -29,6 +29,22 @@ other partition looked at for rows below the cut) with the cut at the end of the
 three times. Target: <= 100 ms.
 With --page (e.g. --hosts 20 --days 90 --cadence 30 --page): also the 90-day HTML page, from raw rows
 before the first pass and from rollups after it, with latency_ms kept as the page shows it (target <= 1 s).
+
+    python tests/benchmark_ledger.py --full --keep DIR [--hosts 100] [--days 365] [--workers 2] [--min-free 24]
+
+Issue 26's full-scale run: --days of --hosts at 30 s (100 x 365 = 315 million rows; at ~220 bytes a
+row with the indexes that is ~60 GB; it loads the newest days first and stops while --min-free GB are
+left, so a smaller disk gets the most recent days it holds) in the table as `init-db
+--partitioned=day --with-latency` makes it. Generated fast: init-db makes the parent (its indexes, today's
+and the days ahead's partitions, DEFAULT); each history day is loaded by one of --workers connections
+into a table of its own (LIKE the parent, rows in time order), indexed as PostgreSQL indexes a partition
+(CREATE INDEX with the names it picks, ADD PRIMARY KEY) and attached, so it ends with exactly the
+partitions' indexes init-db's would have; then VACUUM (ANALYZE). The history ends at 00:00 UTC of the
+day it is generated; a measuring run first adds the hours since, up to 3 hours ago. The cluster is kept in DIR (not removed):
+a second run with the same --keep DIR skips the generation and measures, with the code as it is then
+(median of 3 where cheap): the first rollup pass (once), a pass after a normal hour (each of the three hours before now),
+`report --since {days}d` for the fleet and one host (rollups; once from raw rows), `report --since 24h`, the
+90-day page, and prune of one day's partition. --generate-only stops after the generation. Remove DIR after.
 """
 
 from __future__ import annotations
@@ -77,7 +93,17 @@ def main() -> None:
     parser.add_argument("--cadence", type=int, default=600, help="--rollup: seconds between a host's heartbeats")
     parser.add_argument("--partitioned", action="store_true", help="prune of a day's partition")
     parser.add_argument("--page", action="store_true", help="--rollup: the 90-day page too, raw rows and rollups")
+    parser.add_argument("--full", action="store_true", help="the full-scale run (issue 26): generate into --keep, measure")
+    parser.add_argument("--keep", type=Path, help="--full: the kept PostgreSQL data directory")
+    parser.add_argument("--workers", type=int, default=2, help="--full: connections generating days at once")
+    parser.add_argument("--min-free", type=float, default=24, help="--full: GB the disk keeps free (fewer days if not)")
+    parser.add_argument("--generate-only", action="store_true", help="--full: stop after the generation")
     args = parser.parse_args()
+    if args.full:
+        if args.keep is None:
+            parser.error("--full needs --keep DIR")
+        full_scale(args.hosts, args.days or 365, args.keep, args.workers, args.generate_only, args.min_free)
+        return
     if args.partitioned:
         partitioned_prune(args.hosts, args.days or 5)
         return
@@ -218,29 +244,210 @@ def partitioned_prune(hosts: int, days: int) -> None:
         print(f"history: {hosts} hosts x {days} days = {rows:,} rows ({per_day:,} a day, {strays} in DEFAULT), "
               f"partitioned by day, {size} with indexes, generated in {time.perf_counter() - t0:.0f} s; "
               f"{os.cpu_count()} cores")
-        samples = []
-        for n in range(1, min(days, 3) + 1):
-            conn = pg.connect()
-            ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
-            dropped: list[tuple[str, int]] = []
-            cut = (start + timedelta(days=n)).replace(tzinfo=timezone.utc)
-            began = time.perf_counter()  # a dry run first: what counting (and looking) costs, without the DROP
-            ledger.prune(cut, True, lambda k: None)
-            dry = time.perf_counter() - began
-            conn.close()
-            conn = pg.connect()
-            ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
-            began = time.perf_counter()
-            removed = ledger.prune(cut, False, lambda k: None, lambda name, k: dropped.append((name, k)))
-            samples.append(time.perf_counter() - began)
-            conn.close()
-            print(f"prune, cut at {start + timedelta(days=n)}: {samples[-1] * 1000:7.1f} ms (its dry run "
-                  f"{dry * 1000:.1f} ms), "
-                  f"dropped {dropped}, {removed:,} row(s) removed")
-        print(f"prune of one day's partition: median {statistics.median(samples) * 1000:.1f} ms "
-              f"(target <= 100 ms)")
+        _prune_days(pg, start, min(days, 3))
     finally:
         pg.destroy()
+
+
+def _prune_days(pg: Any, start: datetime, count: int) -> None:
+    """prune as the command runs it, the cut at the end of the oldest day, then the next: `count` times."""
+    from heartbeatd.ledger import Ledger
+    samples = []
+    for n in range(1, count + 1):
+        conn = pg.connect()
+        ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
+        dropped: list[tuple[str, int, bool]] = []
+        cut = (start + timedelta(days=n)).replace(tzinfo=timezone.utc)
+        began = time.perf_counter()  # a dry run first: what counting (and looking) costs, without the DROP
+        ledger.prune(cut, True, lambda k: None)
+        dry = time.perf_counter() - began
+        conn.close()
+        conn = pg.connect()
+        ledger = Ledger(conn, ("service_heartbeat",), 60, helper=pg.connect)
+        began = time.perf_counter()
+        removed = ledger.prune(cut, False, lambda k: None, lambda name, k, about: dropped.append((name, k, about)))
+        samples.append(time.perf_counter() - began)
+        conn.close()
+        print(f"prune, cut at {start + timedelta(days=n)}: {samples[-1] * 1000:7.1f} ms (its dry run "
+              f"{dry * 1000:.1f} ms), "
+              f"dropped {dropped}, {removed:,} row(s) removed", flush=True)
+    print(f"prune of one day's partition: median {statistics.median(samples) * 1000:.1f} ms "
+          f"(target <= 100 ms)")
+
+
+def _kept_server(keep: Path) -> Any:
+    """A PgServer whose data directory is `keep` (a copy of the template the first time), not removed after."""
+    import shutil
+    pg = PgServer()
+    shutil.rmtree(pg.root, ignore_errors=True)
+    pg.root = keep
+    pg.data = keep / "data"
+    pg.log = keep / "server.log"
+    if not pg.data.exists():
+        keep.mkdir(parents=True, exist_ok=True)
+        pg.root = Path(str(keep))
+        import subprocess
+        from servers import _chown_postgres, _template
+        _chown_postgres(keep)
+        subprocess.run(["cp", "-a", str(_template()), str(pg.data)], check=True)
+    pg.extra_opts = ("-c shared_buffers=2GB -c maintenance_work_mem=1GB -c work_mem=64MB -c max_wal_size=4GB "
+                     "-c autovacuum=off -c max_parallel_maintenance_workers=0")
+    return pg
+
+
+# --cycles heartbeats of every host from --start at 30 s, the k-th being cycle k0 + k of its UTC day: the
+# same history as SEED's, a span at a time (a day's table, or the hours before a measurement).
+SPAN_SEED = """
+INSERT INTO {table} (service_name, ip_address, report_time, created_at, latency_ms)
+SELECT s.name, CASE s.name WHEN '后端' THEN '10.60.' || (h / 250) || '.' || (h %% 250 + 1)
+                           WHEN 'redis' THEN '10.1.0.1' ELSE '10.2.0.1' END,
+       t, t, 0.2 + ((h * 7 + c.k * 13) %% 100) / 20.0
+  FROM generate_series(0, %(hosts)s - 1) h,
+       LATERAL (SELECT %(start)s::timestamp + k * interval '30 s' + h * interval '300 ms' AS t,
+                       (%(k0)s + k) %% 2880 AS k
+                  FROM generate_series(0, %(cycles)s - 1) k) c,
+       (VALUES ('后端'), ('redis'), ('postgres')) s(name)
+ WHERE NOT (c.k BETWEEN (h * 29) %% 2860 AND (h * 29) %% 2860 + 19)
+   AND NOT (s.name = 'redis' AND c.k BETWEEN 1000 AND 1009)
+ ORDER BY t
+"""
+
+
+def _generate(pg: Any, hosts: int, days: int, workers: int, min_free: float) -> int:
+    """The history of up to `days` days before today, a partition each, loaded `workers` at a time, newest first,
+    while the disk keeps `min_free` GB free after the next day (see the docstring); the days loaded."""
+    import shutil
+    import subprocess
+    import threading
+    subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", "--partitioned=day", "--with-latency"],
+                   check=True, stdout=subprocess.DEVNULL,
+                   env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env"))
+    today = datetime.now(timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+    queue = [today - timedelta(days=n) for n in range(1, days + 1)]  # newest first: a history up to today
+    loaded: list[datetime] = []
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+    t0 = time.perf_counter()
+
+    def work() -> None:
+        conn = pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET work_mem = '256MB'")
+                while True:
+                    with lock:
+                        day_bytes = 200 * hosts * 8640  # ~190 bytes a row with the indexes, and some
+                        if not queue or failures or shutil.disk_usage(pg.root).free - (workers * day_bytes) < min_free * 1e9:
+                            queue.clear()
+                            return
+                        d = queue.pop(0)
+                    name = f"service_heartbeat_p{d:%Y%m%d}"
+                    cur.execute(f"CREATE TABLE {name} (LIKE service_heartbeat INCLUDING DEFAULTS)")
+                    cur.execute(SPAN_SEED.format(table=name), {"hosts": hosts, "start": d, "k0": 0, "cycles": 2880})
+                    # As PostgreSQL makes a partition's indexes from the parent's: the same names and definitions.
+                    cur.execute(f"ALTER TABLE {name} ADD PRIMARY KEY (id, report_time)")
+                    cur.execute(f"CREATE INDEX ON {name} (service_name, report_time)")
+                    cur.execute(f"CREATE INDEX ON {name} (service_name, ip_address, report_time)")
+                    cur.execute(f"CREATE INDEX ON {name} USING brin (created_at)")
+                    cur.execute(f"ALTER TABLE service_heartbeat ATTACH PARTITION {name} "
+                                f"FOR VALUES FROM ('{d:%Y-%m-%d}') TO ('{d + timedelta(days=1):%Y-%m-%d}')")
+                    with lock:
+                        loaded.append(d)
+                    print(f"  {name} loaded ({len(queue)} to go, {time.perf_counter() - t0:.0f} s)", flush=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            with lock:
+                failures.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    took = time.perf_counter() - t0
+    pg.sql("VACUUM (ANALYZE) service_heartbeat")
+    print(f"generated {len(loaded)} days in {took:.0f} s, VACUUM (ANALYZE) {time.perf_counter() - t0 - took:.0f} s; "
+          f"{shutil.disk_usage(pg.root).free / 1e9:.0f} GB free", flush=True)
+    return len(loaded)
+
+
+def full_scale(hosts: int, days: int, keep: Path, workers: int, generate_only: bool, min_free: float) -> None:
+    """Issue 26's full-scale run (see the module's docstring)."""
+    pg = _kept_server(keep)
+    fresh = not (pg.data / "generated").exists()
+    pg.start()
+    try:
+        if fresh:
+            days = _generate(pg, hosts, days, workers, min_free)
+            end = datetime.now(timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+            (pg.data / "generated").write_text(f"{hosts} {days} {end:%Y-%m-%dT%H:%M:%S}\n")
+        words = (pg.data / "generated").read_text().split()
+        hosts, days, end = int(words[0]), int(words[1]), datetime.fromisoformat(words[2])
+        rows, size, parts = pg.sql("SELECT sum(c.reltuples)::bigint, pg_size_pretty(sum(pg_total_relation_size(t.relid))), "
+                                   "count(*) FROM pg_partition_tree('service_heartbeat') t "
+                                   "JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf")[0]
+        print(f"history: {hosts} hosts x {days} days at 30 s = about {rows:,} rows, partitioned by day "
+              f"({parts} partitions), {size} with indexes; {os.cpu_count()} cores", flush=True)
+        if generate_only:
+            return
+        _measure_full(pg, hosts, days, end)
+    finally:
+        pg.stop()
+
+
+def _measure_full(pg: Any, hosts: int, days: int, end: datetime) -> None:
+    from heartbeatd import rollup
+    from heartbeatd.ledger import Ledger
+    gap = 65.0  # HEARTBEAT_INTERVAL 30, HEARTBEAT_TIMEOUT 5: 2 x 30 + 5
+    conn = pg.connect()
+    conn.autocommit = True
+    rollup.init_db(conn, ("service_heartbeat",), 600)
+    ledger = Ledger(conn, ("service_heartbeat",), 600, helper=pg.connect)
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    now -= timedelta(seconds=now.second % 30)  # on the history's 30-s grid
+    done = pg.sql("SELECT count(*) FROM service_heartbeat_hourly")[0][0]
+    if not done:  # the history up to 3 hours ago (the rows of today so far, or since it was generated), then a pass
+        span = int((now - timedelta(hours=3) - end).total_seconds()) // 30  # up to the hours below
+        if span > 0:
+            pg.sql(SPAN_SEED.format(table="service_heartbeat"), {"hosts": hosts, "start": end,
+                                                                  "k0": (end.hour * 3600 + end.minute * 60) // 30,
+                                                                  "cycles": span})
+        t0 = time.perf_counter()
+        first = rollup.Rollup(ledger).run(gap, 5, 30, 6 * 3600)
+        assert first is not None
+        took = time.perf_counter() - t0
+        size = pg.sql("SELECT count(*), pg_size_pretty(pg_total_relation_size('service_heartbeat_hourly')) "
+                      "FROM service_heartbeat_hourly")[0]
+        print(f"first pass (every hour of the table):  {took:8.1f} s  ({first.hours:,} hours, {size[0]:,} rollup rows, "
+              f"{size[1]})", flush=True)
+        pg.sql("ANALYZE service_heartbeat_hourly")
+    hours = [now - timedelta(hours=n) for n in (3, 2, 1)]
+    passes = []
+    for hour in hours:  # an hour of today at 30 s, written now, then a pass
+        pg.sql(HOUR_SEED, {"hosts": hosts, "start": hour})
+        t0 = time.perf_counter()
+        after = rollup.Rollup(ledger).run(gap, 5, 30, 600)
+        passes.append(time.perf_counter() - t0)
+        assert after is not None
+    print(f"pass after a normal hour ({hosts * 360:,} rows): "
+          f"{' / '.join(f'{p * 1000:.0f}' for p in passes)} ms, median {statistics.median(passes) * 1000:.0f} ms "
+          "(target <= 1000 ms)", flush=True)
+    _rollup_reports(ledger, hosts, days + 1, gap)
+    now_aware = datetime.now(timezone.utc)
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        found, source = rollup.RollupReport(ledger).run(now_aware - timedelta(days=1), now_aware, gap, now_aware,
+                                                        seconds=600)
+        samples.append(time.perf_counter() - t0)
+    print(f"report --since 24h, everything: {' / '.join(f'{p * 1000:.0f}' for p in samples)} ms, median "
+          f"{statistics.median(samples) * 1000:.0f} ms ({len(found)} pairs)\n  {source}", flush=True)
+    _page(ledger, now_aware.replace(tzinfo=None), gap, "after the first pass")
+    conn.close()
+    _prune_days(pg, end - timedelta(days=days), min(days, 3))
 
 
 def rollups(hosts: int, days: int, cadence: int, with_page: bool = False) -> None:

@@ -53,7 +53,7 @@ def test_status_prometheus_has_every_pair_age_and_staleness(pg: PgServer, redis_
 
 def test_the_example_alert_rules_load_and_fire(tmp_path: Path) -> None:
     checked = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert checked.returncode == 0 and "SUCCESS: 6 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 7 rules found" in checked.stdout, checked.stdout + checked.stderr
     (tmp_path / "rules.test.yml").write_text(f"""\
 rule_files: [{RULES}]
 evaluation_interval: 30s
@@ -72,6 +72,8 @@ tests:
         values: '0x40'
       - series: 'heartbeatd_ledger_query_timestamp_seconds'
         values: '0x40'
+      - series: 'heartbeatd_ledger_default_partition_rows'
+        values: '0 0 2 2 2'
     alert_rule_test:
       - eval_time: 2m30s
         alertname: HeartbeatdHostStale
@@ -112,6 +114,14 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: warning}}
             exp_annotations: {{summary: "the ledger's view of heartbeatd is 6m 0s old"}}
+      - eval_time: 1m
+        alertname: HeartbeatdDefaultPartitionRows
+        exp_alerts:
+          - exp_labels: {{severity: warning}}
+            exp_annotations: {{summary: "2 heartbeat row(s) in the table's DEFAULT partition: a partition is missing"}}
+      - eval_time: 30s
+        alertname: HeartbeatdDefaultPartitionRows
+        exp_alerts: []
 """)
     result = subprocess.run([tool("promtool"), "test", "rules", str(tmp_path / "rules.test.yml")],
                             capture_output=True, text=True)

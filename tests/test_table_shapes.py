@@ -90,6 +90,11 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
     make_table(pg, shape, with_id, kind, now)
     old, new = seed(pg, shape, now)
     before = partitions(pg)
+    # A dropped partition's rows: estimated from its statistics where it has some (ANALYZE of a table this small
+    # reads every row: the estimate is exact), counted where it was never analyzed (reltuples -1).
+    analyzed = set(sorted(before)[::2])
+    for name in analyzed:
+        pg.sql(f"ANALYZE {name}", db=pg.dbname)
     env = env_for(pg)
     # --older-than a duration counts from the real now: make the cut land at `now` - 7 days.
     older = f"{int((datetime.now(timezone.utc).replace(tzinfo=None) - now).total_seconds() // 3600) + 7 * 24}h"
@@ -117,12 +122,20 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
     assert said(dry.stdout) == said(result.stdout), (dry.stdout, result.stdout)
     reported = cli(["report", "--since", "8d", "--format", "json"], env)  # the read side on this shape too
     assert reported.returncode == 0 and '"后端"' in reported.stdout, reported.stderr
-    drops = [re.fullmatch(r"dropped partition public\.(\S+) \((\d+) row\(s\)\)", line) for line in said(result.stdout)[:-1]]
+    drops = [re.fullmatch(r"dropped partition public\.(\S+) \((about (\d+) rows|(\d+) row\(s\))\)", line)
+             for line in said(result.stdout)[:-1]]
     assert all(drops), result.stdout
-    assert said(result.stdout)[-1] == "removed 100 row(s)"
     if shape != "range":
         assert not drops
+        assert said(result.stdout)[-1] == "removed 100 row(s)"
         return
+    assert said(result.stdout)[-1] == "removed about 100 row(s)", result.stdout
+    assert result.stdout.endswith(" (dropped partitions' rows estimated from their statistics)\n"), result.stdout
+    for m in drops:  # "about N rows" exactly where the partition was analyzed and holds rows (no page: 0 rows)
+        assert m is not None
+        start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
+        held = sum(start <= at < start + timedelta(days=1) for at in old)
+        assert (m.group(3) is not None) == (m.group(1) in analyzed and held > 0), result.stdout
     # Every daily partition wholly below the cut was dropped, with its rows counted; none other.
     cut = now - timedelta(days=7)
     below = {f"service_heartbeat_p{d:%Y%m%d}" for d in (day(now) + timedelta(days=n) for n in range(-30, 3))
@@ -131,7 +144,7 @@ def test_prune_removes_exactly_the_old_rows_on_every_shape(pg: PgServer, shape: 
     for m in drops:
         assert m is not None
         start = datetime.strptime(m.group(1)[-8:], "%Y%m%d")
-        assert int(m.group(2)) == sum(start <= at < start + timedelta(days=1) for at in old)
+        assert int(m.group(3) or m.group(4)) == sum(start <= at < start + timedelta(days=1) for at in old)
     assert partitions(pg) == (before - below) | ahead
     assert "service_heartbeat_default" in partitions(pg)  # straddles every cut: deleted from, kept
 
@@ -350,6 +363,20 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     pg.sql("DELETE FROM service_heartbeat WHERE report_time > now() - interval '1 day'", db=pg.dbname)
     stale = cli(["status"], env)  # none fresh: exit 1, as without the strays
     assert stale.returncode == 1 and stale.stderr.splitlines()[-1] == said.stderr.strip(), stale.stderr
+
+
+def test_status_hint_where_heartbeatd_makes_no_partition(pg: PgServer) -> None:
+    """A table partitioned by another key (not one init-db --partitioned made): prune makes no partition there,
+    and status's hint says so instead of naming prune."""
+    make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
+    at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "VALUES ('后端', '10.0.0.1', %s, %s)", (at, at), db=pg.dbname)
+    said = cli(["status"], env_for(pg))
+    assert said.returncode == 0, said.stderr
+    assert said.stderr == (f"1 row(s) in the DEFAULT partition service_heartbeat_other (report_time {at} .. {at}): "
+                           "a partition is missing; heartbeatd makes none for this table (not one init-db "
+                           "--partitioned made): create it\n"), said.stderr
 
 
 def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
