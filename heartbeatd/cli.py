@@ -455,6 +455,12 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
             print(f"{'would make' if args.dry_run else 'made'} partition(s) ahead: {', '.join(made)}", flush=True)
 
     try:
+        # Rows are pruned only once the hourly rollups hold them: where a pass has run, never past the
+        # hours it covers (a rollup that fails, as the prune unit's ExecStartPre may, holds prune back).
+        state = ledger._read(lambda cur: rollup.Rollup(ledger).read_state(cur, missing_ok=True))
+        held = state is not None and state.covered_until < cutoff
+        if held:
+            cutoff = state.covered_until
         removed = ledger.prune(cutoff, args.dry_run, progress, dropped, ahead)
     except schema.DdlFailed as exc:
         print(f"heartbeatd: prune failed: {exc}; nothing more removed, run it again later", file=sys.stderr)
@@ -475,6 +481,13 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     about, note = ("about ", " (dropped partitions' rows estimated from their statistics)") if any(estimates) else ("", "")
     print(f"{verb} {about}{removed} row(s) older than {naive_utc(cutoff)} UTC from {ledger.name}{note}")
+    if held:
+        assert state is not None
+        print(f"heartbeatd: prune: kept the rows from {naive_utc(cutoff)} UTC on: the hourly rollups cover only the "
+              f"hours before it (last pass {naive_utc(state.passed_at)} UTC); run `heartbeatd rollup`, see why it "
+              "did not run or failed (journalctl -u heartbeatd-prune -u heartbeatd-rollup), and prune again",
+              file=sys.stderr)
+        return 1
     return EX_OK
 
 

@@ -317,3 +317,37 @@ def test_a_row_from_a_host_whose_clock_lags_ten_minutes_is_rolled_up(table: PgSe
     for since, until in WINDOWS:
         raw, rolled, _ = both(table, since, until)
         assert rolled == raw, (since, until)
+
+
+# 1.6.0: the prune unit's rollup (ExecStartPre=-) could fail, and prune still deleted rows the rollups
+# had never read: those hours were lost for the years the rollups are kept.
+def test_prune_keeps_the_rows_the_rollups_do_not_cover_yet(table: PgServer) -> None:
+    insert(table, history(9))
+    env = env_for(table)
+    assert cli(["rollup"], env).returncode == 0
+    # The rollup stopped 20 hours ago (its pass failing every time since): its state says so.
+    stalled = (NOW - 20 * H).replace(minute=0, second=0, tzinfo=None)
+    table.sql("UPDATE service_heartbeat_hourly_state SET covered_until = %s", (stalled,), db=table.dbname)
+    for dry_run in (["--dry-run"], []):
+        result = cli(["prune", "--older-than", "2h", *dry_run], env)
+        assert result.returncode == 1, result.stderr
+        assert f" row(s) older than {stalled.isoformat(sep=' ')} UTC from service_heartbeat" in result.stdout
+        assert (f"heartbeatd: prune: kept the rows from {stalled.isoformat(sep=' ')} UTC on: the hourly rollups cover "
+                "only the hours before it (last pass ") in result.stderr
+    assert table.sql("SELECT count(*) FROM service_heartbeat WHERE report_time < %s", (stalled,),
+                     db=table.dbname)[0][0] == 0
+    assert table.sql("SELECT min(report_time) FROM service_heartbeat", db=table.dbname)[0][0] >= stalled
+    # A pass that runs again covers the hours: prune goes to its cut.
+    assert cli(["rollup"], env).returncode == 0
+    result = cli(["prune", "--older-than", "2h"], env)
+    assert result.returncode == 0 and "kept the rows" not in result.stderr, result.stderr
+    cut = (NOW - 2 * H - 5 * M).replace(tzinfo=None)
+    assert table.sql("SELECT count(*) FROM service_heartbeat WHERE report_time < %s", (cut,), db=table.dbname)[0][0] == 0
+
+
+def test_prune_without_a_rollup_pass_prunes_as_before(table: PgServer) -> None:
+    insert(table, history(10))
+    result = cli(["prune", "--older-than", "2h"], env_for(table))  # rollup tables made, never a pass: not in use
+    assert result.returncode == 0 and "kept the rows" not in result.stderr, result.stderr
+    assert table.sql("SELECT count(*) FROM service_heartbeat WHERE report_time < %s",
+                     ((NOW - 2 * H - 5 * M).replace(tzinfo=None),), db=table.dbname)[0][0] == 0
