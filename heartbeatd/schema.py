@@ -36,6 +36,13 @@ COVERED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catal
 PARTMAN_SCHEMA = """SELECT n.nspname FROM pg_catalog.pg_extension e
   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'"""
 PARTMAN_MANAGED = "SELECT EXISTS (SELECT 1 FROM {config} WHERE parent_table = %(t)s)"
+# pg_partman's schema, and whether this role may read its part_config: by oid, since a name (even in
+# has_table_privilege or to_regclass) is looked up in its schema, which without USAGE raises 42501.
+PARTMAN_READABLE = """SELECT n.nspname, c.oid IS NOT NULL AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+       AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
+  FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+  LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = 'part_config' AND c.relkind = 'r'
+ WHERE e.extname = 'pg_partman'"""
 AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
 # Whether the table is partitioned by RANGE (report_time) alone, and its partitions' names (prune: is it ours).
 RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 'report_time'
@@ -403,12 +410,11 @@ def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Opt
     if found is None:
         return None, None
     rel = Relation(*found)
-    cur.execute(PARTMAN_SCHEMA)
+    cur.execute(PARTMAN_READABLE)
     partman = cur.fetchone()
     if partman is not None:
         config = sql.Identifier(partman[0], "part_config")
-        cur.execute("SELECT pg_catalog.has_table_privilege(%s, 'SELECT')", (config.as_string(cur),))
-        if cur.fetchone()[0]:
+        if partman[1]:
             cur.execute(sql.SQL(PARTMAN_MANAGED).format(config=config), {"t": f"{rel.schema}.{rel.name}"})
             if cur.fetchone()[0]:
                 return "pg_partman", str(partman[0])

@@ -177,6 +177,35 @@ def test_status_hint_for_rows_in_partmans_default_names_partman(pg: PgServer) ->
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
+def test_status_of_a_role_without_usage_on_partmans_schema_still_says_the_default_rows(pg: PgServer,
+                                                                                     tmp_path: Path) -> None:
+    """README's least-privilege reader has no USAGE on pg_partman's schema: the hint's look-up must not fail
+    status (it did: `permission denied for schema partman`, exit 69, the textfile not written, so
+    HeartbeatdDefaultPartitionRows could not fire exactly when rows are in the DEFAULT partition)."""
+    partman_table(pg)
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    insert(pg, [("redis", "10.0.0.1", utcnow() - M), ("redis", "10.0.0.1", utcnow() - 40 * 24 * H)])
+    role = "reader_" + pg.dbname
+    pg.sql(f"CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {pg.dbname} TO {role}; "
+           f"GRANT USAGE ON SCHEMA public TO {role}; "
+           f"GRANT SELECT ON service_heartbeat, service_heartbeat_hourly, service_heartbeat_hourly_state TO {role}; "
+           # status counts the DEFAULT partition by its own name, which the grant on the parent does not cover
+           f"GRANT SELECT ON service_heartbeat_default TO {role}", db=pg.dbname)
+    try:
+        out = tmp_path / "ledger.prom"
+        said = cli(["status", "--format", "prometheus", "--output", str(out)],
+                   env_for(pg, DATABASE_URL=db_url(pg, user=role)))
+        assert said.returncode == 0, said.stderr
+        assert "heartbeatd_ledger_default_partition_rows 1" in out.read_text(), out.read_text()
+        text = cli(["status"], env_for(pg, DATABASE_URL=db_url(pg, user=role)))
+        assert text.returncode == 0, text.stderr
+        assert text.stderr.startswith("1 row(s) in the DEFAULT partition service_heartbeat_default"), text.stderr
+    finally:
+        pg.sql(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; REVOKE ALL ON SCHEMA public FROM {role}; "
+               f"REVOKE ALL ON DATABASE {pg.dbname} FROM {role}", db=pg.dbname)
+        pg.sql(f"DROP ROLE {role}")
+
+
 def test_prune_drops_old_partitions_and_partman_maintenance_goes_on(pg: PgServer) -> None:
     """Rows 8-10 days old in partitions made by partman.create_partition_time, older ones in the DEFAULT,
     current ones in partman's: prune --older-than 7d (dry run and real, same lines and counts) drops the
