@@ -60,7 +60,7 @@ LEDGER_HELP = """\
                  --service, --ip, --gap SECONDS, --format text|json|csv|html, --output FILE, --timeout SECONDS);
                  html: a self-contained status page of the 90 days up to --until
   prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
-                 the rest deleted in batches; --dry-run counts; first, on a table init-db --partitioned made,
+                 the rest deleted in batches; --dry-run says what; first, on a table init-db --partitioned made,
                  the partitions ahead that are missing are made
   rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
                  (--timeout SECONDS, 600: the first pass reads the whole table)
@@ -86,8 +86,9 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
               "Exit 0, 1 table missing, 64 bad arguments, 69 database unreachable.",
     "prune": "Remove rows older than --older-than (default HEARTBEAT_RETENTION): partitions wholly older are "
              "dropped, other rows deleted in batches; on a table init-db --partitioned made, the partitions ahead "
-             "that are missing are made first. Exit 0 (also when another prune is running), 1 a partition's "
-             "lock not had, 69 database unreachable, 130 interrupted.",
+             "that are missing are made first; never rows the hourly rollups do not cover yet, once a pass has run. "
+             "Exit 0 (also when another prune is running), 1 a partition's lock not had or rows kept because the "
+             "rollups do not cover them yet, 69 database unreachable, 130 interrupted.",
     "rollup": "Fold the rows written since the last pass into the hourly rollups report reads for whole hours. "
               "Exit 0 (also when another pass is running), 1 table missing, 69 database unreachable.",
 }
@@ -214,7 +215,7 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     prune = commands.add_parser("prune", parents=[common], description=DESCRIPTIONS["prune"])
     prune.add_argument("--older-than", type=_duration(3600), default=None,
                        help="30d, 12w ... at least 1h (default: HEARTBEAT_RETENTION)")
-    prune.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed (the same lines and figures), remove nothing")
     roll = commands.add_parser("rollup", parents=[common], description=DESCRIPTIONS["rollup"])
     roll.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=600.0,
                       help="seconds the pass may take (600; the first pass reads the whole table)")
