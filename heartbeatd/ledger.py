@@ -25,11 +25,25 @@ UTC = timezone.utc
 PRUNE_BATCH = 10_000
 
 # `status`: the table's DEFAULT partition (a partitioned table's, at the top level), if it has one...
-DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table k
+# ... whether this role may read it (by oid: no error for a role without it), and where the first
+# partition starts on a table partitioned by RANGE (report_time) alone (NULL: another key, or a
+# partition FROM (MINVALUE): nothing is older than every partition).
+DEFAULT_OF = """SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
+       CASE WHEN pg_catalog.pg_get_partkeydef(k.partrelid) = 'RANGE (report_time)'
+             AND NOT bool_or(b.bound LIKE 'FOR VALUES FROM (MINVALUE%%')
+            THEN min(substring(b.bound from $$^FOR VALUES FROM \('([^']+)'\) TO$$)) END
+  FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
-# ... and what it holds: rows no partition covers (normally none: a count of an empty table is microseconds).
-DEFAULT_ROWS = "SELECT count(*), min(report_time), max(report_time) FROM ONLY {d}"
+  LEFT JOIN (SELECT i.inhparent, pg_catalog.pg_get_expr(p.relpartbound, p.oid) AS bound
+               FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid) b
+         ON b.inhparent = k.partrelid AND b.bound <> 'DEFAULT'
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)
+ GROUP BY n.nspname, c.relname, c.oid, k.partrelid"""
+# ... and what it holds: rows no partition covers (normally none: a count of an empty table is
+# microseconds), and of them those older than the first partition (backfilled: no partition is missing).
+DEFAULT_ROWS = """SELECT count(*), min(report_time), max(report_time),
+       count(*) FILTER (WHERE report_time < CAST(%(first)s AS {time_type}))
+  FROM ONLY {d}"""
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
 PAIRS = """\
@@ -191,12 +205,16 @@ class DefaultRows:
     """`status`: the rows in the table's DEFAULT partition (strays: a partition is missing), their span."""
 
     name: str  # the partition's name (schema-qualified outside public)
-    rows: int
+    rows: Optional[int]  # None: this role may not read the partition
     first: Optional[datetime]
     last: Optional[datetime]
+    # Of `rows`, those older than the table's first partition: backfilled, no partition is missing (not on a
+    # table pg_partman manages: its partition_data_proc makes them one).
+    older: int = 0
     table: str = ""  # the partitioned table, schema-qualified
     # Where it holds rows: who makes the table's partitions ahead: "heartbeatd" (prune: a table init-db
-    # --partitioned made), "pg_partman" (partman_schema: the extension's schema), None (the operator).
+    # --partitioned made), "pg_partman" (partman_schema: the extension's schema), "pg_partman?" (installed,
+    # its part_config not readable by this role), None (the operator).
     maker: Optional[str] = None
     partman_schema: Optional[str] = None
 
@@ -285,14 +303,20 @@ class Ledger:
         found = cur.fetchone()
         if found is None:
             return None
-        schema, name = found
-        cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name)))
-        rows, first, last = cur.fetchone()
-        found = DefaultRows(name if schema == "public" else f"{schema}.{name}", int(rows),
-                            as_utc(first) if first is not None else None, as_utc(last) if last is not None else None)
-        if rows:  # strays: who makes the partitions, for status's hint
+        schema, name, readable, first_partition = found
+        shown = name if schema == "public" else f"{schema}.{name}"
+        if not readable:  # said, not failed: the rest of status stands
+            return DefaultRows(shown, None, None, None)
+        cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name), time_type=sql.SQL(self._time_type)),
+                    {"first": first_partition})
+        rows, first, last, older = cur.fetchone()
+        found = DefaultRows(shown, int(rows), as_utc(first) if first is not None else None,
+                            as_utc(last) if last is not None else None, int(older or 0))
+        if rows:  # who makes the partitions, for status's hint
             maker, partman = partition_maker(cur, self._t)
-            found = replace(found, table=self._schema_name(cur), maker=maker, partman_schema=partman)
+            found = replace(found, table=self._schema_name(cur), maker=maker, partman_schema=partman,
+                            # pg_partman makes a partition for any of them (partition_data_proc): none is backfill
+                            older=0 if maker in ("pg_partman", "pg_partman?") else found.older)
         return found
 
     def _schema_name(self, cur: Any) -> str:

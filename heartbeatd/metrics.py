@@ -309,10 +309,14 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default:
     """`status --format prometheus`: the ledger's view of every (service, ip), for the host that died; and the
     rows in the table's DEFAULT partition, where it has one."""
     pairs = [(labels(service=f.service, ip=str(f.ip)), f) for f in found]
-    strays: list[Family] = [] if default is None else [
+    strays: list[Family] = [] if default is None or default.rows is None else [
         ("heartbeatd_ledger_default_partition_rows", "gauge",
-         "Rows in the table's DEFAULT partition (above 0: a partition is missing; heartbeatd status says who makes them).",
-         [("", default.rows)])]
+         "Rows in the table's DEFAULT partition that a partition should hold (above 0: a partition is missing; "
+         "heartbeatd status says who makes them).",
+         [("", default.rows - default.older)]),
+        ("heartbeatd_ledger_default_partition_backfill_rows", "gauge",
+         "Rows in the table's DEFAULT partition older than its first partition (backfilled; none is missing).",
+         [("", default.older)])]
     return [
         ("heartbeatd_ledger_heartbeat_age_seconds", "gauge",
          "Age of the newest heartbeat of the service at this address in the table.",

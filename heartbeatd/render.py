@@ -88,14 +88,28 @@ def retried(written: Sequence[Any], still: Sequence[tuple[int, Row, str]], out: 
 
 
 def default_line(default: DefaultRows) -> str:
-    """status's line about rows in the DEFAULT partition (some partition is missing)."""
+    """status's line about rows in the DEFAULT partition: some partition is missing, or they were backfilled
+    older than the first partition; or this role may not read it."""
+    if default.rows is None:
+        return (f"the DEFAULT partition {default.name}: rows not known, this role may not read it "
+                f"(GRANT SELECT ON {default.name} to it, as README's role recipe does)")
     span = f"report_time {naive_utc(default.first)} .. {naive_utc(default.last)}" \
         if default.first is not None and default.last is not None else "report_time unknown"
+    if default.rows == default.older:
+        return (f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): older than the table's "
+                "first partition (backfilled), no partition is missing; prune removes them past the retention")
+    if default.older:
+        span += f"; {default.older} of them older than the first partition (backfilled)"
     if default.maker == "heartbeatd":
         hint = "heartbeatd prune (or init-db --partitioned) makes them ahead"
     elif default.maker == "pg_partman":
         hint = (f"pg_partman manages the table: {default.partman_schema}.run_maintenance() makes them ahead, "
                 f"and CALL {default.partman_schema}.partition_data_proc('{default.table}') moves these rows into theirs")
+    elif default.maker == "pg_partman?":
+        hint = (f"pg_partman is installed but this role may not read {default.partman_schema}.part_config: if it "
+                f"manages the table, {default.partman_schema}.run_maintenance() makes them ahead and CALL "
+                f"{default.partman_schema}.partition_data_proc('{default.table}') moves these rows into theirs; "
+                "if not, create it")
     else:
         hint = "heartbeatd makes none for this table (not one init-db --partitioned made): create it"
     return f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): a partition is missing; {hint}"
@@ -110,7 +124,7 @@ def status(found: Sequence[Latest], now: datetime, stale_after: float, window: s
             {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
              "state": "fresh" if f.fresh else "stale"} for f in found],
             "default_partition": None if default is None else {
-                "name": default.name, "rows": default.rows,
+                "name": default.name, "rows": default.rows, "older_than_first_partition": default.older,
                 "first_report_time": iso(default.first) if default.first is not None else None,
                 "last_report_time": iso(default.last) if default.last is not None else None}},
             out, ensure_ascii=False)
@@ -120,7 +134,7 @@ def status(found: Sequence[Latest], now: datetime, stale_after: float, window: s
         out.write(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}\n")
     if not found:
         err.write(f"no heartbeats in the last {window}\n")
-    if default is not None and default.rows:
+    if default is not None and default.rows != 0:
         out.flush()
         err.write(default_line(default) + "\n")
 

@@ -404,7 +404,9 @@ def _unit_of(name: str, children: Sequence[str]) -> Optional[str]:
 def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Optional[str]]:
     """Who makes a partitioned table's partitions ahead, read on `cur` (read-only, no statement that can fail
     on privileges): ("pg_partman", its schema) where pg_partman manages the table; ("heartbeatd", None) where
-    init-db --partitioned made it (prune makes them); (None, None) otherwise: nobody but the operator."""
+    init-db --partitioned made it (prune makes them); ("pg_partman?", its schema) where pg_partman is installed
+    but this role may not read its part_config (it may manage the table); (None, None) otherwise: nobody but
+    the operator."""
     cur.execute(RELATION, (table.as_string(cur),))
     found = cur.fetchone()
     if found is None:
@@ -414,10 +416,11 @@ def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Opt
     partman = cur.fetchone()
     if partman is not None:
         config = sql.Identifier(partman[0], "part_config")
-        if partman[1]:
-            cur.execute(sql.SQL(PARTMAN_MANAGED).format(config=config), {"t": f"{rel.schema}.{rel.name}"})
-            if cur.fetchone()[0]:
-                return "pg_partman", str(partman[0])
+        if not partman[1]:
+            return "pg_partman?", str(partman[0])
+        cur.execute(sql.SQL(PARTMAN_MANAGED).format(config=config), {"t": f"{rel.schema}.{rel.name}"})
+        if cur.fetchone()[0]:
+            return "pg_partman", str(partman[0])
     cur.execute(RANGE_BY_TIME, (table.as_string(cur),))
     ranged = cur.fetchone()
     if not ranged or not ranged[0]:

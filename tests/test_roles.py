@@ -73,3 +73,44 @@ def test_the_readers_role_reads_and_cannot_write(pg: PgServer, redis_server: Red
     assert report.returncode == 0, report.stderr
     once = cli(["once"], clean_env(DATABASE_URL=pg.url(user=reader, db=db), REDIS_URL=redis_server.url()))
     assert once.returncode == 1 and "permission denied" in once.stdout + once.stderr, once.stdout + once.stderr
+
+
+@pytest.fixture
+def partitioned_roles(pg: PgServer) -> Iterator[tuple[str, str]]:
+    """The recipe on a table init-db --partitioned made, with README's grant on its DEFAULT partition."""
+    writer, reader = f"hb_w_{uuid.uuid4().hex[:8]}", f"hb_r_{uuid.uuid4().hex[:8]}"
+    sql = recipe().replace("heartbeatd_reader", reader).replace("heartbeatd", writer) \
+        .replace("DATABASE app", f"DATABASE {pg.dbname}")  # type: ignore[attr-defined]
+    owner = clean_env(DATABASE_URL=pg.url(db=pg.dbname))  # type: ignore[attr-defined]
+    assert cli(["init-db", "--partitioned"], owner).returncode == 0
+    found = re.search(r"`(GRANT SELECT ON service_heartbeat_default TO heartbeatd,\s+heartbeatd_reader)`",
+                      README.read_text(encoding="utf-8"))
+    assert found, "README.md does not give the grant on the DEFAULT partition"
+    grant = " ".join(found.group(1).split()).replace("heartbeatd_reader", reader).replace("heartbeatd,", f"{writer},")
+    pg.sql(sql + ";\n" + grant, db=pg.dbname)  # type: ignore[attr-defined]
+    yield writer, reader
+    for role in (writer, reader):
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)  # type: ignore[attr-defined]
+        pg.sql(f"DROP ROLE {role}")
+
+
+# 1.6.0: on a partitioned table the recipe's roles could not run status (permission denied for its DEFAULT
+# partition, exit 69), and README offered prune row by row with DELETE on the parent, which cannot work.
+def test_the_recipe_on_a_partitioned_table(pg: PgServer, redis_server: RedisServer,
+                                          partitioned_roles: tuple[str, str]) -> None:
+    writer, reader = partitioned_roles
+    db = pg.dbname  # type: ignore[attr-defined]
+    env = clean_env(DATABASE_URL=pg.url(user=writer, db=db), REDIS_URL=redis_server.url())
+    assert cli(["once"], env).returncode == 0
+    old = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=40)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "VALUES ('redis', '10.0.0.1', %s, %s)", (old, old), db=db)  # backfilled: into the DEFAULT partition
+    assert cli(["rollup"], env).returncode == 0
+    for role in (writer, reader):
+        status = cli(["status"], clean_env(DATABASE_URL=pg.url(user=role, db=db)))
+        assert status.returncode == 0 and "fresh" in status.stdout, status.stdout + status.stderr
+        assert status.stderr.startswith("1 row(s) in the DEFAULT partition service_heartbeat_default"), status.stderr
+    # prune as the table's owner, as README says.
+    pruned = cli(["prune", "--older-than", "30d"], clean_env(DATABASE_URL=pg.url(db=db)))
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert pg.sql("SELECT count(*) FROM service_heartbeat", db=db) == [(3,)]

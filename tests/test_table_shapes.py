@@ -332,12 +332,13 @@ def test_prune_leaves_a_range_table_it_did_not_make_as_it_is(pg: PgServer) -> No
 def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     """Rows no partition covers go to the DEFAULT partition: status says how many and their span after its
     table (stderr; JSON: a field; prometheus: heartbeatd_ledger_default_partition_rows), exit status unchanged;
-    nothing said while it is empty, and no field or metric where the table is not partitioned."""
+    nothing said while it is empty, and no field or metric where the table is not partitioned. Rows older than
+    the first partition were backfilled: said so, and not counted as a missing partition (1.6.0 did)."""
     import json
     env = env_for(pg)
     assert cli(["init-db", "--partitioned"], env).returncode == 0
     now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
-    strays = [day(now) - timedelta(days=3, hours=-5), day(now) - timedelta(days=2)]  # before the first partition
+    backfilled = [day(now) - timedelta(days=3, hours=-5), day(now) - timedelta(days=2)]  # before the first partition
 
     def insert(*times: datetime) -> None:
         for at in times:
@@ -348,21 +349,50 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     quiet = cli(["status"], env)
     assert quiet.returncode == 0 and quiet.stderr == "" and "后端\t10.0.0.1" in quiet.stdout, quiet.stderr
     assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] == {
-        "name": "service_heartbeat_default", "rows": 0, "first_report_time": None, "last_report_time": None}
+        "name": "service_heartbeat_default", "rows": 0, "older_than_first_partition": 0, "first_report_time": None,
+        "last_report_time": None}
     assert "\nheartbeatd_ledger_default_partition_rows 0\n" in cli(["status", "--format", "prometheus"], env).stdout
-    insert(*strays)
+    insert(*backfilled)
     said = cli(["status"], env)
     assert said.returncode == 0 and said.stdout.startswith("后端\t10.0.0.1\t") and len(said.stdout.splitlines()) == 1
-    assert said.stderr == (f"2 row(s) in the DEFAULT partition service_heartbeat_default (report_time {strays[0]} .. "
-                           f"{strays[1]}): a partition is missing; heartbeatd prune (or init-db --partitioned) makes "
-                           "them ahead\n"), said.stderr
-    found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
-    assert found["rows"] == 2 and found["first_report_time"].startswith(strays[0].isoformat()), found
+    assert said.stderr == (f"2 row(s) in the DEFAULT partition service_heartbeat_default (report_time "
+                           f"{backfilled[0]} .. {backfilled[1]}): older than the table's first partition (backfilled), "
+                           "no partition is missing; prune removes them past the retention\n"), said.stderr
     prom = cli(["status", "--format", "prometheus"], env)
-    assert prom.returncode == 0 and "\nheartbeatd_ledger_default_partition_rows 2\n" in prom.stdout, prom.stdout
+    assert prom.returncode == 0, prom.stderr
+    assert "\nheartbeatd_ledger_default_partition_rows 0\n" in prom.stdout, prom.stdout
+    assert "\nheartbeatd_ledger_default_partition_backfill_rows 2\n" in prom.stdout, prom.stdout
+    # A partition missing: the one of the day after tomorrow is dropped, and a row of that day comes.
+    later = day(now) + timedelta(days=2, hours=12)
+    pg.sql(f"DROP TABLE service_heartbeat_p{later:%Y%m%d}", db=pg.dbname)
+    insert(later)
+    said = cli(["status"], env)
+    assert said.returncode == 0, said.stderr
+    assert said.stderr == (f"3 row(s) in the DEFAULT partition service_heartbeat_default (report_time {backfilled[0]} "
+                           f".. {later}; 2 of them older than the first partition (backfilled)): a partition is "
+                           "missing; heartbeatd prune (or init-db --partitioned) makes them ahead\n"), said.stderr
+    found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
+    assert found["rows"] == 3 and found["older_than_first_partition"] == 2, found
+    assert found["first_report_time"].startswith(backfilled[0].isoformat()), found
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert prom.returncode == 0 and "\nheartbeatd_ledger_default_partition_rows 1\n" in prom.stdout, prom.stdout
     pg.sql("DELETE FROM service_heartbeat WHERE report_time > now() - interval '1 day'", db=pg.dbname)
     stale = cli(["status"], env)  # none fresh: exit 1, as without the strays
-    assert stale.returncode == 1 and stale.stderr.splitlines()[-1] == said.stderr.strip(), stale.stderr
+    assert stale.returncode == 1 and "backfilled" in stale.stderr.splitlines()[-1], stale.stderr
+    # A role that may read the table but not its DEFAULT partition: status says so, and stands.
+    pg.sql("CREATE ROLE hb_no_default LOGIN; GRANT SELECT ON service_heartbeat TO hb_no_default", db=pg.dbname)
+    insert(now)
+    try:
+        limited = env_for(pg, DATABASE_URL=db_url(pg, user="hb_no_default"))
+        said = cli(["status"], limited)
+        assert said.returncode == 0 and "后端\t10.0.0.1" in said.stdout, said.stdout + said.stderr
+        assert said.stderr == ("the DEFAULT partition service_heartbeat_default: rows not known, this role may not "
+                               "read it (GRANT SELECT ON service_heartbeat_default to it, as README's role recipe "
+                               "does)\n"), said.stderr
+        prom = cli(["status", "--format", "prometheus"], limited)
+        assert prom.returncode == 0 and "default_partition" not in prom.stdout, prom.stdout
+    finally:
+        pg.sql("DROP OWNED BY hb_no_default; DROP ROLE hb_no_default", db=pg.dbname)
 
 
 def test_status_hint_where_heartbeatd_makes_no_partition(pg: PgServer) -> None:
