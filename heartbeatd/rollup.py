@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
-from heartbeatd.ledger import GAPS, PAIRS, PRUNE_SERVICES, SPAN, Ledger, TableMissing, _Report
+from heartbeatd.ledger import GAPS, NO_JIT, PAIRS, PRUNE_SERVICES, SPAN, Ledger, TableMissing, _Report
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types, object_name, run_ddl
@@ -268,6 +268,7 @@ class Rollup:
             with deadline(seconds), conn.cursor() as cur:
                 cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(seconds * 1000)),))
                 cur.execute("SET LOCAL TimeZone = 'UTC'")
+                cur.execute(NO_JIT)  # as every read's: see ledger.NO_JIT
                 # A transaction lock: it goes with the COMMIT, through a transaction pooler too.
                 cur.execute(LOCK, (self.lock_key,))
                 if not cur.fetchone()[0]:

@@ -32,8 +32,8 @@ before the first pass and from rollups after it, with latency_ms kept as the pag
 
     python tests/benchmark_ledger.py --full --keep DIR [--hosts 100] [--days 365] [--workers 2] [--min-free 24]
 
-Issue 26's full-scale run: --days of --hosts at 30 s (100 x 365 = 315 million rows; at ~220 bytes a
-row with the indexes that is ~60 GB; it loads the newest days first and stops while --min-free GB are
+Issue 26's full-scale run: --days of --hosts at 30 s (100 x 365 = 315 million rows; at ~195 bytes a
+row with the indexes, measured, that is ~61 GB; it loads the newest days first and stops while --min-free GB are
 left, so a smaller disk gets the most recent days it holds) in the table as `init-db
 --partitioned=day --with-latency` makes it. Generated fast: init-db makes the parent (its indexes, today's
 and the days ahead's partitions, DEFAULT); each history day is loaded by one of --workers connections
@@ -42,9 +42,12 @@ into a table of its own (LIKE the parent, rows in time order), indexed as Postgr
 partitions' indexes init-db's would have; then VACUUM (ANALYZE). The history ends at 00:00 UTC of the
 day it is generated; a measuring run first adds the hours since, up to 3 hours ago. The cluster is kept in DIR (not removed):
 a second run with the same --keep DIR skips the generation and measures, with the code as it is then
-(median of 3 where cheap): the first rollup pass (once), a pass after a normal hour (each of the three hours before now),
-`report --since {days}d` for the fleet and one host (rollups; once from raw rows), `report --since 24h`, the
-90-day page, and prune of one day's partition. --generate-only stops after the generation. Remove DIR after.
+(median of 3 where cheap): the first rollup pass (once; a later run skips it while the rollup has rows), a
+pass after a normal hour (each of the three hours before now, deleted first if an earlier run wrote them),
+`report --since 1y` for the fleet and one host (rollups; once from raw rows: the same figures only before any
+prune, since rollups keep the pruned days), `report --since 24h`, the 90-day page, and prune of the oldest
+day's partition, three times (each run drops three days). --generate-only stops after the generation.
+Remove DIR after.
 """
 
 from __future__ import annotations
@@ -410,10 +413,13 @@ def _measure_full(pg: Any, hosts: int, days: int, end: datetime) -> None:
     now -= timedelta(seconds=now.second % 30)  # on the history's 30-s grid
     done = pg.sql("SELECT count(*) FROM service_heartbeat_hourly")[0][0]
     if not done:  # the history up to 3 hours ago (the rows of today so far, or since it was generated), then a pass
-        span = int((now - timedelta(hours=3) - end).total_seconds()) // 30  # up to the hours below
+        last = pg.sql("SELECT max(report_time) FROM service_heartbeat")[0][0]  # from where the history ends
+        start = max(end, last.replace(microsecond=0) - timedelta(seconds=last.second % 30) + timedelta(seconds=30))
+        span = int((now - timedelta(hours=3) - start).total_seconds()) // 30  # up to the hours below
         if span > 0:
-            pg.sql(SPAN_SEED.format(table="service_heartbeat"), {"hosts": hosts, "start": end,
-                                                                  "k0": (end.hour * 3600 + end.minute * 60) // 30,
+            pg.sql(SPAN_SEED.format(table="service_heartbeat"), {"hosts": hosts, "start": start,
+                                                                  "k0": (start.hour * 3600 + start.minute * 60
+                                                                         + start.second) // 30,
                                                                   "cycles": span})
         t0 = time.perf_counter()
         first = rollup.Rollup(ledger).run(gap, 5, 30, 6 * 3600)
@@ -425,6 +431,7 @@ def _measure_full(pg: Any, hosts: int, days: int, end: datetime) -> None:
               f"{size[1]})", flush=True)
         pg.sql("ANALYZE service_heartbeat_hourly")
     hours = [now - timedelta(hours=n) for n in (3, 2, 1)]
+    pg.sql("DELETE FROM service_heartbeat WHERE report_time >= %s", (hours[0],))  # an earlier measuring run's
     passes = []
     for hour in hours:  # an hour of today at 30 s, written now, then a pass
         pg.sql(HOUR_SEED, {"hosts": hosts, "start": hour})
@@ -435,7 +442,7 @@ def _measure_full(pg: Any, hosts: int, days: int, end: datetime) -> None:
     print(f"pass after a normal hour ({hosts * 360:,} rows): "
           f"{' / '.join(f'{p * 1000:.0f}' for p in passes)} ms, median {statistics.median(passes) * 1000:.0f} ms "
           "(target <= 1000 ms)", flush=True)
-    _rollup_reports(ledger, hosts, days + 1, gap)
+    _rollup_reports(ledger, hosts, 365, gap)  # report --since 1y
     now_aware = datetime.now(timezone.utc)
     samples = []
     for _ in range(3):
@@ -447,7 +454,8 @@ def _measure_full(pg: Any, hosts: int, days: int, end: datetime) -> None:
           f"{statistics.median(samples) * 1000:.0f} ms ({len(found)} pairs)\n  {source}", flush=True)
     _page(ledger, now_aware.replace(tzinfo=None), gap, "after the first pass")
     conn.close()
-    _prune_days(pg, end - timedelta(days=days), min(days, 3))
+    oldest = pg.sql("SELECT min(report_time) FROM service_heartbeat")[0][0]  # an earlier run pruned some
+    _prune_days(pg, oldest.replace(hour=0, minute=0, second=0, microsecond=0), min(days, 3))
 
 
 def rollups(hosts: int, days: int, cadence: int, with_page: bool = False) -> None:
