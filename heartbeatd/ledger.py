@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import DdlFailed, column_types, partition_maker, partitions_ahead, run_ddl
+from heartbeatd.schema import DdlFailed, column_types, partition_maker, partitions_ahead, run_ddl, run_locking
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -34,16 +34,18 @@ NO_JIT = "SET LOCAL jit = off"
 # partition starts on a table partitioned by RANGE (report_time) alone (NULL: another key, or a
 # partition FROM (MINVALUE): nothing is older than every partition).
 DEFAULT_OF = """SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
-       CASE WHEN pg_catalog.pg_get_partkeydef(k.partrelid) = 'RANGE (report_time)'
+       CASE WHEN k.partstrat = 'r' AND k.partnatts = 1
+             AND (SELECT a.attname FROM pg_catalog.pg_attribute a
+                   WHERE a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]) = 'report_time'
              AND NOT bool_or(b.bound LIKE 'FOR VALUES FROM (MINVALUE%%')
             THEN min(substring(b.bound from $$^FOR VALUES FROM \('([^']+)'\) TO$$)) END
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  LEFT JOIN (SELECT i.inhparent, pg_catalog.pg_get_expr(p.relpartbound, p.oid) AS bound
+  LEFT JOIN (SELECT i.inhparent, pg_catalog.pg_get_expr(p.relpartbound, 0) AS bound
                FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid) b
          ON b.inhparent = k.partrelid AND b.bound <> 'DEFAULT'
  WHERE k.partrelid = pg_catalog.to_regclass(%s)
- GROUP BY n.nspname, c.relname, c.oid, k.partrelid"""
+ GROUP BY n.nspname, c.relname, c.oid, k.partrelid, k.partstrat, k.partnatts, k.partattrs"""
 # ... and what it holds: rows no partition covers (normally none: a count of an empty table is
 # microseconds), and of them those older than the first partition (backfilled: no partition is missing).
 DEFAULT_ROWS = """SELECT count(*), min(report_time), max(report_time),
@@ -131,10 +133,10 @@ WITH RECURSIVE tree AS (
 )
 SELECT tree.rel, tree.parent, c.relkind, n.nspname, c.relname,
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
-            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type}
+            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$TO \\('(.*)'\\)$$)::{type}
                  <= %(cutoff)s END AS below,
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1 AND k.partattrs[0] = a.attnum
-            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type}
+            THEN substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$FROM \\('(.*)'\\) TO$$)::{type}
                  >= %(cutoff)s END AS above
   FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_catalog.pg_partitioned_table k ON c.relispartition AND k.partrelid = tree.parent
@@ -366,8 +368,10 @@ class Ledger:
             if conn.closed:  # a lock not had (its holder named): as for a partition's DROP, prune stops
                 raise
             ahead([], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
-        with deadline(self.timeout), conn.cursor() as cur:
-            drop, tables = self._prune_plan(cur, when)
+        # A partition held by another session (a long reader, an ALTER) holds these reads up too: bounded,
+        # cancelled on the server, its holder named, as the DROP's lock is.
+        drop, tables = run_locking(conn, lambda cur: self._prune_plan(cur, when), f"reading {self.name}'s partitions",
+                                   self.timeout, self._helper)
         pid = conn.get_backend_pid()
         try:
             removed = 0
@@ -415,18 +419,21 @@ class Ledger:
     def _partition_rows(self, table: sql.Identifier) -> tuple[int, bool]:
         """A partition's rows (its own partitions' at every level): estimated where the statistics allow it,
         counted where not; and whether any of it is an estimate."""
+        return run_locking(self.conn, lambda cur: self._count_partition(cur, table),
+                           f"counting {'.'.join(table.strings)}", self.timeout, self._helper)
+
+    def _count_partition(self, cur: Any, table: sql.Identifier) -> tuple[int, bool]:
         rows, estimated = 0, False
-        with deadline(self.timeout), self.conn.cursor() as cur:
-            cur.execute(PRUNE_ESTIMATE, (table.as_string(cur),))
-            for schema, name, kind, tuples, pages, pages_now in cur.fetchall():
-                if kind == "r" and pages_now == 0:
-                    continue  # no page, no row: exact
-                if kind == "r" and tuples >= 0 and pages > 0:
-                    rows += round(tuples / pages * pages_now)
-                    estimated = True
-                elif kind in ("r", "f"):  # no statistics (or none that tell a density): counted
-                    cur.execute(sql.SQL(PRUNE_ROWS).format(t=sql.Identifier(schema, name)))
-                    rows += int(cur.fetchone()[0])
+        cur.execute(PRUNE_ESTIMATE, (table.as_string(cur),))
+        for schema, name, kind, tuples, pages, pages_now in cur.fetchall():
+            if kind == "r" and pages_now == 0:
+                continue  # no page, no row: exact
+            if kind == "r" and tuples >= 0 and pages > 0:
+                rows += round(tuples / pages * pages_now)
+                estimated = True
+            elif kind in ("r", "f"):  # no statistics (or none that tell a density): counted
+                cur.execute(sql.SQL(PRUNE_ROWS).format(t=sql.Identifier(schema, name)))
+                rows += int(cur.fetchone()[0])
         return rows, estimated
 
     def _cancel(self, pid: int) -> None:

@@ -7,7 +7,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, TypeVar
 
 import psycopg2
 from psycopg2 import sql
@@ -26,10 +26,13 @@ PARTITION = "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({sta
 DEFAULT_PARTITION = "CREATE TABLE IF NOT EXISTS {partition} PARTITION OF {table} DEFAULT"
 HAS_DEFAULT = "SELECT partdefid <> 0 FROM pg_catalog.pg_partitioned_table WHERE partrelid = pg_catalog.to_regclass(%s)"
 # A partition (by any name: pg_partman's too) already covering part of [start, end).
+# A partition's bound is read with pg_get_expr(relpartbound, 0): its constants need no relation to be
+# shown, and with the partition's oid PostgreSQL locks it, so a session holding one (a long ALTER, a
+# DETACH) would hold up prune and status.
 COVERED = """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
  WHERE i.inhparent = pg_catalog.to_regclass(%(t)s)
-   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \\('(.*)'\\) TO$$)::{type} < %(end)s
-   AND substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM $$TO \\('(.*)'\\)$$)::{type} > %(start)s)"""
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$FROM \\('(.*)'\\) TO$$)::{type} < %(end)s
+   AND substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$TO \\('(.*)'\\)$$)::{type} > %(start)s)"""
 # The pg_partman extension's schema, if installed: a table in its part_config has its partitions made by
 # pg_partman, which finds them by its own names (<table>_p2026_12_06): one of ours there breaks its
 # run_maintenance() ("timestamp out of range" in show_partitions), for every table it manages.
@@ -54,6 +57,8 @@ CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (servi
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
 PAIR_INDEX = "CREATE INDEX {concurrently} IF NOT EXISTS {index} ON {table} (service_name, ip_address, report_time)"
 INDEX = "CREATE INDEX {concurrently} {index} ON {only} {table} USING {method} ({columns})"
+
+T = TypeVar("T")
 
 
 class Index(NamedTuple):
@@ -194,7 +199,14 @@ def give_up(helper: Optional[Callable[[], Any]], pid: int, seconds: float) -> st
 
 def run_ddl(conn: Any, statement: sql.Composable, what: str, seconds: float,
             helper: Optional[Callable[[], Any]]) -> None:
-    """One DDL statement on an autocommit connection, ended by `seconds`, its lock waits too.
+    """One DDL statement on an autocommit connection, ended by `seconds`, its lock waits too (run_locking)."""
+    run_locking(conn, lambda cur: cur.execute(statement), what, seconds, helper)
+
+
+def run_locking(conn: Any, work: Callable[[Any], T], what: str, seconds: float,
+                helper: Optional[Callable[[], Any]]) -> T:
+    """`work` on a cursor of an autocommit connection, ended by `seconds`, its lock waits too: a DDL, or a
+    read that a partition's lock may hold up (prune's).
 
     The server's lock_timeout is a second longer than ours, so a client killed while it waits
     leaves no request queued for long; while we live, we give up first, cancel the statement on
@@ -204,7 +216,7 @@ def run_ddl(conn: Any, statement: sql.Composable, what: str, seconds: float,
     try:
         with deadline(seconds), conn.cursor() as cur:
             cur.execute(LOCK_TIMEOUT, (f"{int((seconds + 1) * 1000)}ms",))
-            cur.execute(statement)
+            return work(cur)
     except KeyboardInterrupt:
         give_up(helper, pid, 5.0)
         raise

@@ -172,6 +172,31 @@ def test_prune_drop_blocked_by_a_long_reader_says_who_and_leaves_nothing_waiting
         reader.close()
 
 
+# 1.6.0: prune waited on the held partition in its own planning read, not in the DROP: it said "timed out"
+# with exit 69, and its backend stayed queued, holding prune's lock, so the next prune did nothing.
+def test_prune_blocked_by_a_held_partition_says_who_and_the_next_one_prunes(pg: PgServer) -> None:
+    now = day(datetime.now(timezone.utc).replace(tzinfo=None)) + 12 * H
+    make_table(pg, "range", False, "timestamp", now)
+    seed(pg, "range", now)
+    oldest = min(p for p in partitions(pg) if p.startswith("service_heartbeat_p"))
+    holder = pg.connect(pg.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute(f"LOCK TABLE {oldest} IN ACCESS EXCLUSIVE MODE")
+    try:
+        result = cli(["prune", "--older-than", "8d"], env_for(pg, HEARTBEAT_TIMEOUT="2"))
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line, line
+        assert f"held by pid {holder.get_backend_pid()} (LOCK TABLE {oldest} IN ACCESS EXCLUSIVE MODE)" in line, line
+        assert not pg.sql("SELECT pid FROM pg_locks WHERE NOT granted", db=pg.dbname)
+    finally:
+        holder.close()
+    again = cli(["prune", "--older-than", "8d"], env_for(pg, HEARTBEAT_TIMEOUT="2"))
+    assert again.returncode == 0 and "another heartbeatd prune" not in again.stdout, again.stdout + again.stderr
+    assert oldest not in partitions(pg)
+
+
 def test_init_db_with_latency_blocked_by_a_long_reader(pg: PgServer) -> None:
     """The ALTER TABLE that waits behind a long reader is cancelled on the server when init-db gives up:
     nothing of ours stays queued, so writers and readers go on; the line names the reader."""
