@@ -34,17 +34,21 @@ from heartbeatd.schema import ColumnType, declared_types
 # 500 spooled rows a few hundred at most, and the fleet never more than STRIPES of PostgreSQL's
 # shared lock table. A writer takes its stripes in ascending order (unnest keeps the array's
 # order), so two writers cannot deadlock. The stripes are written into the statement as numbers,
-# between the two halves of a composed statement (Stated): they are our own integers, with nothing
-# to quote, and a list parameter would cost psycopg2 a Python adapter for the list and for each of
-# its elements, every cycle (the largest client cost a write had: about 14,000 instructions).
+# into the slots of a composed statement (Stated): they are our own integers, with nothing to
+# quote, and a list parameter would cost psycopg2 a Python adapter for the list and for each of its
+# elements, every cycle (the largest client cost a write had: about 14,000 instructions).
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
 LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::int4[]) AS s"
-_STRIPES = "\0"  # where a composed statement is cut in two: no identifier or literal can hold a NUL
 # DISTINCT ON the key: two rows of one batch whose keys the column makes one (two cycles within a
 # second, into a `timestamp(0)` column) are one row, as they would be written one at a time; NOT
-# EXISTS sees only what the table held before the statement.
+# EXISTS sees only what the table held before the statement. It looks only between the batch's
+# first and last report_time, written into the statement as constants (slots again: ISO times of
+# our own, quoted): on a partitioned table the planner then plans and locks the one partition they
+# fall in, not every partition and its indexes (a year of daily partitions: 30 ms of the server's
+# CPU a write, against 0.3 ms).
 MISSING = ("SELECT DISTINCT ON ({key}) {picked} FROM (VALUES {values}) AS v ({columns})"
-           " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same})")
+           " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same}"
+           " AND h.{report} BETWEEN CAST({first} AS {report_type}) AND CAST({last} AS {report_type}))")
 INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
@@ -83,20 +87,28 @@ SAVEPOINT heartbeatd_row;
 JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
-class Stated(NamedTuple):
-    """A composed statement that takes advisory locks: the stripes go between its halves."""
+SLOTS = ("stripes", "first", "last")  # what each write fills into its composed statement
 
-    head: str
-    tail: str
+
+class Stated(NamedTuple):
+    """A composed statement with slots (SLOTS) that each write fills: the text between them, their names."""
+
+    pieces: tuple[str, ...]
+    slots: tuple[str, ...]
 
     @classmethod
     def compose(cls, cur: Any, template: str, **parts: Any) -> "Stated":
-        head, tail = sql.SQL(template).format(stripes=sql.SQL(_STRIPES), **parts).as_string(cur).split(_STRIPES)
-        return cls(head, tail)
+        # Each slot marked by NUL bytes, which no identifier or literal can hold, then cut there.
+        marks = {name: sql.SQL(f"\0{name}\0") for name in SLOTS}
+        cut = sql.SQL(template).format(**marks, **parts).as_string(cur).split("\0")
+        return cls(tuple(cut[0::2]), tuple(cut[1::2]))
 
-    def taking(self, stripes: Iterable[int]) -> str:
-        """The statement, taking these stripes (ascending)."""
-        return self.head + ",".join(map(str, stripes)) + self.tail
+    def filled(self, **values: str) -> str:
+        """The statement, each slot filled with its value's text."""
+        text = self.pieces[0]
+        for name, piece in zip(self.slots, self.pieces[1:]):
+            text += values[name] + piece
+        return text
 
 
 class WriteError(Exception):
@@ -219,7 +231,8 @@ class Writer:
                 values=values, columns=sql.SQL(", ").join(names),
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
                 key=sql.SQL(", ").join(sql.SQL("v.") + sql.Identifier(c.name) for c in KEY),
-                same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY))
+                same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
+                report=sql.Identifier("report_time"), report_type=sql.SQL(shape.types["report_time"].declared))
             if len(self._queries) < 16:
                 self._queries[count] = query
         return query
@@ -237,7 +250,7 @@ class Writer:
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
                 values = shape.values(rows, self._clock())
-                cur.execute(self._query(cur, shape, len(rows)).taking(shape.stripes(values)), values)
+                cur.execute(self._query(cur, shape, len(rows)).filled(**shape.filling(values)), values)
                 # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
                 # INSERT's own count): a replay of rows already in the table inserts none, which is
                 # no sign that the table takes rows.
@@ -270,9 +283,11 @@ class Writer:
                 # taken later it would break the order every writer keeps (a deadlock with a replay).
                 now = self._clock()
                 copy = witness._replace(report_time=now) if witness is not None else None
-                stripes = sorted({*shape.stripes(shape.values([row], now)),
-                                  *(shape.stripes(shape.values([copy], now)) if copy else ())})
-                why = self._refused(cur, self._judge_begin(cur).taking(stripes) + insert.taking(stripes), shape, row)
+                mine = shape.values([row], now)
+                theirs = shape.values([copy], now) if copy else mine
+                taken = ",".join(map(str, sorted({*shape.stripes(mine), *shape.stripes(theirs)})))
+                why = self._refused(cur, self._judge_begin(cur).filled(stripes=taken)
+                                    + insert.filled(**{**shape.filling(mine), "stripes": taken}), shape, row)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -284,7 +299,8 @@ class Writer:
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.taking(stripes)), shape, copy)
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled(**{**shape.filling(theirs), "stripes": taken})),
+                                          shape, copy)
                 if table_why is None:
                     return Refusal(why, True)
                 cur.execute("ROLLBACK")
@@ -441,6 +457,13 @@ class _Shape:
     def stripes(self, values: Sequence[Any]) -> list[int]:
         """The lock stripes of rows laid out by `values` (their report_times as sent, that is as stored)."""
         return lock_keys(values[self._report_at::self._width])
+
+    def filling(self, values: Sequence[Any]) -> dict[str, str]:
+        """What a write of rows laid out by `values` fills into its statement's slots (Stated): its lock
+        stripes, and its first and last report_time (as sent, that is as stored) as quoted literals."""
+        times = values[self._report_at::self._width]
+        return {"stripes": ",".join(map(str, lock_keys(times))),
+                "first": f"'{min(times).isoformat()}'", "last": f"'{max(times).isoformat()}'"}
 
 
 def _as_it_is(value: datetime) -> datetime:

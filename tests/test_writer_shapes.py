@@ -5,6 +5,7 @@ Each test fails on heartbeatd 1.5.1 (the line above it says how), against a real
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -85,6 +86,39 @@ def test_a_domain_over_a_time_type_is_written_as_its_base_type(pg: PgServer, bas
     if digits == 0:
         expected = [t.replace(microsecond=0) + timedelta(seconds=1) for t in expected]  # .654321 rounds up
     assert found == [(t,) for t in expected]
+
+
+# 1.6.0: the INSERT's NOT EXISTS read the parent with no bound the planner could prune by, so every
+# write planned and locked every partition and its indexes: on a year of daily partitions 30 ms of the
+# server's CPU a write (0.3 ms plain), and a write waited for any partition another session held (a
+# prune's DROP of last month's, a long ALTER). Now it reads the partition its rows fall in.
+def test_a_write_touches_only_its_own_partition(pg: PgServer) -> None:
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamptz NOT NULL, created_at timestamptz NOT NULL) PARTITION BY RANGE (report_time); "
+           "CREATE INDEX ON service_heartbeat (service_name, ip_address, report_time)", db=pg.dbname)
+    for n in range(-60, 2):
+        start = (WHEN + timedelta(days=n)).date()
+        pg.sql(f"CREATE TABLE service_heartbeat_{n + 60} PARTITION OF service_heartbeat "
+               f"FOR VALUES FROM ('{start} 00:00+00') TO ('{start + timedelta(days=1)} 00:00+00')", db=pg.dbname)
+    holder = _connect(pg, autocommit=False)  # last month's partition held, as a DROP or an ALTER holds it
+    conn = _connect(pg)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE service_heartbeat_30 IN ACCESS EXCLUSIVE MODE")
+        writer = Writer(("service_heartbeat",), timeout=3.0)
+        batch = [Row(s, "10.0.0.1", WHEN) for s in ("后端", "redis", "postgres")]
+        writer.write(conn, batch)
+        writer.write(conn, batch, dedupe=True)  # the replay: still recognised
+        assert writer.inserted == 3
+        with conn.cursor() as cur:  # what the planner reads for a write: one partition
+            cur.execute("EXPLAIN " + writer._query(cur, writer._shape, 3).filled(
+                **writer._shape.filling(writer._shape.values(batch, WHEN))).split(";\n")[-1],  # type: ignore[union-attr]
+                writer._shape.values(batch, WHEN))  # type: ignore[union-attr]
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        assert set(re.findall(r"service_heartbeat_(\d+)", plan)) == {"60"}, plan
+    finally:
+        holder.close()
+        conn.close()
 
 
 def _inheritance_partitioned(pg: PgServer) -> None:
