@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import psycopg2
@@ -41,14 +41,14 @@ TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
 LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::int4[]) AS s"
 # DISTINCT ON the key: two rows of one batch whose keys the column makes one (two cycles within a
 # second, into a `timestamp(0)` column) are one row, as they would be written one at a time; NOT
-# EXISTS sees only what the table held before the statement. It looks only between the batch's
-# first and last report_time, written into the statement as constants (slots again: ISO times of
-# our own, quoted): on a partitioned table the planner then plans and locks the one partition they
-# fall in, not every partition and its indexes (a year of daily partitions: 30 ms of the server's
-# CPU a write, against 0.3 ms).
+# EXISTS sees only what the table held before the statement. It looks only within the seconds of
+# the batch's first and last report_time, written into the statement as constants (slots again:
+# whole seconds since the epoch, a second wider each way than the times as stored, and
+# to_timestamp() of them, which the planner folds): on a partitioned table it then plans and locks
+# the one partition they fall in, not every partition and its indexes (a year of daily
+# partitions: 30 ms of the server's CPU a write, against 0.3 ms).
 MISSING = ("SELECT DISTINCT ON ({key}) {picked} FROM (VALUES {values}) AS v ({columns})"
-           " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same}"
-           " AND h.{report} BETWEEN CAST({first} AS {report_type}) AND CAST({last} AS {report_type}))")
+           " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same} AND h.{report} BETWEEN {first} AND {last})")
 INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
@@ -99,11 +99,16 @@ class Stated(NamedTuple):
     @classmethod
     def compose(cls, cur: Any, template: str, **parts: Any) -> "Stated":
         # Each slot marked by NUL bytes, which no identifier or literal can hold, then cut there.
-        marks = {name: sql.SQL(f"\0{name}\0") for name in SLOTS}
-        cut = sql.SQL(template).format(**marks, **parts).as_string(cur).split("\0")
+        marks = {name: cls.mark(name) for name in SLOTS}
+        cut = sql.SQL(template).format(**{**marks, **parts}).as_string(cur).split("\0")
         return cls(tuple(cut[0::2]), tuple(cut[1::2]))
 
-    def filled(self, **values: str) -> str:
+    @staticmethod
+    def mark(name: str) -> sql.Composable:
+        """Where slot `name` stands in a template's part."""
+        return sql.SQL(f"\0{name}\0")
+
+    def filled(self, values: dict[str, str]) -> str:
         """The statement, each slot filled with its value's text."""
         text = self.pieces[0]
         for name, piece in zip(self.slots, self.pieces[1:]):
@@ -232,7 +237,8 @@ class Writer:
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
                 key=sql.SQL(", ").join(sql.SQL("v.") + sql.Identifier(c.name) for c in KEY),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
-                report=sql.Identifier("report_time"), report_type=sql.SQL(shape.types["report_time"].declared))
+                report=sql.Identifier("report_time"), first=shape.bound.format(Stated.mark("first")),
+                last=shape.bound.format(Stated.mark("last")))
             if len(self._queries) < 16:
                 self._queries[count] = query
         return query
@@ -250,7 +256,7 @@ class Writer:
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
                 values = shape.values(rows, self._clock())
-                cur.execute(self._query(cur, shape, len(rows)).filled(**shape.filling(values)), values)
+                cur.execute(self._query(cur, shape, len(rows)).filled(shape.filling(values)), values)
                 # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
                 # INSERT's own count): a replay of rows already in the table inserts none, which is
                 # no sign that the table takes rows.
@@ -286,8 +292,8 @@ class Writer:
                 mine = shape.values([row], now)
                 theirs = shape.values([copy], now) if copy else mine
                 taken = ",".join(map(str, sorted({*shape.stripes(mine), *shape.stripes(theirs)})))
-                why = self._refused(cur, self._judge_begin(cur).filled(stripes=taken)
-                                    + insert.filled(**{**shape.filling(mine), "stripes": taken}), shape, row)
+                why = self._refused(cur, self._judge_begin(cur).filled({"stripes": taken})
+                                    + insert.filled({**shape.filling(mine), "stripes": taken}), shape, row)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -299,7 +305,7 @@ class Writer:
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled(**{**shape.filling(theirs), "stripes": taken})),
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled({**shape.filling(theirs), "stripes": taken})),
                                           shape, copy)
                 if table_why is None:
                     return Refusal(why, True)
@@ -413,7 +419,8 @@ def _slot(column: Column, typ: ColumnType) -> sql.Composable:
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "counted", "columns", "slots", "_convert", "_stamps", "_extras", "_report_at", "_width")
+    __slots__ = ("types", "counted", "columns", "slots", "bound", "_convert", "_stamps", "_extras", "_report_at",
+                 "_width", "_epoch")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
@@ -431,6 +438,12 @@ class _Shape:
         self._extras = None if len(extras) == len(EXTRA) else [EXTRA.index(c) for c in extras]
         self._report_at = KEY.index(next(c for c in KEY if c.name == "report_time"))  # the lock stripes' time
         self._width = len(self.columns)
+        # The NOT EXISTS's bounds on report_time (MISSING): whole seconds since the epoch, of the times
+        # as sent (naive UTC for `timestamp`), as the column's type; AT TIME ZONE 'UTC' with a constant
+        # zone, like to_timestamp(), is immutable, so the planner folds them and prunes partitions.
+        naive = types["report_time"].name != "timestamptz"
+        self.bound = sql.SQL("(to_timestamp({}) AT TIME ZONE 'UTC')" if naive else "to_timestamp({})")
+        self._epoch = _NAIVE_EPOCH if naive else _EPOCH
 
     def values(self, rows: Sequence[Row], now: datetime) -> list[Any]:
         """The values of every row, one row after the other, each in the order of `columns`.
@@ -462,8 +475,13 @@ class _Shape:
         """What a write of rows laid out by `values` fills into its statement's slots (Stated): its lock
         stripes, and its first and last report_time (as sent, that is as stored) as quoted literals."""
         times = values[self._report_at::self._width]
+        first, last = min(times) - self._epoch, max(times) - self._epoch  # whole days and seconds: no division
         return {"stripes": ",".join(map(str, lock_keys(times))),
-                "first": f"'{min(times).isoformat()}'", "last": f"'{max(times).isoformat()}'"}
+                "first": str(first.days * 86400 + first.seconds - 1), "last": str(last.days * 86400 + last.seconds + 2)}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 
 
 def _as_it_is(value: datetime) -> datetime:
