@@ -88,31 +88,33 @@ JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
 SLOTS = ("stripes", "first", "last")  # what each write fills into its composed statement
+_SLOT_AT = {name: at for at, name in enumerate(SLOTS)}
 
 
 class Stated(NamedTuple):
-    """A composed statement with slots (SLOTS) that each write fills: the text between them, their names."""
+    """A composed statement with slots (SLOTS) that each write fills: the text between them, which slot each is."""
 
     pieces: tuple[str, ...]
-    slots: tuple[str, ...]
+    slots: tuple[int, ...]  # positions in SLOTS
 
     @classmethod
     def compose(cls, cur: Any, template: str, **parts: Any) -> "Stated":
         # Each slot marked by NUL bytes, which no identifier or literal can hold, then cut there.
         marks = {name: cls.mark(name) for name in SLOTS}
         cut = sql.SQL(template).format(**{**marks, **parts}).as_string(cur).split("\0")
-        return cls(tuple(cut[0::2]), tuple(cut[1::2]))
+        return cls(tuple(cut[0::2]), tuple(_SLOT_AT[name] for name in cut[1::2]))
 
     @staticmethod
     def mark(name: str) -> sql.Composable:
         """Where slot `name` stands in a template's part."""
         return sql.SQL(f"\0{name}\0")
 
-    def filled(self, values: dict[str, str]) -> str:
-        """The statement, each slot filled with its value's text."""
-        text = self.pieces[0]
-        for name, piece in zip(self.slots, self.pieces[1:]):
-            text += values[name] + piece
+    def filled(self, values: Sequence[str]) -> str:
+        """The statement, each slot filled with its value's text (`values` in the order of SLOTS)."""
+        pieces = self.pieces
+        text = pieces[0]
+        for at, slot in enumerate(self.slots, 1):
+            text += values[slot] + pieces[at]
         return text
 
 
@@ -292,8 +294,8 @@ class Writer:
                 mine = shape.values([row], now)
                 theirs = shape.values([copy], now) if copy else mine
                 taken = ",".join(map(str, sorted({*shape.stripes(mine), *shape.stripes(theirs)})))
-                why = self._refused(cur, self._judge_begin(cur).filled({"stripes": taken})
-                                    + insert.filled({**shape.filling(mine), "stripes": taken}), shape, row)
+                why = self._refused(cur, self._judge_begin(cur).filled((taken, "", ""))
+                                    + insert.filled((taken, *shape.filling(mine)[1:])), shape, row)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -305,7 +307,7 @@ class Writer:
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled({**shape.filling(theirs), "stripes": taken})),
+                table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled((taken, *shape.filling(theirs)[1:]))),
                                           shape, copy)
                 if table_why is None:
                     return Refusal(why, True)
@@ -471,13 +473,13 @@ class _Shape:
         """The lock stripes of rows laid out by `values` (their report_times as sent, that is as stored)."""
         return lock_keys(values[self._report_at::self._width])
 
-    def filling(self, values: Sequence[Any]) -> dict[str, str]:
+    def filling(self, values: Sequence[Any]) -> tuple[str, str, str]:
         """What a write of rows laid out by `values` fills into its statement's slots (Stated): its lock
-        stripes, and its first and last report_time (as sent, that is as stored) as quoted literals."""
-        times = values[self._report_at::self._width]
+        stripes, and the seconds of its first and last report_time (as sent, that is as stored): in SLOTS' order."""
+        times = set(values[self._report_at::self._width])  # a cycle's rows: one
         first, last = min(times) - self._epoch, max(times) - self._epoch  # whole days and seconds: no division
-        return {"stripes": ",".join(map(str, lock_keys(times))),
-                "first": str(first.days * 86400 + first.seconds - 1), "last": str(last.days * 86400 + last.seconds + 2)}
+        return (",".join(map(str, lock_keys(times))),
+                str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
