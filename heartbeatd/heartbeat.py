@@ -82,8 +82,8 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_NAIVE_EPOCH = datetime(1970, 1, 1)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+NAIVE_EPOCH = datetime(1970, 1, 1)
 
 
 def to_naive_utc(value: datetime) -> datetime:
@@ -92,7 +92,7 @@ def to_naive_utc(value: datetime) -> datetime:
     Arithmetic rather than `astimezone(utc).replace(tzinfo=None)`: those parse keyword arguments,
     and did so for every value written, the largest single cost of a cycle (callgrind).
     """
-    return value if value.tzinfo is None else _NAIVE_EPOCH + (value - _EPOCH)
+    return value if value.tzinfo is None else NAIVE_EPOCH + (value - EPOCH)
 
 
 def as_utc(value: datetime) -> datetime:

@@ -34,6 +34,7 @@ NO_JIT = "SET LOCAL jit = off"
 # partition starts on a table partitioned by RANGE (report_time) alone (NULL: another key, or a
 # partition FROM (MINVALUE): nothing is older than every partition).
 DEFAULT_OF = """SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
+       pg_catalog.min(pn.nspname || '.' || pc.relname),  -- the table, schema-qualified (as part_config names it)
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1
              AND (SELECT a.attname FROM pg_catalog.pg_attribute a
                    WHERE a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]) = 'report_time'
@@ -41,6 +42,7 @@ DEFAULT_OF = """SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oi
             THEN min(substring(b.bound from $$^FOR VALUES FROM \('([^']+)'\) TO$$)) END
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_class pc ON pc.oid = k.partrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
   LEFT JOIN (SELECT i.inhparent, pg_catalog.pg_get_expr(p.relpartbound, 0) AS bound
                FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid) b
          ON b.inhparent = k.partrelid AND b.bound <> 'DEFAULT'
@@ -311,7 +313,7 @@ class Ledger:
         found = cur.fetchone()
         if found is None:
             return None
-        schema, name, readable, first_partition = found
+        schema, name, readable, table, first_partition = found
         shown = name if schema == "public" else f"{schema}.{name}"
         if not readable:  # said, not failed: the rest of status stands
             return DefaultRows(shown, None, None, None)
@@ -322,16 +324,10 @@ class Ledger:
                             as_utc(last) if last is not None else None, int(older or 0))
         if rows:  # who makes the partitions, for status's hint
             maker, partman = partition_maker(cur, self._t)
-            found = replace(found, table=self._schema_name(cur), maker=maker, partman_schema=partman,
+            found = replace(found, table=table, maker=maker, partman_schema=partman,
                             # pg_partman makes a partition for any of them (partition_data_proc): none is backfill
                             older=0 if maker in ("pg_partman", "pg_partman?") else found.older)
         return found
-
-    def _schema_name(self, cur: Any) -> str:
-        """The table's name, schema-qualified (as pg_partman's part_config names it)."""
-        cur.execute("SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
-                    "ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass(%s)", (self._t.as_string(cur),))
-        return str(cur.fetchone()[0])
 
     # -- report -----------------------------------------------------------------------------
 

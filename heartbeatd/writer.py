@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import psycopg2
@@ -12,7 +12,7 @@ import psycopg2.errors
 import psycopg2.extensions as ext
 from psycopg2 import sql
 
-from heartbeatd.heartbeat import COLUMNS, EXTRA, KEY, REQUIRED, Column, Row, to_naive_utc, utcnow
+from heartbeatd.heartbeat import COLUMNS, EPOCH, EXTRA, KEY, NAIVE_EPOCH, REQUIRED, Column, Row, to_naive_utc, utcnow
 from heartbeatd.pg import deadline
 from heartbeatd.schema import ColumnType, declared_types
 
@@ -445,7 +445,7 @@ class _Shape:
         # zone, like to_timestamp(), is immutable, so the planner folds them and prunes partitions.
         naive = types["report_time"].name != "timestamptz"
         self.bound = sql.SQL("(to_timestamp({}) AT TIME ZONE 'UTC')" if naive else "to_timestamp({})")
-        self._epoch = _NAIVE_EPOCH if naive else _EPOCH
+        self._epoch = NAIVE_EPOCH if naive else EPOCH
 
     def values(self, rows: Sequence[Row], now: datetime) -> list[Any]:
         """The values of every row, one row after the other, each in the order of `columns`.
@@ -476,14 +476,10 @@ class _Shape:
     def filling(self, values: Sequence[Any]) -> tuple[str, str, str]:
         """What a write of rows laid out by `values` fills into its statement's slots (Stated): its lock
         stripes, and the seconds of its first and last report_time (as sent, that is as stored): in SLOTS' order."""
-        times = set(values[self._report_at::self._width])  # a cycle's rows: one
+        times = values[self._report_at::self._width]
         first, last = min(times) - self._epoch, max(times) - self._epoch  # whole days and seconds: no division
         return (",".join(map(str, lock_keys(times))),
                 str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2))
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_NAIVE_EPOCH = datetime(1970, 1, 1)
 
 
 def _as_it_is(value: datetime) -> datetime:

@@ -109,6 +109,24 @@ def both(pg: PgServer, since: datetime, until: datetime, gap: float = 65, servic
     return raw, rolled, source
 
 
+def late_backend_rows(conn: Any, behind: str) -> None:
+    """Two hours of one host's 后端 rows in a hole of its history, their created_at `behind` the server's clock."""
+    hole = T0 + 10 * H + 7 * M
+    with conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                    "SELECT '后端', %s, t, now() AT TIME ZONE 'UTC' - %s::interval "
+                    "FROM generate_series(%s::timestamp, %s::timestamp, interval '30 s') t",
+                    (HOSTS[0], behind, hole.replace(tzinfo=None), (hole + 2 * H).replace(tzinfo=None)))
+
+
+def assert_rollups_agree(pg: PgServer) -> None:
+    """A report from rollups finds what one from raw rows finds, in every window."""
+    for since, until in WINDOWS:
+        raw, rolled, _ = both(pg, since, until)
+        assert rolled == raw, (since, until)
+
+
 WINDOWS = [(T0 - 2 * H, NOW), (T0 + 17 * M + 3 * S, NOW), (T0 + 3 * H, T0 + 20 * H),
            (T0 + 2 * H + 41 * M + 7 * S, T0 + 22 * H + 5 * M + 13 * S), (T0 + 5 * H + 59 * M, T0 + 9 * H + 1 * M)]
 
@@ -148,20 +166,12 @@ def test_a_transaction_committed_after_the_pass_is_still_rolled_up(table: PgServ
     # committed after it. It fills an hour-old gap of host 1's, so the report changes.
     writer = table.connect(table.dbname)
     writer.autocommit = False
-    hole = T0 + 10 * H + 7 * M
-    with writer.cursor() as cur:
-        cur.execute("SET TimeZone = 'UTC'")
-        cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
-                    "SELECT '后端', %s, t, now() AT TIME ZONE 'UTC' - interval '3 s' "
-                    "FROM generate_series(%s::timestamp, %s::timestamp, interval '30 s') t",
-                    (HOSTS[0], hole.replace(tzinfo=None), (hole + 2 * H).replace(tzinfo=None)))
+    late_backend_rows(writer, "3 s")
     roll(table)  # does not see it yet
     writer.commit()
     writer.close()
     roll(table)
-    for since, until in WINDOWS:
-        raw, rolled, _ = both(table, since, until)
-        assert rolled == raw, (since, until)
+    assert_rollups_agree(table)
 
 
 def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
@@ -303,20 +313,12 @@ def test_a_row_from_a_host_whose_clock_lags_ten_minutes_is_rolled_up(table: PgSe
     roll(table)
     # A daemon on a host whose clock is 10 minutes behind (its NTP broken; README allows up to 15) replays its spool: created_at is
     # its own clock (writer.py: the `stamp` column from Writer._clock), 10 min before the pass's watermark.
-    hole = T0 + 10 * H + 7 * M
     conn = table.connect(table.dbname)
-    with conn.cursor() as cur:
-        cur.execute("SET TimeZone = 'UTC'")
-        cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
-                    "SELECT '后端', %s, t, now() AT TIME ZONE 'UTC' - interval '10 min' "
-                    "FROM generate_series(%s::timestamp, %s::timestamp, interval '30 s') t",
-                    (HOSTS[0], hole.replace(tzinfo=None), (hole + 2 * H).replace(tzinfo=None)))
+    late_backend_rows(conn, "10 min")
     conn.commit()
     conn.close()
     roll(table)
-    for since, until in WINDOWS:
-        raw, rolled, _ = both(table, since, until)
-        assert rolled == raw, (since, until)
+    assert_rollups_agree(table)
 
 
 # 1.6.0: the prune unit's rollup (ExecStartPre=-) could fail, and prune still deleted rows the rollups
