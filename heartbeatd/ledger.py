@@ -33,7 +33,7 @@ NO_JIT = "SET LOCAL jit = off"
 # ... whether this role may read it (by oid: no error for a role without it), and where the first
 # partition starts on a table partitioned by RANGE (report_time) alone (NULL: another key, or a
 # partition FROM (MINVALUE): nothing is older than every partition).
-DEFAULT_OF = """SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
+DEFAULT_OF = r"""SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
        pg_catalog.min(pn.nspname || '.' || pc.relname),  -- the table, schema-qualified (as part_config names it)
        CASE WHEN k.partstrat = 'r' AND k.partnatts = 1
              AND (SELECT a.attname FROM pg_catalog.pg_attribute a
