@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import psycopg2
 from psycopg2 import sql
@@ -19,7 +19,7 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import DdlFailed, column_types, partition_maker, partitions_ahead, run_ddl, run_locking
+from heartbeatd.schema import DdlFailed, declared_types, partition_maker, partitions_ahead, run_ddl, run_locking
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -54,7 +54,9 @@ DEFAULT_ROWS = """SELECT count(*), min(report_time), max(report_time),
        count(*) FILTER (WHERE report_time < CAST(%(first)s AS {time_type}))
   FROM ONLY {d}"""
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
-# descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all.
+# descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all. (On a table
+# partitioned by day each step is a Merge Append over every partition: a report finds its pairs once,
+# and one read from the hourly rollups finds them there instead.)
 PAIRS = """\
 WITH RECURSIVE pairs AS (
     (SELECT service_name, ip_address FROM {t} ORDER BY service_name, ip_address LIMIT 1)
@@ -72,21 +74,32 @@ SELECT p.service_name, p.ip_address, l.report_time
                           ORDER BY report_time DESC LIMIT 1) l
  WHERE l.report_time >= %(since)s
  ORDER BY 1, 2"""
+ALL_PAIRS = PAIRS + "SELECT service_name, ip_address FROM pairs p WHERE true {filters} ORDER BY 1, 2"
+# The pairs a report has found, handed to each of its statements as arrays of the columns' own types
+# (so that the comparisons use the (service_name, ip_address, report_time) index), each statement's
+# reads bounded by constant times: on a partitioned table the planner then keeps only the partitions
+# of those times (a statement planned over 330 partitions took 40-70 ms to plan).
+GIVEN = """\
+WITH pairs AS (SELECT * FROM unnest(%(pair_services)s::{service_type}[], %(pair_ips)s::{ip_type}[])
+                             AS p(service_name, ip_address))
+"""
 # Per (service, ip), through the (service_name, ip_address, report_time) index so that only the
-# window's rows are read: its first and last heartbeat in the window and the one before it...
-SPAN = PAIRS + """\
+# window's rows are read: its first and last heartbeat in the window and ({before}) the one before it...
+SPAN = GIVEN + """\
 SELECT p.service_name, p.ip_address, e.first, e.last, e.before
   FROM pairs p, LATERAL (SELECT
        (SELECT report_time FROM {t} WHERE service_name = p.service_name AND ip_address = p.ip_address
            AND report_time >= %(since)s AND report_time < %(until)s ORDER BY report_time LIMIT 1) AS first,
        (SELECT report_time FROM {t} WHERE service_name = p.service_name AND ip_address = p.ip_address
            AND report_time >= %(since)s AND report_time < %(until)s ORDER BY report_time DESC LIMIT 1) AS last,
-       (SELECT report_time FROM {t} WHERE service_name = p.service_name AND ip_address = p.ip_address
-           AND report_time < %(since)s ORDER BY report_time DESC LIMIT 1) AS before) e
- WHERE e.first IS NOT NULL {filters}
+       {before} AS before) e
+ WHERE e.first IS NOT NULL
  ORDER BY 1, 2"""
+BEFORE = """(SELECT report_time FROM {t} WHERE service_name = p.service_name AND ip_address = p.ip_address
+           AND report_time < %(since)s ORDER BY report_time DESC LIMIT 1)"""
+NO_BEFORE = "NULL"  # a rollup report's raw edge: the heartbeat before the window is found on its own
 # ... and every gap longer than the threshold (found by the database, so only the gaps travel).
-GAPS = PAIRS + """\
+GAPS = GIVEN + """\
 SELECT p.service_name, p.ip_address, g.prev, g.report_time
   FROM pairs p, LATERAL (
        SELECT report_time, prev FROM (
@@ -94,7 +107,6 @@ SELECT p.service_name, p.ip_address, g.prev, g.report_time
                WHERE service_name = p.service_name AND ip_address = p.ip_address
                  AND report_time >= %(since)s AND report_time < %(until)s) x
         WHERE report_time - prev > %(gap)s) g
- WHERE true {filters}
  ORDER BY 1, 2, 3"""
 # A server's rows (every host writes them: one every 0.3 s for 100 hosts) are too many to read
 # one by one over a month. A gap longer than G holds at least one whole empty slot of G/2, so
@@ -114,14 +126,14 @@ SELECT DISTINCT report_time FROM {t}
 # Which hosts wrote a server's rows in the last hour of the window: a cycle gives all its rows one
 # report_time, so the 后端 row sharing it names the host. (An hour, not the window: a join over
 # a month of a fleet's rows would cost more than the whole report.)
-REPORTERS = PAIRS + """\
+REPORTERS = GIVEN + """\
 SELECT p.service_name, p.ip_address,
        (SELECT count(DISTINCT b.ip_address) FROM {t} s JOIN {t} b
            ON b.service_name = %(backend)s AND b.report_time = s.report_time
+              AND b.report_time >= %(recent)s AND b.report_time < %(until)s
          WHERE s.service_name = p.service_name AND s.ip_address = p.ip_address
            AND s.report_time >= %(recent)s AND s.report_time < %(until)s)
-  FROM pairs p
- WHERE p.service_name <> %(backend)s {filters}"""
+  FROM pairs p"""
 # Every relation under the table, parents first: the table itself and its partitions (declarative) or
 # children (inheritance), at every level. `below`: a partition of a table partitioned by RANGE
 # (report_time) alone whose upper bound is at or before the cut (NULL for DEFAULT, MAXVALUE, another key);
@@ -184,14 +196,21 @@ PRUNE_LOCK = "SELECT pg_try_advisory_lock(hashtext(%s))"
 # The check's latency per (service, ip): the first heartbeat in each of LATENCY_SLOTS equal slots
 # of the pair's span in the window, one index descent each. So the figures cost the same for a day
 # as for a month of a fleet's rows (reading every row's latency would read the whole heap); they
-# are a sample, of at most LATENCY_SLOTS heartbeats, and the report says how many.
+# are a sample, of at most LATENCY_SLOTS heartbeats, and the report says how many. Every pair in one
+# statement (planned once), bounded by the spans' constant ends (the partitions planned).
 LATENCY_SLOTS = 250
-LATENCY_SAMPLE = """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY x.ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY x.ms),
+LATENCY_SAMPLE = """\
+SELECT p.service_name, p.ip_address,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY x.ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY x.ms),
        max(x.ms), count(x.ms)
-  FROM generate_series(0, %(n)s - 1) k, LATERAL (
-       SELECT latency_ms::float8 AS ms FROM {t} WHERE service_name = %(s)s AND ip_address = %(ip)s
-          AND report_time >= %(first)s + %(step)s * k AND report_time < %(first)s + %(step)s * (k + 1)
-        ORDER BY report_time LIMIT 1) x"""
+  FROM unnest(%(pair_services)s::{service_type}[], %(pair_ips)s::{ip_type}[], %(firsts)s::{time_type}[],
+              %(steps)s::interval[]) AS p(service_name, ip_address, first, step),
+       generate_series(0, %(n)s - 1) k, LATERAL (
+       SELECT latency_ms::float8 AS ms FROM {t} WHERE service_name = p.service_name AND ip_address = p.ip_address
+          AND report_time >= p.first + p.step * k AND report_time < p.first + p.step * (k + 1)
+          AND report_time >= %(lo)s AND report_time <= %(hi)s
+        ORDER BY report_time LIMIT 1) x
+ GROUP BY 1, 2"""
 
 
 class TableMissing(Exception):
@@ -242,6 +261,8 @@ class Ledger:
         self.naive = True  # report_time is `timestamp` (naive UTC), not `timestamptz`
         self.has_latency = False  # the table has a latency_ms column
         self._time_type = "timestamp"  # report_time's type, for reading a partition's bound
+        # service_name's and ip_address's declared types: a report's pairs are handed in as arrays of them
+        self._key_types = ("text", "text")
         self._timeout_ms = 1000
         self._snapshot: Optional[str] = None  # exported by the current read, for a helper to import
         # Set by latest(): what the DEFAULT partition holds; None where the table is not partitioned or has none.
@@ -256,7 +277,14 @@ class Ledger:
         return value.astimezone(UTC).replace(tzinfo=None) if self.naive else value.astimezone(UTC)
 
     def _q(self, text: str, **parts: sql.Composable) -> sql.Composed:
-        return sql.SQL(text).format(t=self._t, **parts)
+        return sql.SQL(text).format(t=self._t, service_type=sql.SQL(self._key_types[0]),
+                                    ip_type=sql.SQL(self._key_types[1]), time_type=sql.SQL(self._time_type), **parts)
+
+    @staticmethod
+    def given(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+        """The parameters of GIVEN: these (service, ip) pairs."""
+        keys = list(pairs)
+        return {"pair_services": [k[0] for k in keys], "pair_ips": [k[1] for k in keys]}
 
     def _read(self, work: Callable[[Any], Any], seconds: Optional[float] = None, export: bool = False) -> Any:
         """One read-only transaction under the deadline (works on a hot standby too)."""
@@ -284,9 +312,12 @@ class Ledger:
                 self.conn.rollback()
 
     def _describe(self, cur: Any) -> None:
-        types = column_types(cur, self._t)
+        declared = declared_types(cur, self._t)
+        types = {name: typ.name for name, typ in declared.items()}
         found = types.get("report_time")
         self.has_latency = LATENCY in types
+        service, ip = (declared.get(c) for c in ("service_name", "ip_address"))
+        self._key_types = (service.declared if service else "text", ip.declared if ip else "text")
         if found is None:
             raise TableMissing(f"table {self.name} does not exist (or has no report_time column): "
                               "run `heartbeatd init-db`")
@@ -479,6 +510,12 @@ class Ledger:
         return removed
 
 
+def only(service: Optional[str], ip: Optional[str], prefix: str = "p.") -> sql.SQL:
+    """`report --service/--ip`: the conditions on the pairs' columns (params `service` and `ip`)."""
+    return sql.SQL((f" AND {prefix}service_name = %(service)s" if service else "")
+                   + (f" AND {prefix}ip_address = %(ip)s" if ip else ""))
+
+
 class _Report:
     """`report`'s reads on the ledger's connection: spans, gaps, who was watching, who reported."""
 
@@ -492,13 +529,13 @@ class _Report:
         params: dict[str, Any] = {"since": self.ledger._param(since), "until": self.ledger._param(until),
                                   "gap": timedelta(seconds=gap), "backend": BACKEND, "service": service, "ip": ip,
                                   "recent": self.ledger._param(max(since, end - timedelta(hours=1)))}
-        filters = sql.SQL((" AND p.service_name = %(service)s" if service else "")
-                          + (" AND p.ip_address = %(ip)s" if ip else ""))
+        filters = only(service, ip)
 
         def work(cur: Any) -> list[PairReport]:
-            pairs, edges = self._spans(cur, filters, params, since, end)
+            cur.execute(self.ledger._q(ALL_PAIRS, filters=filters), params)  # once: see PAIRS
+            pairs, edges = self._spans(cur, [(svc, addr) for svc, addr in cur.fetchall()], params, since, end)
             gaps = [((svc, addr), as_utc(prev), as_utc(nxt), False)
-                    for svc, addr, prev, nxt in self._gaps(cur, filters, params, pairs, edges, gap)]
+                    for svc, addr, prev, nxt in self._gaps(cur, params, edges, gap)]
             for key, (first, last, before) in edges.items():
                 gaps += [(key, start, stop, ongoing) for start, stop, ongoing in edge_gaps(first, last, before, end, gap)]
             for key, start, stop, ongoing in sorted(gaps, key=lambda g: (g[0], g[1])):
@@ -512,69 +549,83 @@ class _Report:
                     outages, no_data = classify(start, stop, ongoing, [as_utc(r[0]) for r in cur.fetchall()], gap)
                     report.outages += outages
                     report.no_data += no_data
-            self._reporters(cur, filters, params, pairs)
+            self._reporters(cur, params, pairs)
             if self.ledger.has_latency:
                 self._latency(cur, pairs, edges)
             return list(pairs.values())
 
         return list(self.ledger._read(work, seconds, export=True))
 
-    def _spans(self, cur: Any, filters: sql.Composable, params: dict[str, Any], since: datetime, end: datetime
+    def spans(self, cur: Any, keys: Sequence[tuple[str, str]], params: dict[str, Any], before: str = BEFORE
+              ) -> list[tuple[str, str, datetime, datetime, Optional[datetime]]]:
+        """Each of these pairs with a heartbeat in [since, until): its first and last there, and (`before`:
+        BEFORE, or NO_BEFORE) its last before since."""
+        if not keys:
+            return []
+        cur.execute(self.ledger._q(SPAN, before=self.ledger._q(before)), dict(params, **self.ledger.given(keys)))
+        return [(svc, addr, as_utc(first), as_utc(last), as_utc(prior) if prior is not None else None)
+                for svc, addr, first, last, prior in cur.fetchall()]
+
+    def _spans(self, cur: Any, keys: Sequence[tuple[str, str]], params: dict[str, Any], since: datetime, end: datetime
                ) -> tuple[dict[tuple[str, str], PairReport], dict[tuple[str, str], tuple[datetime, datetime, Any]]]:
         """Each pair's report, and its first and last heartbeat in the window and the one before it."""
-        cur.execute(self.ledger._q(SPAN, filters=filters), params)
         pairs: dict[tuple[str, str], PairReport] = {}
         edges: dict[tuple[str, str], tuple[datetime, datetime, Optional[datetime]]] = {}
-        for svc, addr, first, last, before in cur.fetchall():
-            first, last = as_utc(first), as_utc(last)
+        for svc, addr, first, last, before in self.spans(cur, keys, params):
             # A pair that reported before the window is observed from the window's start.
             pairs[(svc, addr)] = PairReport(svc, addr, since if before is not None else first, end)
-            edges[(svc, addr)] = (first, last, as_utc(before) if before is not None else None)
+            edges[(svc, addr)] = (first, last, before)
         return pairs, edges
 
-    def _gaps(self, cur: Any, filters: sql.Composable, params: dict[str, Any], pairs: dict[tuple[str, str], Any],
-              edges: dict[tuple[str, str], tuple[datetime, datetime, Any]], gap: float) -> list[Any]:
-        """Every gap longer than `gap` inside the window: (service, ip, previous, next)."""
-        # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots. With
-        # many hosts, half of the 后端 rows are read on a second connection meanwhile.
-        hosts = sorted(addr for svc, addr in pairs if svc == BACKEND)
-        backend_gaps = filters + sql.SQL(" AND p.service_name = %(backend)s AND p.ip_address = ANY(%(hosts)s)")
-        side = self._beside(cur, self.ledger._q(GAPS, filters=backend_gaps),
-                            dict(params, hosts=hosts[::2], timeout_ms=self.ledger._timeout_ms)) if len(hosts) >= 8 else None
-        cur.execute(self.ledger._q(GAPS, filters=backend_gaps), dict(params, hosts=hosts[1::2] if side is not None else hosts))
+    def gaps(self, cur: Any, keys: Sequence[tuple[str, str]], params: dict[str, Any]) -> list[Any]:
+        """Every gap longer than params' gap in these pairs' rows in [since, until): (service, ip, prev, next).
+        With many pairs, half of them are read on a second connection meanwhile."""
+        if not keys:
+            return []
+        side = self._beside(cur, self.ledger._q(GAPS), dict(params, **self.ledger.given(keys[::2]),
+                                                             timeout_ms=self.ledger._timeout_ms)) if len(keys) >= 8 else None
+        cur.execute(self.ledger._q(GAPS), dict(params, **self.ledger.given(keys[1::2] if side is not None else keys)))
         found: list[Any] = cur.fetchall()
-        for key, (first, last, _) in edges.items():
-            if key[0] != BACKEND:
-                found += [(key[0], key[1], prev, nxt) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
         if side is not None:
             found += side.result()
         return found
 
-    def _reporters(self, cur: Any, filters: sql.Composable, params: dict[str, Any],
-                   pairs: dict[tuple[str, str], PairReport]) -> None:
+    def _gaps(self, cur: Any, params: dict[str, Any], edges: dict[tuple[str, str], tuple[datetime, datetime, Any]],
+              gap: float) -> list[Any]:
+        """Every gap longer than `gap` inside the window: (service, ip, previous, next)."""
+        # 后端 rows (one host's, every 30 s) are read in one pass; servers' by empty slots.
+        found = self.gaps(cur, sorted(key for key in edges if key[0] == BACKEND), params)
+        for key, (first, last, _) in edges.items():
+            if key[0] != BACKEND:
+                found += [(key[0], key[1], prev, nxt) for prev, nxt in self._server_gaps(cur, key, first, last, gap)]
+        return found
+
+    def _reporters(self, cur: Any, params: dict[str, Any], pairs: dict[tuple[str, str], PairReport]) -> None:
         """How many hosts wrote each server's rows in the last hour of the window."""
-        if not any(svc != BACKEND for svc, _ in pairs):
+        servers = sorted(key for key in pairs if key[0] != BACKEND)
+        if not servers:
             return
-        cur.execute(self.ledger._q(REPORTERS, filters=filters), params)
+        cur.execute(self.ledger._q(REPORTERS), dict(params, **self.ledger.given(servers)))
         for svc, addr, hosts in cur.fetchall():
-            if (svc, addr) in pairs:
-                pairs[(svc, addr)].reporters = int(hosts)
-        for key, report in pairs.items():
-            if key[0] != BACKEND and report.reporters is None:
-                report.reporters = 0
+            pairs[(svc, addr)].reporters = int(hosts)
 
     def _latency(self, cur: Any, pairs: dict[tuple[str, str], PairReport],
                  edges: dict[tuple[str, str], tuple[datetime, datetime, Any]]) -> None:
         """p50/p95/max of each pair's latency, over the first heartbeat of each of LATENCY_SLOTS slots."""
-        query = self.ledger._q(LATENCY_SAMPLE)
-        for key, (first, last, _) in edges.items():
-            # The last heartbeat inside the last slot: a step a little longer than span / slots.
-            step = max((last - first) / LATENCY_SLOTS, timedelta(microseconds=1)) + timedelta(microseconds=1)
-            cur.execute(query, {"n": LATENCY_SLOTS, "s": key[0], "ip": key[1], "first": self.ledger._param(first),
-                                "step": step})
-            p50, p95, top, count = cur.fetchone()
+        if not edges:
+            return
+        keys = sorted(edges)
+        # The last heartbeat inside the last slot: a step a little longer than span / slots.
+        steps = [max((edges[k][1] - edges[k][0]) / LATENCY_SLOTS, timedelta(microseconds=1)) + timedelta(microseconds=1)
+                 for k in keys]
+        cur.execute(self.ledger._q(LATENCY_SAMPLE), dict(
+            self.ledger.given(keys), n=LATENCY_SLOTS, steps=steps,
+            firsts=[self.ledger._param(edges[k][0]) for k in keys],
+            lo=self.ledger._param(min(e[0] for e in edges.values())),
+            hi=self.ledger._param(max(e[1] for e in edges.values()))))
+        for svc, addr, p50, p95, top, count in cur.fetchall():
             if count:
-                pairs[key].latency = Latency(float(p50), float(p95), float(top), int(count))
+                pairs[(svc, addr)].latency = Latency(float(p50), float(p95), float(top), int(count))
 
     def _beside(self, cur: Any, query: sql.Composed, params: dict[str, Any]) -> Optional["_Beside"]:
         """Run `query` on a helper connection that shares this transaction's snapshot; None if none."""

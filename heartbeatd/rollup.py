@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
-from heartbeatd.ledger import GAPS, NO_JIT, PAIRS, PRUNE_SERVICES, SPAN, Ledger, TableMissing, _Report
+from heartbeatd.ledger import GIVEN, NO_BEFORE, NO_JIT, PRUNE_SERVICES, Ledger, TableMissing, _Report, only
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types, object_name, run_ddl
@@ -71,7 +71,8 @@ STATE = "SELECT gap_seconds, watermark, covered_until, passed_at FROM {s} WHERE 
 CLOCK = "SELECT now() AT TIME ZONE 'UTC'"
 ALL_HOURS = "SELECT date_trunc('hour', min(report_time)::timestamp), max(report_time)::timestamp FROM {t}"
 NEW_HOURS = "SELECT DISTINCT date_trunc('hour', report_time::timestamp) FROM {t} WHERE created_at >= %(since)s ORDER BY 1"
-# Every row of [lo, hi), grouped by (service, ip, hour), plus the watcher: distinct 后端 times.
+# Every row of [lo, hi), grouped by (service, ip, hour), plus the watcher: distinct 后端 times. The address
+# as its type prints it, as the raw rows read (an `inet` column's ::text would add `/32`).
 # By service, so that the (service_name, report_time) index reads the hour, not the whole table.
 UPSERT = """\
 INSERT INTO {r} AS r (service_name, ip_address, hour, heartbeats, expected, first_time, last_time,
@@ -83,7 +84,7 @@ SELECT service_name, ip_address, hour, count(*)::int,
        coalesce(array_agg(t ORDER BY t) FILTER (WHERE t - prev > %(gap)s), ARRAY[]::timestamp[]),
        sum(ms), max(ms), count(ms)::int
   FROM (SELECT *, lag(t) OVER (PARTITION BY service_name, ip_address, hour ORDER BY t) AS prev FROM (
-          SELECT service_name::text, ip_address::text, report_time::timestamp AS t,
+          SELECT service_name::text, format('%%s', ip_address) AS ip_address, report_time::timestamp AS t,
                  date_trunc('hour', report_time::timestamp) AS hour, {ms} AS ms
             FROM {t} WHERE service_name = ANY(%(services)s) AND report_time >= %(lo)s AND report_time < %(hi)s
           UNION ALL
@@ -154,19 +155,36 @@ SELECT p.s, p.ip, (SELECT max(last_time) FROM (
          SELECT last_time FROM {r} WHERE service_name = p.s AND ip_address = p.ip AND hour < %(h0)s
           ORDER BY hour DESC LIMIT 2) x WHERE last_time < %(since)s)
   FROM unnest(%(services)s::text[], %(ips)s::text[]) p(s, ip)"""
-RAW_BEFORE = PAIRS + """\
+# The pairs: those of the rollup (a loose scan of its key; the all-hosts series left out)...
+ROLLUP_PAIRS = """\
+WITH RECURSIVE pairs AS (
+    (SELECT service_name, ip_address FROM {r} ORDER BY service_name, ip_address LIMIT 1)
+    UNION ALL
+    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
+        SELECT service_name, ip_address FROM {r} WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
+         ORDER BY service_name, ip_address LIMIT 1) n
+)
+SELECT service_name, ip_address FROM pairs p WHERE p.ip_address <> %(all)s {filters}"""
+# ... and any other with raw rows in the window after the hours the rollup covers (a host added since
+# the last pass): those rows only, by the (service_name, report_time) index.
+NEW_PAIRS = """\
+SELECT DISTINCT service_name, ip_address FROM {t}
+ WHERE service_name = ANY(%(services)s) AND report_time >= %(lo)s AND report_time < %(hi)s {filters}"""
+# Each pair's last heartbeat before the window in the raw rows of the hour `since` falls in: the
+# rollup holds every hour before it (ROLLUP_BEFORE).
+RAW_BEFORE = GIVEN + """\
 SELECT p.service_name, p.ip_address, b.report_time
   FROM pairs p, LATERAL (SELECT report_time FROM {t} WHERE service_name = p.service_name
-                            AND ip_address = p.ip_address AND report_time < %(since)s
-                          ORDER BY report_time DESC LIMIT 1) b
- WHERE true {filters}"""
+                            AND ip_address = p.ip_address AND report_time >= %(before_from)s AND report_time < %(since)s
+                          ORDER BY report_time DESC LIMIT 1) b"""
 ALIVE_RAW = """\
 SELECT DISTINCT report_time FROM {t}
  WHERE service_name = %(backend)s AND report_time > %(start)s AND report_time < %(end)s ORDER BY 1"""
-# The oldest raw row, by one descent of the (service_name, report_time) index per service; and
-# the rollup's first heartbeat in one hour: earlier than the oldest raw row, prune has been there.
+# The oldest raw row of one hour, by one descent of the (service_name, report_time) index per service;
+# and the rollup's first heartbeat in that hour: earlier than the oldest raw row, prune has been there.
 OLDEST_RAW = """\
-SELECT min((SELECT report_time::timestamp FROM {t} WHERE service_name = s ORDER BY report_time LIMIT 1))
+SELECT min((SELECT report_time::timestamp FROM {t} WHERE service_name = s
+               AND report_time >= %(lo)s AND report_time < %(hi)s ORDER BY report_time LIMIT 1))
   FROM unnest(%(services)s::text[]) s"""
 ROLLUP_FIRST = "SELECT min(first_time) FROM {r} WHERE hour = %(hour)s"
 WATCH_RAW = """\
@@ -396,7 +414,8 @@ class RollupReport:
         note = ""
         if pruned:  # raw rows of the window's first (part) hour are pruned: start at its first whole hour
             since, note = h0, f"; --since rounded up to {_iso(h0)}: the raw rows before it are pruned"
-        found = self.ledger._read(lambda cur: self._work(cur, since, end, h0, h1, gap, service, ip), seconds)
+        found = self.ledger._read(lambda cur: self._work(cur, since, end, h0, h1, state.covered_until, gap,
+                                                         service, ip), seconds)
         edges = " and ".join(f"{_iso(a)} .. {_iso(b)}" for a, b in ((since, h0), (h1, end)) if b > a)
         return list(found), (f"read hourly rollups for {_iso(h0)} .. {_iso(h1)} (pass of {_iso(state.passed_at)})"
                              + (f", raw rows for {edges}" if edges else "") + note)
@@ -406,47 +425,59 @@ class RollupReport:
         state = self.rollup.read_state(cur, missing_ok=True)
         if state is None or _hour(since) == since:
             return state, False
-        cur.execute(self.ledger._q(OLDEST_RAW), {"services": list(SERVICES)})
+        hour = _hour(since)
+        cur.execute(self.ledger._q(OLDEST_RAW), {"services": list(SERVICES), "lo": self.ledger._param(hour),
+                                                 "hi": self.ledger._param(hour + HOUR)})
         oldest = cur.fetchone()[0]
-        cur.execute(self.rollup._q(ROLLUP_FIRST), {"hour": _hour(since).replace(tzinfo=None)})
+        cur.execute(self.rollup._q(ROLLUP_FIRST), {"hour": hour.replace(tzinfo=None)})
         first = cur.fetchone()[0]
         return state, first is not None and (oldest is None or as_utc(first) < as_utc(oldest)) and \
             (oldest is None or as_utc(oldest) > since)
 
-    def _work(self, cur: Any, since: datetime, end: datetime, h0: datetime, h1: datetime, gap: float,
-              service: Optional[str], ip: Optional[str]) -> list[PairReport]:
+    def _work(self, cur: Any, since: datetime, end: datetime, h0: datetime, h1: datetime, covered: datetime,
+              gap: float, service: Optional[str], ip: Optional[str]) -> list[PairReport]:
         ledger = self.ledger
         params: dict[str, Any] = {"gap": timedelta(seconds=gap), "backend": BACKEND, "all": WATCHER,
                                   "service": service, "ip": ip, "since": ledger._param(since),
                                   "until": ledger._param(end), "h0": h0.replace(tzinfo=None),
-                                  "h1": h1.replace(tzinfo=None),
+                                  "h1": h1.replace(tzinfo=None), "before_from": ledger._param(_hour(since)),
                                   "recent": ledger._param(max(since, end - timedelta(hours=1)))}
-        raw_filters = sql.SQL((" AND p.service_name = %(service)s" if service else "")
-                              + (" AND p.ip_address = %(ip)s" if ip else ""))
-        filters = sql.SQL(" AND p.ip_address <> %(all)s" + (" AND p.service_name = %(service)s" if service else "")
-                          + (" AND p.ip_address = %(ip)s" if ip else ""))
+        filters = sql.SQL(" AND p.ip_address <> %(all)s") + only(service, ip)
+        keys = self._pairs(cur, since, end, covered, service, ip, params)
         series: dict[Key, _Series] = {}
         if since < h0:
-            self._raw(cur, since, h0, raw_filters, params, series)
+            self._raw(cur, since, h0, keys, params, series)
         self._rolled(cur, filters, params, series)
         if h1 < end:
-            self._raw(cur, h1, end, raw_filters, params, series)
-        befores = self._befores(cur, raw_filters, sorted(series), params)
+            self._raw(cur, h1, end, keys, params, series)
+        befores = self._befores(cur, sorted(series), params)
         watcher = self._watcher(cur, since, h0, h1, end, params) if any(k[0] != BACKEND for k in series) else []
-        return self._assemble(cur, series, befores, watcher, since, end, gap, raw_filters, params)
+        return self._assemble(cur, series, befores, watcher, since, end, gap, params)
 
-    def _raw(self, cur: Any, lo: datetime, hi: datetime, filters: sql.Composable, params: dict[str, Any],
+    def _pairs(self, cur: Any, since: datetime, end: datetime, covered: datetime, service: Optional[str],
+               ip: Optional[str], params: dict[str, Any]) -> list[Key]:
+        """The (service, ip) pairs the raw edges are read for: the rollup's, and those with raw rows in the
+        window after the hours it covers. Never a scan of the whole raw table (see PAIRS)."""
+        cur.execute(self.rollup._q(ROLLUP_PAIRS, filters=only(service, ip)), params)
+        keys = {(svc, addr) for svc, addr in cur.fetchall()}
+        lo = max(since, covered.replace(tzinfo=UTC))
+        if lo < end:
+            services = [service] if service else sorted(set(SERVICES) | {svc for svc, _ in keys})
+            cur.execute(self.ledger._q(NEW_PAIRS, filters=only(service, ip, prefix="")),
+                        dict(params, services=services, lo=self.ledger._param(lo), hi=self.ledger._param(end)))
+            keys |= {(svc, addr) for svc, addr in cur.fetchall()}
+        return sorted(keys)
+
+    def _raw(self, cur: Any, lo: datetime, hi: datetime, keys: Sequence[Key], params: dict[str, Any],
              series: dict[Key, _Series]) -> None:
         """One edge's chunk of each pair from raw rows: first, last and gaps, as the raw report finds them."""
-        q = self.ledger._q
+        raw = _Report(self.ledger)
         edge = dict(params, since=self.ledger._param(lo), until=self.ledger._param(hi))
-        cur.execute(q(GAPS, filters=filters), edge)
         inner: dict[Key, list[tuple[datetime, datetime]]] = {}
-        for svc, addr, prev, nxt in cur.fetchall():
+        for svc, addr, prev, nxt in raw.gaps(cur, keys, edge):
             inner.setdefault((svc, addr), []).append((as_utc(prev), as_utc(nxt)))
-        cur.execute(q(SPAN, filters=filters), edge)
-        for svc, addr, first, last, _ in sorted(cur.fetchall()):
-            series.setdefault((svc, addr), _Series()).add(as_utc(first), as_utc(last), inner.get((svc, addr), []),
+        for svc, addr, first, last, _ in raw.spans(cur, keys, edge, before=NO_BEFORE):
+            series.setdefault((svc, addr), _Series()).add(first, last, sorted(inner.get((svc, addr), [])),
                                                           params["gap"].total_seconds())
 
     def _rolled(self, cur: Any, filters: sql.Composable, params: dict[str, Any], series: dict[Key, _Series]) -> None:
@@ -464,11 +495,12 @@ class RollupReport:
         return [(svc, addr, as_utc(first), as_utc(last), sorted(inner.get((svc, addr), [])))
                 for svc, addr, first, last in sorted(cur.fetchall())]
 
-    def _befores(self, cur: Any, raw_filters: sql.Composable, keys: list[Key],
-                 params: dict[str, Any]) -> dict[Key, datetime]:
-        """Each pair's last heartbeat before the window: in raw rows, else (pruned) in the rollup."""
+    def _befores(self, cur: Any, keys: list[Key], params: dict[str, Any]) -> dict[Key, datetime]:
+        """Each pair's last heartbeat before the window: in the raw rows of since's hour, else in the rollup."""
         found: dict[Key, datetime] = {}
-        cur.execute(self.ledger._q(RAW_BEFORE, filters=raw_filters), params)
+        if not keys:
+            return found
+        cur.execute(self.ledger._q(RAW_BEFORE), dict(params, **self.ledger.given(keys)))
         rows = cur.fetchall()
         cur.execute(self.rollup._q(ROLLUP_BEFORE), dict(params, services=[k[0] for k in keys], ips=[k[1] for k in keys]))
         for svc, addr, when in rows + cur.fetchall():
@@ -500,7 +532,7 @@ class RollupReport:
 
     def _assemble(self, cur: Any, series: dict[Key, _Series], befores: dict[Key, datetime],
                   watcher: list[tuple[datetime, datetime]], since: datetime, end: datetime, gap: float,
-                  raw_filters: sql.Composable, params: dict[str, Any]) -> list[PairReport]:
+                  params: dict[str, Any]) -> list[PairReport]:
         """The pairs' reports from their gaps, as ledger._Report.run makes them from raw rows."""
         pairs: dict[Key, PairReport] = {}
         edges: dict[Key, tuple[datetime, datetime, Optional[datetime]]] = {}
@@ -530,7 +562,7 @@ class RollupReport:
             report.outages += outages
             report.no_data += no_data
         raw = _Report(self.ledger)
-        raw._reporters(cur, raw_filters, params, pairs)
+        raw._reporters(cur, params, pairs)
         if self.ledger.has_latency:
             raw._latency(cur, pairs, edges)
         return list(pairs.values())

@@ -250,9 +250,9 @@ def test_rollup_without_init_db_is_one_line(pg: PgServer) -> None:
                                      "exist: run `heartbeatd init-db`")
 
 
-def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
-    """CREATE INDEX CONCURRENTLY is refused on a partitioned table: ON ONLY, then each partition's, attached."""
-    from heartbeatd import rollup, schema
+def day_partitions(pg: PgServer) -> datetime:
+    """The table partitioned by day, an operator's way: p0, p1, p2 from T0's day on, a DEFAULT one, the
+    pair index only; history(9) in it. The start of p1 (aware UTC)."""
     day = T0.replace(hour=0, tzinfo=None)
     pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
            "report_time timestamp NOT NULL, created_at timestamp NOT NULL, latency_ms real) "
@@ -264,6 +264,13 @@ def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
     pg.sql("CREATE TABLE service_heartbeat_default PARTITION OF service_heartbeat DEFAULT", db=pg.dbname)
     pg.sql("CREATE INDEX ON service_heartbeat (service_name, ip_address, report_time)", db=pg.dbname)
     insert(pg, history(9))
+    return (day + 24 * H).replace(tzinfo=UTC)
+
+
+def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
+    """CREATE INDEX CONCURRENTLY is refused on a partitioned table: ON ONLY, then each partition's, attached."""
+    from heartbeatd import rollup, schema
+    day_partitions(pg)
     conn = pg.connect(pg.dbname)
     conn.autocommit = True
     try:
@@ -279,6 +286,67 @@ def test_a_partitioned_table_gets_its_index_and_rollups(pg: PgServer) -> None:
     for since, until in WINDOWS[:3]:
         raw, rolled, source = both(pg, since, until)
         assert rolled == raw and "read hourly rollups" in source
+
+
+def test_a_report_reads_only_its_windows_partitions(pg: PgServer) -> None:
+    """A report from rollups finds its pairs in the rollup and bounds every raw read by the window's times,
+    so the planner keeps only the partitions of those times: an older partition held by another session
+    (prune's DROP waiting, a long ALTER) holds no report up, nor is planned (on a year of day partitions,
+    planning every one took 40-70 ms a statement, a Merge Append over them 3 ms a pair)."""
+    from heartbeatd import rollup, schema
+    p1 = day_partitions(pg)
+    conn = pg.connect(pg.dbname)
+    conn.autocommit = True
+    schema.init_db(conn, ("service_heartbeat",), 5)
+    rollup.init_db(conn, ("service_heartbeat",), 5)
+    conn.close()
+    roll(pg)
+    windows = [(p1 + 17 * M + 3 * S, NOW, None), (p1 + 2 * H, NOW - 2 * H, HOSTS[1]), (p1 + 5 * H + 59 * M, NOW, None)]
+    holder = pg.connect(pg.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:  # ACCESS EXCLUSIVE: a reader that so much as plans p0 waits for it
+        cur.execute("LOCK TABLE service_heartbeat_p0 IN ACCESS EXCLUSIVE MODE")
+    try:
+        rolled = []
+        for since, until, ip in windows:
+            led = Ledger(pg.connect(pg.dbname), ("service_heartbeat",), 3, helper=lambda: pg.connect(pg.dbname))
+            try:
+                found, source = RollupReport(led).run(since, until, 65, NOW, ip=ip, seconds=3)
+            finally:
+                led.conn.close()
+            assert "read hourly rollups" in source and "raw rows for" in source, source
+            assert found and all(p.latency is not None for p in found), found
+            rolled.append(found)
+    finally:
+        holder.rollback()
+        holder.close()
+    for (since, until, ip), found in zip(windows, rolled):
+        raw, _, _ = both(pg, since, until, ip=ip)
+        assert found == raw, (since, until, ip)
+
+
+def test_a_host_added_after_the_last_pass_is_in_the_report(table: PgServer) -> None:
+    """The pairs come from the rollup, and from the raw rows after the hours it covers: a host (and a
+    Redis) whose first heartbeats came after the last pass are in the report, as in the raw rows'."""
+    insert(table, history(6))
+    covered = roll(table).covered_until
+    now = covered + 20 * M  # 40 heartbeats after the pass's hours, whatever minute the test runs in
+    rows = []
+    for n in range(40):
+        when = (covered + n * 30 * S).replace(tzinfo=None)
+        rows += [("后端", "10.0.0.9", when, when, 2.0), ("redis", "10.1.0.9", when, when, 3.0)]
+    insert(table, rows)
+    led = ledger(table)
+    try:
+        for since, ip in ((T0 + 17 * M, None), (T0 + 2 * H, "10.0.0.9"), (covered - 2 * H - 13 * M, None)):
+            raw = led.report(since, now, 65, now, ip=ip, seconds=60)
+            rolled, source = RollupReport(led).run(since, now, 65, now, ip=ip, seconds=60)
+            assert "read hourly rollups" in source, source
+            assert rolled == raw, (since, ip)
+            assert ("后端", "10.0.0.9") in [(p.service, p.ip) for p in rolled]
+            assert ip is not None or ("redis", "10.1.0.9") in [(p.service, p.ip) for p in rolled]
+    finally:
+        led.conn.close()
 
 
 def test_ctrl_c_cancels_the_pass_on_the_server(table: PgServer) -> None:
@@ -353,3 +421,22 @@ def test_prune_without_a_rollup_pass_prunes_as_before(table: PgServer) -> None:
     assert result.returncode == 0 and "kept the rows" not in result.stderr, result.stderr
     assert table.sql("SELECT count(*) FROM service_heartbeat WHERE report_time < %s",
                      ((NOW - 2 * H - 5 * M).replace(tzinfo=None),), db=table.dbname)[0][0] == 0
+
+
+def test_an_inet_address_column_reports_the_same_from_rollups(pg: PgServer) -> None:
+    """An operator's table whose ip_address is `inet`: the rollup keeps the address as the raw rows show it
+    (inet's text cast would add `/32`), and the pairs handed back compare as inet."""
+    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
+           "ip_address inet NOT NULL, report_time timestamp NOT NULL, created_at timestamp NOT NULL, "
+           "latency_ms double precision)", db=pg.dbname)
+    result = cli(["init-db"], env_for(pg))
+    assert result.returncode == 0, result.stderr
+    insert(pg, history(7))
+    roll(pg)
+    assert pg.sql("SELECT DISTINCT ip_address FROM service_heartbeat_hourly WHERE service_name = 'redis'",
+                  db=pg.dbname) == [(REDIS,)]
+    for since, until in WINDOWS[:3]:
+        raw, rolled, source = both(pg, since, until)
+        assert "read hourly rollups" in source and rolled == raw, (since, until)
+    raw, rolled, _ = both(pg, T0 + 2 * H, NOW, ip=HOSTS[2])
+    assert rolled == raw and [p.ip for p in raw] == [HOSTS[2]]
