@@ -33,30 +33,33 @@ from heartbeatd.schema import ColumnType, declared_types
 # STRIPES locks of the table by its report_time (lock_keys): a cycle's rows take one, a batch of
 # 500 spooled rows a few hundred at most, and the fleet never more than STRIPES of PostgreSQL's
 # shared lock table. A writer takes its stripes in ascending order (unnest keeps the array's
-# order), so two writers cannot deadlock. The stripes are written into the statement as numbers,
-# into the slots of a composed statement (Stated): they are our own integers, with nothing to
-# quote, and a list parameter would cost psycopg2 a Python adapter for the list and for each of its
-# elements, every cycle (the largest client cost a write had: about 14,000 instructions).
+# order), so two writers cannot deadlock. The lock statement is written whole for each write, the
+# stripes in it as numbers, into a slot of a composed statement (Stated): they are our own integers,
+# with nothing to quote, and a list parameter would cost psycopg2 a Python adapter for the list and
+# for each of its elements, every cycle (the largest client cost a write had: about 14,000
+# instructions). A cycle's rows take one stripe: one call, which costs the server half what planning
+# the unnest() does (pg_stat_statements, a pooled fleet: 16 against 33 us a cycle).
 TIMEOUT = "SET LOCAL statement_timeout = {timeout};\n"
+LOCK_ONE = "SELECT pg_advisory_xact_lock({space}, {stripe})"
 LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::int4[]) AS s"
-# DISTINCT ON the key: two rows of one batch whose keys the column makes one (two cycles within a
-# second, into a `timestamp(0)` column) are one row, as they would be written one at a time; NOT
-# EXISTS sees only what the table held before the statement. It looks only within the seconds of
-# the batch's first and last report_time, written into the statement as constants (slots again:
-# whole seconds since the epoch, a second wider each way than the times as stored, and
-# to_timestamp() of them, which the planner folds): on a partitioned table it then plans and locks
-# the one partition they fall in, not every partition and its indexes (a year of daily
-# partitions: 30 ms of the server's CPU a write, against 0.3 ms).
-MISSING = ("SELECT DISTINCT ON ({key}) {picked} FROM (VALUES {values}) AS v ({columns})"
+# NOT EXISTS sees only what the table held before the statement: two rows of one batch with the
+# same key as stored (two cycles within a second into a `timestamp(0)` column: times are sent as
+# stored, see _as_stored) are sent once (_Shape.values), as they would be written one at a time. It
+# looks only within the seconds of the batch's first and last report_time, written into the
+# statement as constants (slots again: whole seconds since the epoch, a second wider each way than
+# the times as stored, and to_timestamp() of them, which the planner folds): on a partitioned table
+# it then plans and locks the one partition they fall in, not every partition and its indexes (a
+# year of daily partitions: 30 ms of the server's CPU a write, against 0.3 ms).
+MISSING = ("SELECT {picked} FROM (VALUES {values}) AS v ({columns})"
            " WHERE NOT EXISTS (SELECT 1 FROM {table} h WHERE {same} AND h.{report} BETWEEN {first} AND {last})")
-INSERT_MISSING = TIMEOUT + LOCK + ";\nINSERT INTO {table} ({columns}) " + MISSING
+INSERT_MISSING = TIMEOUT + "{lock};\nINSERT INTO {table} ({columns}) " + MISSING
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
 # one empty row for each row missing, and that count is what the table got. (Not everywhere: it
 # costs the server a CTE and the client a result of rows, and PostgreSQL refuses an INSERT in WITH
 # on a table with conditional rules, the other old way to partition, 0A000: there the rows are
 # written uncounted, as before.)
-INSERT_MISSING_COUNTED = TIMEOUT + LOCK + ";\nWITH missing AS (" + MISSING + """),
+INSERT_MISSING_COUNTED = TIMEOUT + "{lock};\nWITH missing AS (" + MISSING + """),
      inserted AS (INSERT INTO {table} ({columns}) SELECT * FROM missing)
 SELECT FROM missing"""
 ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
@@ -79,7 +82,8 @@ OUT_OF_LOCKS = "53200"  # out of shared memory: "You might need to increase max_
 # trips in all, three when the table refuses every row. A client that stalls between them (frozen,
 # its network gone) must not leave the locks held by an idle transaction until TCP gives up, so
 # the server ends that too within the timeout.
-JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + "SET LOCAL idle_in_transaction_session_timeout = {timeout};\n" + LOCK + """;
+JUDGE_BEGIN = "BEGIN;\n" + TIMEOUT + """SET LOCAL idle_in_transaction_session_timeout = {timeout};
+{lock};
 SET CONSTRAINTS ALL IMMEDIATE;
 SELECT FROM {table} WHERE false;
 SAVEPOINT heartbeatd_row;
@@ -87,7 +91,7 @@ SAVEPOINT heartbeatd_row;
 JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
-SLOTS = ("stripes", "first", "last")  # what each write fills into its composed statement
+SLOTS = ("lock", "first", "last")  # what each write fills into its composed statement
 _SLOT_AT = {name: at for at, name in enumerate(SLOTS)}
 
 
@@ -220,7 +224,7 @@ class Writer:
         cur.execute(ROUTED, (self._ident.as_string(cur),))
         found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
-        return _Shape(types, counted=bool(found and found[0]))
+        return _Shape(types, counted=bool(found and found[0]), space=self._space)
 
     def _query(self, cur: Any, shape: "_Shape", count: int) -> Stated:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
@@ -234,10 +238,9 @@ class Writer:
             names = [sql.Identifier(c.name) for c in shape.columns]
             query = Stated.compose(
                 cur, INSERT_MISSING_COUNTED if shape.counted else INSERT_MISSING,
-                timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space), table=self._ident,
+                timeout=sql.Literal(self._server_timeout_ms), table=self._ident,
                 values=values, columns=sql.SQL(", ").join(names),
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
-                key=sql.SQL(", ").join(sql.SQL("v.") + sql.Identifier(c.name) for c in KEY),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 report=sql.Identifier("report_time"), first=shape.bound.format(Stated.mark("first")),
                 last=shape.bound.format(Stated.mark("last")))
@@ -257,15 +260,16 @@ class Writer:
                 shape = self._shape
                 if shape is None:
                     shape = self._shape = self._lookup(cur)
-                values = shape.values(rows, self._clock())
-                cur.execute(self._query(cur, shape, len(rows)).filled(shape.filling(values)), values)
+                sent = shape.values(rows, self._clock())
+                count = len(sent.times)  # fewer than rows where two are one as stored
+                cur.execute(self._query(cur, shape, count).filled(shape.filling(sent)), sent.params)
                 # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
                 # INSERT's own count): a replay of rows already in the table inserts none, which is
                 # no sign that the table takes rows.
-                count = cur.rowcount
-                if count > 0:
-                    self.inserted += count
-                    if count == len(rows):  # each one inserted now, the last one too: a row it takes
+                inserted = cur.rowcount
+                if inserted > 0:
+                    self.inserted += inserted
+                    if inserted == count:  # each one inserted now, the last one too: a row it takes
                         self.witness = rows[-1]
         except Exception as exc:  # noqa: BLE001 - any driver failure means "not written"
             raise self._write_error(exc) from exc
@@ -293,9 +297,9 @@ class Writer:
                 copy = witness._replace(report_time=now) if witness is not None else None
                 mine = shape.values([row], now)
                 theirs = shape.values([copy], now) if copy else mine
-                taken = ",".join(map(str, sorted({*shape.stripes(mine), *shape.stripes(theirs)})))
+                taken = shape.lock(sorted({*shape.stripes(mine), *shape.stripes(theirs)}))
                 why = self._refused(cur, self._judge_begin(cur).filled((taken, "", ""))
-                                    + insert.filled((taken, *shape.filling(mine)[1:])), shape, row)
+                                    + insert.filled((taken, *shape.filling(mine)[1:])), mine.params)
                 if why is None:
                     count = cur.rowcount
                     cur.execute("COMMIT")
@@ -308,7 +312,7 @@ class Writer:
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
                 table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled((taken, *shape.filling(theirs)[1:]))),
-                                          shape, copy)
+                                          theirs.params)
                 if table_why is None:
                     return Refusal(why, True)
                 cur.execute("ROLLBACK")
@@ -321,15 +325,14 @@ class Writer:
         begin = self._begin
         if begin is None:
             begin = self._begin = Stated.compose(
-                cur, JUDGE_BEGIN, timeout=sql.Literal(self._server_timeout_ms), space=sql.Literal(self._space),
-                table=self._ident)
+                cur, JUDGE_BEGIN, timeout=sql.Literal(self._server_timeout_ms), table=self._ident)
         return begin
 
-    def _refused(self, cur: Any, query: str, shape: "_Shape", row: Row) -> Optional[str]:
+    def _refused(self, cur: Any, query: str, params: Sequence[Any]) -> Optional[str]:
         """One row's INSERT (with what goes before or after it): None if taken, the reason if refused for a
         data reason."""
         try:
-            cur.execute(query, shape.values([row], self._clock()))
+            cur.execute(query, params)
         except Exception as exc:  # noqa: BLE001 - sorted here: a data reason is an answer, the rest is not
             error = self._write_error(exc)
             if not error.data_error:
@@ -407,26 +410,34 @@ def _as_stored(typ: ColumnType) -> Optional[Callable[[datetime], datetime]]:
 def _slot(column: Column, typ: ColumnType) -> sql.Composable:
     """Where a column's value stands in the VALUES list: the parameter, cast to the column's type.
 
-    A time is cast to the type as declared (`timestamp(0) without time zone`): the replay then
-    compares what is stored with what it would store (one of full precision is sent typed as its
-    column already, and left as it is). Any other value goes to the bare type name: a length
-    (varchar(50)) would truncate instead of refusing what is too long (22001).
+    A time (sent as text, see _Shape.values) is cast to the type as declared (`timestamp(0) without
+    time zone`): the replay then compares what is stored with what it would store. Any other value
+    goes to the bare type name: a length (varchar(50)) would truncate instead of refusing what is too
+    long (22001).
     """
-    if column.time:
-        return sql.Placeholder() if typ.typmod < 0 else sql.SQL("CAST({} AS {})").format(
-            sql.Placeholder(), sql.SQL(typ.declared))
-    return sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.Identifier(typ.name))
+    return sql.SQL("CAST({} AS {})").format(sql.Placeholder(),
+                                            sql.SQL(typ.declared) if column.time else sql.Identifier(typ.name))
+
+
+class Sent(NamedTuple):
+    """A write's rows as sent: the statement's parameters, row after row, and each row's report_time."""
+
+    params: list[Any]
+    times: list[datetime]  # as stored (what the lock stripes and the NOT EXISTS's bounds are made of)
 
 
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "counted", "columns", "slots", "bound", "_convert", "_stamps", "_extras", "_report_at",
-                 "_width", "_epoch")
+    __slots__ = ("types", "counted", "columns", "slots", "bound", "_convert", "_stamps", "_extras",
+                 "_report_at", "_key_times", "_epoch", "_lock_one", "_lock")
 
-    def __init__(self, types: dict[str, ColumnType], counted: bool = False) -> None:
+    def __init__(self, types: dict[str, ColumnType], counted: bool = False, space: int = 0) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
+        # `space`: the first key of the table's advisory locks (lock_space).
         self.types, self.counted = types, counted
+        self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
+        self._lock = LOCK.format(space=space, stripes="\0").split("\0")
         # A row's values in the order a Row holds them: the key columns, the stamps (set by the
         # write), then the extra columns this table has; each group in COLUMNS' order.
         extras = [c for c in EXTRA if c.name in types]
@@ -439,7 +450,7 @@ class _Shape:
         # Where in Row.extra each extra column's value is: None when the table has all of them.
         self._extras = None if len(extras) == len(EXTRA) else [EXTRA.index(c) for c in extras]
         self._report_at = KEY.index(next(c for c in KEY if c.name == "report_time"))  # the lock stripes' time
-        self._width = len(self.columns)
+        self._key_times = [at for at, c in enumerate(KEY) if c.time]
         # The NOT EXISTS's bounds on report_time (MISSING): whole seconds since the epoch, of the times
         # as sent (naive UTC for `timestamp`), as the column's type; AT TIME ZONE 'UTC' with a constant
         # zone, like to_timestamp(), is immutable, so the planner folds them and prunes partitions.
@@ -447,39 +458,66 @@ class _Shape:
         self.bound = sql.SQL("(to_timestamp({}) AT TIME ZONE 'UTC')" if naive else "to_timestamp({})")
         self._epoch = NAIVE_EPOCH if naive else EPOCH
 
-    def values(self, rows: Sequence[Row], now: datetime) -> list[Any]:
-        """The values of every row, one row after the other, each in the order of `columns`.
+    def values(self, rows: Sequence[Row], now: datetime) -> Sent:
+        """The values of every row, one row after the other, each in the order of `columns`; a row the
+        same as stored as one before it is left out (MISSING).
 
-        One pass over the rows, without a comprehension per row (in Python 3.11 each is a function
-        made and called): this runs every cycle."""
-        stamps = [stored(now) for stored in self._stamps]  # set by the write: the same for every row
+        Each distinct time is sent as its text, made once a write: psycopg2 adapts a datetime
+        parameter for 20,000 instructions, a string for 7,000, and a cycle's rows share their two
+        times (a cycle's 3 rows: 60,000 instructions less, 5 % of the cycle). One pass over the rows,
+        without a comprehension per row (in Python 3.11 each is a function made and called): this
+        runs every cycle."""
+        texts: dict[datetime, str] = {}
+        stamps = []
+        for stored in self._stamps:  # set by the write: the same for every row
+            stamps.append(str(stored(now)))
         convert, extras, n_extra, n_key = self._convert, self._extras, len(EXTRA), len(KEY)
+        key_times, report_at = self._key_times, self._report_at
         some_extra = extras is None or bool(extras)
-        values: list[Any] = []
+        params: list[Any] = []
+        times: list[datetime] = []
+        seen = set()
         for row in rows:
             key: list[Any] = [*row[:n_key]]
             for at, stored in convert:
                 key[at] = stored(key[at])
-            values += key
-            values += stamps
+            one = tuple(key)
+            if one in seen:  # the same row as stored as one before it: sent once (MISSING)
+                continue
+            seen.add(one)
+            times.append(key[report_at])
+            for at in key_times:
+                when = key[at]
+                text = texts.get(when)
+                if text is None:
+                    text = texts[when] = str(when)  # ISO 8601, `+00:00` when aware: any DateStyle reads it
+                key[at] = text
+            params += key
+            params += stamps
             if some_extra:
                 extra = row.extra
                 if len(extra) < n_extra:  # a row spooled before the column existed: NULL
                     extra = (*extra, *[None] * (n_extra - len(extra)))
-                values += extra if extras is None else [extra[at] for at in extras]
-        return values
+                params += extra if extras is None else [extra[at] for at in extras]
+        return Sent(params, times)
 
-    def stripes(self, values: Sequence[Any]) -> list[int]:
-        """The lock stripes of rows laid out by `values` (their report_times as sent, that is as stored)."""
-        return lock_keys(values[self._report_at::self._width])
+    def stripes(self, sent: Sent) -> list[int]:
+        """The lock stripes of rows as sent (their report_times as stored)."""
+        return lock_keys(sent.times)
 
-    def filling(self, values: Sequence[Any]) -> tuple[str, str, str]:
-        """What a write of rows laid out by `values` fills into its statement's slots (Stated): its lock
-        stripes, and the seconds of its first and last report_time (as sent, that is as stored): in SLOTS' order."""
-        times = values[self._report_at::self._width]
+    def filling(self, sent: Sent) -> tuple[str, str, str]:
+        """What a write of rows as sent fills into its statement's slots (Stated): its lock statement, and
+        the seconds of its first and last report_time (as stored): in SLOTS' order."""
+        times = sent.times
         first, last = min(times) - self._epoch, max(times) - self._epoch  # whole days and seconds: no division
-        return (",".join(map(str, lock_keys(times))),
+        return (self.lock(lock_keys(times)),
                 str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2))
+
+    def lock(self, stripes: Sequence[int]) -> str:
+        """The statement that takes these stripes' advisory locks (ascending), in the table's space."""
+        if len(stripes) == 1:
+            return self._lock_one[0] + str(stripes[0]) + self._lock_one[1]
+        return self._lock[0] + ",".join(map(str, stripes)) + self._lock[1]
 
 
 def _as_it_is(value: datetime) -> datetime:

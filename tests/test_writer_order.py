@@ -43,16 +43,20 @@ def test_the_last_try_takes_the_witness_stripe_with_the_rows_and_cannot_deadlock
 
     thread = threading.Thread(target=other_host)
 
-    def clock() -> datetime:
-        # The first time inside the last try's transaction (the row refused, its stripe 900 held): the
+    judge = Writer(("hb",), timeout=10.0, clock=lambda: T_WITNESS)  # the witness's copy: stripe 5
+    refused = judge._refused
+
+    def row_refused(cur: Any, query: str, params: Any) -> Any:
+        # Inside the last try's transaction, the row refused (its stripe 900 held, and 5): the
         # witness's INSERT comes next. The other writer takes 5 and waits for 900 meanwhile.
-        if not calls["n"] and conn_b.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        why = refused(cur, query, params)
+        if not calls["n"]:
             calls["n"] = 1
             thread.start()
             time.sleep(1.0)
-        return T_WITNESS
+        return why
 
-    judge = Writer(("hb",), timeout=10.0, clock=clock)
+    judge._refused = row_refused  # type: ignore[method-assign]
     judge.write(conn_b, [Row("ok", "10.0.0.1", T_WITNESS - timedelta(hours=1))])  # a row taken: the witness
     judge_error = None
     try:

@@ -115,7 +115,7 @@ def test_a_write_touches_only_its_own_partition(pg: PgServer, kind: str) -> None
         with conn.cursor() as cur:  # what the planner reads for a write: one partition
             cur.execute("EXPLAIN " + writer._query(cur, writer._shape, 3).filled(
                 writer._shape.filling(writer._shape.values(batch, WHEN))).split(";\n")[-1],  # type: ignore[union-attr]
-                writer._shape.values(batch, WHEN))  # type: ignore[union-attr]
+                writer._shape.values(batch, WHEN).params)  # type: ignore[union-attr]
             plan = "\n".join(r[0] for r in cur.fetchall())
         assert set(re.findall(r"service_heartbeat_(\d+)", plan)) == {"60"}, plan
     finally:
@@ -324,4 +324,12 @@ def test_lock_keys_are_ascending_and_the_same_for_the_same_rows() -> None:
     first = shape.values([Row("redis", "10.0.0.1", early)], WHEN)
     second = shape.values([Row("redis", "10.0.0.1", late)], WHEN)
     assert shape.stripes(first) == shape.stripes(second) == lock_keys([datetime(2026, 12, 6, 20, 0, 1)])
-    assert first[2] == second[2] == datetime(2026, 12, 6, 20, 0, 1)  # sent as stored: naive UTC, rounded
+    assert first.times == second.times == [datetime(2026, 12, 6, 20, 0, 1)]  # as stored: naive UTC, rounded
+    assert first.params[2] == "2026-12-06 20:00:01"  # sent as that text
+    # ... so two rows of a batch that are one as stored are sent once, and a cycle's one stripe is one call.
+    both = shape.values([Row("redis", "10.0.0.1", early), Row("redis", "10.0.0.1", late),
+                         Row("redis", "10.0.0.2", late)], WHEN)
+    assert both.params == first.params + second.params[:1] + ["10.0.0.2"] + second.params[2:]
+    assert both.times == first.times * 2
+    assert shape.lock([7]) == "SELECT pg_advisory_xact_lock(0, 7)"
+    assert shape.lock([7, 900]) == "SELECT pg_advisory_xact_lock(0, s) FROM unnest(ARRAY[7,900]::int4[]) AS s"
