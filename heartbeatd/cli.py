@@ -362,7 +362,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     ledger = _ledger(config)
     now = utcnow()
     try:
-        found = ledger.latest(timedelta(seconds=args.window.seconds), _stale_after(config), now)
+        found = ledger.latest(timedelta(seconds=args.window.seconds), _stale_after(config), now,
+                              pairs=rollup.Rollup(ledger).readable_pairs)
     except READ_FAILURES as exc:
         return _read_failed("status", exc)
     finally:

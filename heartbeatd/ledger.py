@@ -83,6 +83,12 @@ GIVEN = """\
 WITH pairs AS (SELECT * FROM unnest(%(pair_services)s::{service_type}[], %(pair_ips)s::{ip_type}[])
                              AS p(service_name, ip_address))
 """
+LATEST_GIVEN = GIVEN + """\
+SELECT p.service_name, p.ip_address, l.report_time
+  FROM pairs p, LATERAL (SELECT report_time FROM {t}
+                          WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
+                          ORDER BY report_time DESC LIMIT 1) l
+ ORDER BY 1, 2"""
 # Per (service, ip), through the (service_name, ip_address, report_time) index so that only the
 # window's rows are read: its first and last heartbeat in the window and ({before}) the one before it...
 SPAN = GIVEN + """\
@@ -326,10 +332,19 @@ class Ledger:
 
     # -- status ---------------------------------------------------------------------------
 
-    def latest(self, window: timedelta, stale_after: float, now: datetime) -> list[Latest]:
-        """Every (service, ip) seen within `window`, with its newest heartbeat and whether it is fresh."""
+    def latest(self, window: timedelta, stale_after: float, now: datetime,
+               pairs: Optional[Callable[[Any, datetime, datetime], Optional[list[tuple[str, str]]]]] = None
+               ) -> list[Latest]:
+        """Every (service, ip) seen within `window`, with its newest heartbeat and whether it is fresh.
+
+        `pairs(cur, since, now)`: the pairs to look at (from the hourly rollups: Rollup.readable_pairs), each
+        read within the window only; None from it, or no `pairs`, scans the table for them (PAIRS)."""
         def work(cur: Any) -> list[Latest]:
-            cur.execute(self._q(LATEST), {"since": self._param(now - window)})
+            keys = pairs(cur, now - window, now) if pairs is not None else None
+            if keys is None:
+                cur.execute(self._q(LATEST), {"since": self._param(now - window)})
+            else:
+                cur.execute(self._q(LATEST_GIVEN), dict(self.given(keys), since=self._param(now - window)))
             found = []
             for service, ip, last in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()

@@ -186,6 +186,8 @@ OLDEST_RAW = """\
 SELECT min((SELECT report_time::timestamp FROM {t} WHERE service_name = s
                AND report_time >= %(lo)s AND report_time < %(hi)s ORDER BY report_time LIMIT 1))
   FROM unnest(%(services)s::text[]) s"""
+READABLE = """SELECT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(%(r)s), 'SELECT')
+                AND pg_catalog.has_table_privilege(pg_catalog.to_regclass(%(s)s), 'SELECT'), false)"""
 ROLLUP_FIRST = "SELECT min(first_time) FROM {r} WHERE hour = %(hour)s"
 WATCH_RAW = """\
 SELECT DISTINCT report_time FROM {t} WHERE service_name = %(backend)s
@@ -265,6 +267,31 @@ class Rollup:
 
     def _q(self, text: str, **parts: sql.Composable) -> sql.Composed:
         return sql.SQL(text).format(t=self.ledger._t, r=self.rollup, s=self.state, **parts)
+
+    def pairs(self, cur: Any, covered: datetime, since: datetime, end: datetime, service: Optional[str] = None,
+              ip: Optional[str] = None) -> list[Key]:
+        """The (service, ip) pairs that may have heartbeats in [since, end): the rollup's, and those with raw
+        rows there after the hours it covers (`covered`). Never a scan of the whole raw table (see PAIRS).
+        (A host whose first rows come late from its spool, all before `covered`, is in the next pass's.)"""
+        params = {"all": WATCHER, "service": service, "ip": ip}
+        cur.execute(self._q(ROLLUP_PAIRS, filters=only(service, ip)), params)
+        keys = {(svc, addr) for svc, addr in cur.fetchall()}
+        lo = max(since, covered)
+        if lo < end:
+            services = [service] if service else sorted(set(SERVICES) | {svc for svc, _ in keys})
+            cur.execute(self.ledger._q(NEW_PAIRS, filters=only(service, ip, prefix="")),
+                        dict(params, services=services, lo=self.ledger._param(lo), hi=self.ledger._param(end)))
+            keys |= {(svc, addr) for svc, addr in cur.fetchall()}
+        return sorted(keys)
+
+    def readable_pairs(self, cur: Any, since: datetime, end: datetime) -> Optional[list[Key]]:
+        """`status`: pairs() where a pass has run and this role may read the rollup; None (scan the raw
+        table for them) where not."""
+        cur.execute(READABLE, {"r": self.rollup.as_string(cur), "s": self.state.as_string(cur)})
+        if not cur.fetchone()[0]:
+            return None
+        state = self.read_state(cur)
+        return None if state is None else self.pairs(cur, state.covered_until, since, end)
 
     def read_state(self, cur: Any, missing_ok: bool = False) -> Optional[State]:
         """The state row; None before the first pass. TableMissing when init-db has not made the rollup."""
@@ -443,7 +470,7 @@ class RollupReport:
                                   "h1": h1.replace(tzinfo=None), "before_from": ledger._param(_hour(since)),
                                   "recent": ledger._param(max(since, end - timedelta(hours=1)))}
         filters = sql.SQL(" AND p.ip_address <> %(all)s") + only(service, ip)
-        keys = self._pairs(cur, since, end, covered, service, ip, params)
+        keys = self.rollup.pairs(cur, covered, since, end, service, ip)
         series: dict[Key, _Series] = {}
         if since < h0:
             self._raw(cur, since, h0, keys, params, series)
@@ -453,20 +480,6 @@ class RollupReport:
         befores = self._befores(cur, sorted(series), params)
         watcher = self._watcher(cur, since, h0, h1, end, params) if any(k[0] != BACKEND for k in series) else []
         return self._assemble(cur, series, befores, watcher, since, end, gap, params)
-
-    def _pairs(self, cur: Any, since: datetime, end: datetime, covered: datetime, service: Optional[str],
-               ip: Optional[str], params: dict[str, Any]) -> list[Key]:
-        """The (service, ip) pairs the raw edges are read for: the rollup's, and those with raw rows in the
-        window after the hours it covers. Never a scan of the whole raw table (see PAIRS)."""
-        cur.execute(self.rollup._q(ROLLUP_PAIRS, filters=only(service, ip)), params)
-        keys = {(svc, addr) for svc, addr in cur.fetchall()}
-        lo = max(since, covered.replace(tzinfo=UTC))
-        if lo < end:
-            services = [service] if service else sorted(set(SERVICES) | {svc for svc, _ in keys})
-            cur.execute(self.ledger._q(NEW_PAIRS, filters=only(service, ip, prefix="")),
-                        dict(params, services=services, lo=self.ledger._param(lo), hi=self.ledger._param(end)))
-            keys |= {(svc, addr) for svc, addr in cur.fetchall()}
-        return sorted(keys)
 
     def _raw(self, cur: Any, lo: datetime, hi: datetime, keys: Sequence[Key], params: dict[str, Any],
              series: dict[Key, _Series]) -> None:

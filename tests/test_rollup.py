@@ -325,6 +325,49 @@ def test_a_report_reads_only_its_windows_partitions(pg: PgServer) -> None:
         assert found == raw, (since, until, ip)
 
 
+def test_status_takes_its_pairs_from_the_rollup_and_reads_only_the_windows_partitions(pg: PgServer) -> None:
+    """`status` (the status timer, every minute) looks for pairs as report does: where a pass has run and
+    the role may read the rollup, from it and the raw rows after it, each pair's newest heartbeat read
+    within the window only. A held older partition holds it up no more; a role without SELECT on the
+    rollup is answered as before, from the raw table."""
+    from heartbeatd import rollup, schema
+    day_partitions(pg)
+    conn = pg.connect(pg.dbname)
+    conn.autocommit = True
+    schema.init_db(conn, ("service_heartbeat",), 5)
+    rollup.init_db(conn, ("service_heartbeat",), 5)
+    conn.close()
+    covered = roll(pg).covered_until
+    now = covered + 20 * M
+    insert(pg, [("后端", "10.0.0.9", (covered + n * 30 * S).replace(tzinfo=None),
+                 (covered + n * 30 * S).replace(tzinfo=None), 1.0) for n in range(40)])  # a host new since the pass
+    pg.sql("CREATE ROLE plain_reader LOGIN; GRANT SELECT ON service_heartbeat TO plain_reader", db=pg.dbname)
+
+    def status(user: str = "postgres") -> list[Any]:
+        led = Ledger(pg.connect(pg.dbname, user=user), ("service_heartbeat",), 3)
+        try:
+            return led.latest(timedelta(hours=6), 65, now, pairs=Rollup(led).readable_pairs)
+        finally:
+            led.conn.close()
+
+    holder = pg.connect(pg.dbname)
+    holder.autocommit = False
+    with holder.cursor() as cur:
+        cur.execute("LOCK TABLE service_heartbeat_p0 IN ACCESS EXCLUSIVE MODE")
+    try:
+        found = status()
+    finally:
+        holder.rollback()
+        holder.close()
+    led = ledger(pg)
+    try:
+        assert found == led.latest(timedelta(hours=6), 65, now)  # as the raw table's scan finds them
+    finally:
+        led.conn.close()
+    assert {(f.service, f.ip) for f in found} >= {("后端", "10.0.0.9"), ("后端", HOSTS[0]), ("redis", REDIS)}
+    assert status("plain_reader") == found
+
+
 def test_a_host_added_after_the_last_pass_is_in_the_report(table: PgServer) -> None:
     """The pairs come from the rollup, and from the raw rows after the hours it covers: a host (and a
     Redis) whose first heartbeats came after the last pass are in the report, as in the raw rows'."""
