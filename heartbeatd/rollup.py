@@ -33,6 +33,9 @@ WATCHER = "*"  # the ip_address of the all-hosts 后端 series: no real address 
 # a daemon sets created_at from its own clock, so a host whose clock lags this much is still seen.
 CLOCK_SKEW = timedelta(minutes=15)
 BACKFILL_SLICE = timedelta(days=7)
+# `status` reads every raw row after the hours the rollup covers to find pairs new since: with the passes
+# stopped for longer than this (the rollup timer runs hourly), it scans the table for its pairs instead.
+STALLED = timedelta(hours=3)
 # The table's services, partitions included: prune's list reads each table ONLY (a partitioned
 # parent holds no row itself, so on one it found no service and a pass rolled up only `*`).
 TABLE_SERVICES = PRUNE_SERVICES.replace("FROM ONLY {t}", "FROM {t}")
@@ -59,6 +62,7 @@ CREATE INDEX IF NOT EXISTS {hour_index} ON {r} (hour);
 -- A year's report reads only the hours with a gap, not every hour of every pair.
 CREATE INDEX IF NOT EXISTS {gap_index} ON {r} (hour) WHERE has_gap;
 CREATE INDEX IF NOT EXISTS {ip_index} ON {r} (ip_address, hour);  -- `report --ip` of one host
+CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap;  -- ... its year's gaps
 CREATE TABLE IF NOT EXISTS {s} (
     rollup        text        PRIMARY KEY,
     gap_seconds   double precision NOT NULL,  -- fixed at the first pass: the gaps kept in the rollup
@@ -66,6 +70,16 @@ CREATE TABLE IF NOT EXISTS {s} (
     covered_until timestamp   NOT NULL,   -- every hour before it has been rolled up
     passed_at     timestamp   NOT NULL
 )"""
+# What a rollup made by an earlier version lacks (init-db adds it): the index of one host's gap hours (1.6.2).
+UPGRADE_ROLLUP = "CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap"
+# 1.6.0 and 1.6.1 kept an `inet` column's address as inet::text, a host's with its mask (10.1.0.1/32),
+# where the rows read 10.1.0.1: a pass on such a table first rewrites them as the column prints them (an
+# IPv4 address's /32, an IPv6 one's /128 dropped), before it writes any hour in the new form.
+HOST_MASKS = """\
+UPDATE {r} r SET ip_address = split_part(r.ip_address, '/', 1)
+ WHERE (r.ip_address ~ '^[0-9.]+/32$' OR r.ip_address ~ ':.*/128$')
+   AND NOT EXISTS (SELECT 1 FROM {r} n WHERE n.service_name = r.service_name
+                      AND n.ip_address = split_part(r.ip_address, '/', 1) AND n.hour = r.hour)"""
 LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"
 STATE = "SELECT gap_seconds, watermark, covered_until, passed_at FROM {s} WHERE rollup = %(name)s"
 CLOCK = "SELECT now() AT TIME ZONE 'UTC'"
@@ -205,13 +219,20 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, helper: Optional[Ca
 
     The created_at index a pass reads by is one of schema.INDEXES, made with the table's others."""
     rollup, state, shown = names(table)
+    ip_gap_index = object_name(table[-1], "hourly_ip_gap_idx")
     with deadline(timeout), conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (rollup.as_string(cur),))
-        if cur.fetchone()[0] is not None:
+        cur.execute("SELECT to_regclass(%s), to_regclass(%s)",
+                    (rollup.as_string(cur), sql.Identifier(*table[:-1], ip_gap_index).as_string(cur)))
+        made, indexed = cur.fetchone()
+    if made is not None:
+        if indexed is not None:
             return []
+        run_ddl(conn, sql.SQL(UPGRADE_ROLLUP).format(r=rollup, ip_gap_index=sql.Identifier(ip_gap_index)),
+                f"CREATE INDEX {ip_gap_index}", timeout, helper)
+        return [f"created index {ip_gap_index} on rollup table {shown}"]
     run_ddl(conn, sql.SQL(CREATE_ROLLUP).format(
         r=rollup, s=state, hour_index=sql.Identifier(object_name(table[-1], "hourly_hour_idx")),
-        ip_index=sql.Identifier(object_name(table[-1], "hourly_ip_idx")),
+        ip_index=sql.Identifier(object_name(table[-1], "hourly_ip_idx")), ip_gap_index=sql.Identifier(ip_gap_index),
         gap_index=sql.Identifier(object_name(table[-1], "hourly_gap_idx"))), f"CREATE TABLE {shown}", timeout, helper)
     return [f"created rollup table {shown}"]
 
@@ -291,7 +312,9 @@ class Rollup:
         if not cur.fetchone()[0]:
             return None
         state = self.read_state(cur)
-        return None if state is None else self.pairs(cur, state.covered_until, since, end)
+        if state is None or end - state.covered_until > STALLED:
+            return None
+        return self.pairs(cur, state.covered_until, since, end)
 
     def read_state(self, cur: Any, missing_ok: bool = False) -> Optional[State]:
         """The state row; None before the first pass. TableMissing when init-db has not made the rollup."""
@@ -333,6 +356,8 @@ class Rollup:
         ledger._describe(cur)
         types = column_types(cur, ledger._t)
         state = self.read_state(cur)
+        if state is not None and types.get("ip_address") == "inet":
+            cur.execute(self._q(HOST_MASKS))
         cur.execute(CLOCK)
         clock = as_utc(cur.fetchone()[0])  # the transaction's start: what committed before it is seen
         if state is None:

@@ -44,7 +44,9 @@ LOCK_ONE = "SELECT pg_advisory_xact_lock({space}, {stripe})"
 LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::int4[]) AS s"
 # NOT EXISTS sees only what the table held before the statement: two rows of one batch with the
 # same key as stored (two cycles within a second into a `timestamp(0)` column: times are sent as
-# stored, see _as_stored) are sent once (_Shape.values), as they would be written one at a time. It
+# stored, see _as_stored; addresses are normalized before a row is made, normalize_ip, so an `inet`
+# column stores no two spellings of one) are sent once (_Shape.values), as they would be written
+# one at a time. It
 # looks only within the seconds of the batch's first and last report_time, written into the
 # statement as constants (slots again: whole seconds since the epoch, a second wider each way than
 # the times as stored, and to_timestamp() of them, which the planner folds): on a partitioned table

@@ -366,6 +366,13 @@ def test_status_takes_its_pairs_from_the_rollup_and_reads_only_the_windows_parti
         led.conn.close()
     assert {(f.service, f.ip) for f in found} >= {("后端", "10.0.0.9"), ("后端", HOSTS[0]), ("redis", REDIS)}
     assert status("plain_reader") == found
+    led = ledger(pg)
+    try:  # passes stopped for hours: the raw rows since would be many, so the table is scanned for pairs
+        with led.conn.cursor() as cur:
+            assert Rollup(led).readable_pairs(cur, now - 6 * H, now) is not None
+            assert Rollup(led).readable_pairs(cur, now - 6 * H, covered + 3 * H + S) is None
+    finally:
+        led.conn.close()
 
 
 def test_a_host_added_after_the_last_pass_is_in_the_report(table: PgServer) -> None:
@@ -483,3 +490,33 @@ def test_an_inet_address_column_reports_the_same_from_rollups(pg: PgServer) -> N
         assert "read hourly rollups" in source and rolled == raw, (since, until)
     raw, rolled, _ = both(pg, T0 + 2 * H, NOW, ip=HOSTS[2])
     assert rolled == raw and [p.ip for p in raw] == [HOSTS[2]]
+
+
+def test_a_rollup_kept_by_an_earlier_version_is_brought_up_to_date(pg: PgServer) -> None:
+    """1.6.0 and 1.6.1 kept an inet column's address with its mask (10.1.0.1/32) and made no index of a host's
+    gap hours: the next pass rewrites the addresses (status and report then list each pair once), init-db
+    adds the index."""
+    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
+           "ip_address inet NOT NULL, report_time timestamp NOT NULL, created_at timestamp NOT NULL, "
+           "latency_ms double precision)", db=pg.dbname)
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    insert(pg, history(8))
+    roll(pg)
+    pg.sql("DROP INDEX service_heartbeat_hourly_ip_gap_idx; UPDATE service_heartbeat_hourly SET ip_address = "
+           "ip_address || CASE WHEN ip_address LIKE '%%:%%' THEN '/128' ELSE '/32' END WHERE ip_address <> '*'",
+           db=pg.dbname)  # as 1.6.1 left it
+    result = cli(["init-db"], env_for(pg))
+    assert result.returncode == 0 and \
+        "created index service_heartbeat_hourly_ip_gap_idx on rollup table service_heartbeat_hourly" in result.stdout
+    roll(pg)
+    assert pg.sql("SELECT count(*) FROM service_heartbeat_hourly WHERE ip_address LIKE '%%/%%'", db=pg.dbname) == [(0,)]
+    for since, until in WINDOWS[:3]:
+        raw, rolled, source = both(pg, since, until)
+        assert "read hourly rollups" in source and rolled == raw, (since, until)
+    led = ledger(pg)
+    try:
+        found = led.latest(timedelta(days=2), 65, NOW, pairs=Rollup(led).readable_pairs)
+    finally:
+        led.conn.close()
+    assert sorted((f.service, f.ip) for f in found) == sorted(
+        [("后端", h) for h in HOSTS] + [("redis", REDIS), ("postgres", PG)])
