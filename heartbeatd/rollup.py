@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from psycopg2 import sql
 
 from heartbeatd.heartbeat import BACKEND, LATENCY, SERVICES, as_utc
-from heartbeatd.ledger import GIVEN, NO_BEFORE, NO_JIT, PRUNE_SERVICES, Ledger, TableMissing, _Report, only
+from heartbeatd.ledger import GIVEN, NO_BEFORE, NO_JIT, PAIRS, PRUNE_SERVICES, Ledger, TableMissing, _Report, only
 from heartbeatd.outage import PairReport, Span, classify, edge_gaps
 from heartbeatd.pg import deadline
 from heartbeatd.schema import column_types, object_name, run_ddl
@@ -139,15 +139,10 @@ ON CONFLICT (rollup) DO UPDATE SET watermark = EXCLUDED.watermark, passed_at = E
        covered_until = greatest({s}.covered_until, EXCLUDED.covered_until)"""
 
 # -- report: whole hours from the rollup, the rest from raw rows --------------------------------
+# The rollup's (service, ip) pairs by a loose scan of its key, as PAIRS scans the table's.
+ROLLUP_PAIR_SCAN = PAIRS.replace("{t}", "{r}")
 # Each pair's first and last heartbeat in [h0, h1): a loose scan of the key, two descents a pair.
-ROLLUP_SPAN = """\
-WITH RECURSIVE pairs AS (
-    (SELECT service_name, ip_address FROM {r} ORDER BY service_name, ip_address LIMIT 1)
-    UNION ALL
-    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
-        SELECT service_name, ip_address FROM {r} WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
-         ORDER BY service_name, ip_address LIMIT 1) n
-)
+ROLLUP_SPAN = ROLLUP_PAIR_SCAN + """\
 SELECT p.service_name, p.ip_address, f.first_time, l.last_time FROM pairs p,
        LATERAL (SELECT first_time FROM {r} WHERE service_name = p.service_name AND ip_address = p.ip_address
                    AND hour >= %(h0)s AND hour < %(h1)s ORDER BY hour LIMIT 1) f,
@@ -170,14 +165,7 @@ SELECT p.s, p.ip, (SELECT max(last_time) FROM (
           ORDER BY hour DESC LIMIT 2) x WHERE last_time < %(since)s)
   FROM unnest(%(services)s::text[], %(ips)s::text[]) p(s, ip)"""
 # The pairs: those of the rollup (a loose scan of its key; the all-hosts series left out)...
-ROLLUP_PAIRS = """\
-WITH RECURSIVE pairs AS (
-    (SELECT service_name, ip_address FROM {r} ORDER BY service_name, ip_address LIMIT 1)
-    UNION ALL
-    SELECT n.service_name, n.ip_address FROM pairs p, LATERAL (
-        SELECT service_name, ip_address FROM {r} WHERE (service_name, ip_address) > (p.service_name, p.ip_address)
-         ORDER BY service_name, ip_address LIMIT 1) n
-)
+ROLLUP_PAIRS = ROLLUP_PAIR_SCAN + """\
 SELECT service_name, ip_address FROM pairs p WHERE p.ip_address <> %(all)s {filters}"""
 # ... and any other with raw rows in the window after the hours the rollup covers (a host added since
 # the last pass): those rows only, by the (service_name, report_time) index.
