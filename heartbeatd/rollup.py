@@ -33,12 +33,14 @@ WATCHER = "*"  # the ip_address of the all-hosts 后端 series: no real address 
 # a daemon sets created_at from its own clock, so a host whose clock lags this much is still seen.
 CLOCK_SKEW = timedelta(minutes=15)
 BACKFILL_SLICE = timedelta(days=7)
-# `status` reads every raw row after the hours the rollup covers to find pairs new since: with the passes
-# stopped for longer than this (the rollup timer runs hourly), it scans the table for its pairs instead.
+# `status` reads every raw row after the hours the rollup covers to find pairs new since: with no pass for
+# longer than this (the rollup timer runs hourly), it scans the table for its pairs instead.
 STALLED = timedelta(hours=3)
 # The table's services, partitions included: prune's list reads each table ONLY (a partitioned
 # parent holds no row itself, so on one it found no service and a pass rolled up only `*`).
 TABLE_SERVICES = PRUNE_SERVICES.replace("FROM ONLY {t}", "FROM {t}")
+# The rollup's (service, ip) pairs by a loose scan of its key, as PAIRS scans the table's.
+ROLLUP_PAIR_SCAN = PAIRS.replace("{t}", "{r}")
 
 CREATE_ROLLUP = """\
 CREATE TABLE IF NOT EXISTS {r} (
@@ -74,7 +76,11 @@ CREATE TABLE IF NOT EXISTS {s} (
 UPGRADE_ROLLUP = "CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap"
 # 1.6.0 and 1.6.1 kept an `inet` column's address as inet::text, a host's with its mask (10.1.0.1/32),
 # where the rows read 10.1.0.1: a pass on such a table first rewrites them as the column prints them (an
-# IPv4 address's /32, an IPv6 one's /128 dropped), before it writes any hour in the new form.
+# IPv4 address's /32, an IPv6 one's /128 dropped), before it writes any hour in the new form, where the
+# rollup holds such an address (MASKED: the loose scan of its pairs, not of its rows). An hour held in both
+# forms (a 1.6.1 pass after a 1.6.2 one, in a rolling upgrade) keeps its masked row: the pass may not
+# delete; the owner does (README).
+MASKED = ROLLUP_PAIR_SCAN + "SELECT EXISTS (SELECT 1 FROM pairs WHERE ip_address ~ '^[0-9.]+/32$' OR ip_address ~ ':.*/128$')"
 HOST_MASKS = """\
 UPDATE {r} r SET ip_address = split_part(r.ip_address, '/', 1)
  WHERE (r.ip_address ~ '^[0-9.]+/32$' OR r.ip_address ~ ':.*/128$')
@@ -139,8 +145,6 @@ ON CONFLICT (rollup) DO UPDATE SET watermark = EXCLUDED.watermark, passed_at = E
        covered_until = greatest({s}.covered_until, EXCLUDED.covered_until)"""
 
 # -- report: whole hours from the rollup, the rest from raw rows --------------------------------
-# The rollup's (service, ip) pairs by a loose scan of its key, as PAIRS scans the table's.
-ROLLUP_PAIR_SCAN = PAIRS.replace("{t}", "{r}")
 # Each pair's first and last heartbeat in [h0, h1): a loose scan of the key, two descents a pair.
 ROLLUP_SPAN = ROLLUP_PAIR_SCAN + """\
 SELECT p.service_name, p.ip_address, f.first_time, l.last_time FROM pairs p,
@@ -300,7 +304,7 @@ class Rollup:
         if not cur.fetchone()[0]:
             return None
         state = self.read_state(cur)
-        if state is None or end - state.covered_until > STALLED:
+        if state is None or end - state.passed_at > STALLED:
             return None
         return self.pairs(cur, state.covered_until, since, end)
 
@@ -345,7 +349,9 @@ class Rollup:
         types = column_types(cur, ledger._t)
         state = self.read_state(cur)
         if state is not None and types.get("ip_address") == "inet":
-            cur.execute(self._q(HOST_MASKS))
+            cur.execute(self._q(MASKED))
+            if cur.fetchone()[0]:
+                cur.execute(self._q(HOST_MASKS))
         cur.execute(CLOCK)
         clock = as_utc(cur.fetchone()[0])  # the transaction's start: what committed before it is seen
         if state is None:

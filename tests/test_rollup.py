@@ -370,7 +370,9 @@ def test_status_takes_its_pairs_from_the_rollup_and_reads_only_the_windows_parti
     try:  # passes stopped for hours: the raw rows since would be many, so the table is scanned for pairs
         with led.conn.cursor() as cur:
             assert Rollup(led).readable_pairs(cur, now - 6 * H, now) is not None
-            assert Rollup(led).readable_pairs(cur, now - 6 * H, covered + 3 * H + S) is None
+            passed = Rollup(led).read_state(cur).passed_at  # type: ignore[union-attr]
+            assert Rollup(led).readable_pairs(cur, now - 6 * H, passed + 3 * H - S) is not None
+            assert Rollup(led).readable_pairs(cur, now - 6 * H, passed + 3 * H + S) is None
     finally:
         led.conn.close()
 
@@ -520,3 +522,20 @@ def test_a_rollup_kept_by_an_earlier_version_is_brought_up_to_date(pg: PgServer)
         led.conn.close()
     assert sorted((f.service, f.ip) for f in found) == sorted(
         [("后端", h) for h in HOSTS] + [("redis", REDIS), ("postgres", PG)])
+
+
+def test_a_pairs_latency_sample_is_its_own_whatever_the_other_pairs(table: PgServer) -> None:
+    """Each pair's 250 slots are over its own span in the window: a host seen for the last hour only has
+    as many samples, and the same figures, in the fleet's report as in its own (--ip)."""
+    insert(table, history(3))
+    rows = [("后端", "10.0.0.8", (NOW - H + n * 30 * S).replace(tzinfo=None), (NOW - H + n * 30 * S).replace(tzinfo=None),
+             float(n % 97)) for n in range(120)]
+    insert(table, rows)
+    led = ledger(table)
+    try:
+        fleet = {(p.service, p.ip): p.latency for p in led.report(T0, NOW, 65, NOW, seconds=60)}
+        alone = led.report(T0, NOW, 65, NOW, ip="10.0.0.8", seconds=60)
+    finally:
+        led.conn.close()
+    assert alone[0].latency is not None and alone[0].latency.sampled == 120  # every heartbeat: 250 slots over an hour
+    assert fleet[("后端", "10.0.0.8")] == alone[0].latency
