@@ -67,13 +67,15 @@ WITH RECURSIVE pairs AS (
          ORDER BY service_name, ip_address LIMIT 1) n
 )
 """
-LATEST = PAIRS + """\
+# Each pair's newest heartbeat in the window (bounded inside: a descent that plans only the window's
+# partitions), the pairs from PAIRS or handed in (LATEST_GIVEN).
+NEWEST = """\
 SELECT p.service_name, p.ip_address, l.report_time
   FROM pairs p, LATERAL (SELECT report_time FROM {t}
-                          WHERE service_name = p.service_name AND ip_address = p.ip_address
+                          WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
                           ORDER BY report_time DESC LIMIT 1) l
- WHERE l.report_time >= %(since)s
  ORDER BY 1, 2"""
+LATEST = PAIRS + NEWEST
 ALL_PAIRS = PAIRS + "SELECT service_name, ip_address FROM pairs p WHERE true {filters} ORDER BY 1, 2"
 # The pairs a report has found, handed to each of its statements as arrays of the columns' own types
 # (so that the comparisons use the (service_name, ip_address, report_time) index), each statement's
@@ -83,12 +85,7 @@ GIVEN = """\
 WITH pairs AS (SELECT * FROM unnest(%(pair_services)s::{service_type}[], %(pair_ips)s::{ip_type}[])
                              AS p(service_name, ip_address))
 """
-LATEST_GIVEN = GIVEN + """\
-SELECT p.service_name, p.ip_address, l.report_time
-  FROM pairs p, LATERAL (SELECT report_time FROM {t}
-                          WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
-                          ORDER BY report_time DESC LIMIT 1) l
- ORDER BY 1, 2"""
+LATEST_GIVEN = GIVEN + NEWEST
 # Per (service, ip), through the (service_name, ip_address, report_time) index so that only the
 # window's rows are read: its first and last heartbeat in the window and ({before}) the one before it...
 SPAN = GIVEN + """\
@@ -646,12 +643,12 @@ class _Report:
         ledger = self.ledger
         # One pair, or pairs seen over the same span: the constants alone (each part then plans no pruning
         # by the pair's values; one host's year: 40 ms against 150).
-        alike = firsts[0] if len(set(zip(firsts, steps))) == 1 else None
+        alike = len(set(zip(firsts, steps))) == 1
         parts = []
         for n in range(LATENCY_SLOTS):
             lo = min(first + step * n for first, step in zip(firsts, steps))
             hi = max(first + step * (n + 1) for first, step in zip(firsts, steps))
-            own = sql.SQL(OWN_SLOT).format(k=sql.Literal(n), k1=sql.Literal(n + 1)) if alike is None else sql.SQL("")
+            own = sql.SQL(OWN_SLOT).format(k=sql.Literal(n), k1=sql.Literal(n + 1)) if not alike else sql.SQL("")
             parts.append(ledger._q(LATENCY_SLOT, own=own, lo=sql.Literal(ledger._param(lo)),
                                    hi=sql.Literal(ledger._param(hi))))
         cur.execute(ledger._q(LATENCY_SAMPLE, slots=sql.SQL(" UNION ALL ").join(parts)),

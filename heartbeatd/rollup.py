@@ -64,7 +64,6 @@ CREATE INDEX IF NOT EXISTS {hour_index} ON {r} (hour);
 -- A year's report reads only the hours with a gap, not every hour of every pair.
 CREATE INDEX IF NOT EXISTS {gap_index} ON {r} (hour) WHERE has_gap;
 CREATE INDEX IF NOT EXISTS {ip_index} ON {r} (ip_address, hour);  -- `report --ip` of one host
-CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap;  -- ... its year's gaps
 CREATE TABLE IF NOT EXISTS {s} (
     rollup        text        PRIMARY KEY,
     gap_seconds   double precision NOT NULL,  -- fixed at the first pass: the gaps kept in the rollup
@@ -72,18 +71,19 @@ CREATE TABLE IF NOT EXISTS {s} (
     covered_until timestamp   NOT NULL,   -- every hour before it has been rolled up
     passed_at     timestamp   NOT NULL
 )"""
-# What a rollup made by an earlier version lacks (init-db adds it): the index of one host's gap hours (1.6.2).
-UPGRADE_ROLLUP = "CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap"
+# `report --ip`: one host's gap hours. A rollup made before 1.6.2 lacks it: init-db adds it.
+IP_GAP_INDEX = "CREATE INDEX IF NOT EXISTS {ip_gap_index} ON {r} (ip_address, hour) WHERE has_gap"
 # 1.6.0 and 1.6.1 kept an `inet` column's address as inet::text, a host's with its mask (10.1.0.1/32),
 # where the rows read 10.1.0.1: a pass on such a table first rewrites them as the column prints them (an
 # IPv4 address's /32, an IPv6 one's /128 dropped), before it writes any hour in the new form, where the
 # rollup holds such an address (MASKED: the loose scan of its pairs, not of its rows). An hour held in both
 # forms (a 1.6.1 pass after a 1.6.2 one, in a rolling upgrade) keeps its masked row: the pass may not
 # delete; the owner does (README).
-MASKED = ROLLUP_PAIR_SCAN + "SELECT EXISTS (SELECT 1 FROM pairs WHERE ip_address ~ '^[0-9.]+/32$' OR ip_address ~ ':.*/128$')"
+WITH_MASK = "(ip_address ~ '^[0-9.]+/32$' OR ip_address ~ ':.*/128$')"
+MASKED = ROLLUP_PAIR_SCAN + "SELECT EXISTS (SELECT 1 FROM pairs WHERE " + WITH_MASK + ")"
 HOST_MASKS = """\
 UPDATE {r} r SET ip_address = split_part(r.ip_address, '/', 1)
- WHERE (r.ip_address ~ '^[0-9.]+/32$' OR r.ip_address ~ ':.*/128$')
+ WHERE """ + WITH_MASK + """
    AND NOT EXISTS (SELECT 1 FROM {r} n WHERE n.service_name = r.service_name
                       AND n.ip_address = split_part(r.ip_address, '/', 1) AND n.hour = r.hour)"""
 LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%s))"
@@ -219,10 +219,10 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, helper: Optional[Ca
     if made is not None:
         if indexed is not None:
             return []
-        run_ddl(conn, sql.SQL(UPGRADE_ROLLUP).format(r=rollup, ip_gap_index=sql.Identifier(ip_gap_index)),
+        run_ddl(conn, sql.SQL(IP_GAP_INDEX).format(r=rollup, ip_gap_index=sql.Identifier(ip_gap_index)),
                 f"CREATE INDEX {ip_gap_index}", timeout, helper)
         return [f"created index {ip_gap_index} on rollup table {shown}"]
-    run_ddl(conn, sql.SQL(CREATE_ROLLUP).format(
+    run_ddl(conn, sql.SQL(CREATE_ROLLUP + ";\n" + IP_GAP_INDEX).format(
         r=rollup, s=state, hour_index=sql.Identifier(object_name(table[-1], "hourly_hour_idx")),
         ip_index=sql.Identifier(object_name(table[-1], "hourly_ip_idx")), ip_gap_index=sql.Identifier(ip_gap_index),
         gap_index=sql.Identifier(object_name(table[-1], "hourly_gap_idx"))), f"CREATE TABLE {shown}", timeout, helper)
