@@ -539,3 +539,25 @@ def test_a_pairs_latency_sample_is_its_own_whatever_the_other_pairs(table: PgSer
         led.conn.close()
     assert alone[0].latency is not None and alone[0].latency.sampled == 120  # every heartbeat: 250 slots over an hour
     assert fleet[("后端", "10.0.0.8")] == alone[0].latency
+
+
+def test_a_timestamp0_table_reports_the_same_from_rollups_and_status_finds_its_pairs(pg: PgServer) -> None:
+    """An operator's table with `timestamp(0)` times (rounded to the second as stored): the rollup report
+    (pairs handed in, constant bounds, latency slots) gives the raw rows' figures, status its pairs."""
+    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
+           "ip_address varchar(64) NOT NULL, report_time timestamp(0) NOT NULL, created_at timestamp(0) NOT NULL, "
+           "latency_ms double precision)", db=pg.dbname)
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    insert(pg, history(11))
+    roll(pg)
+    for since, until in WINDOWS[:4]:
+        raw, rolled, source = both(pg, since, until)
+        assert "read hourly rollups" in source and rolled == raw, (since, until)
+        assert all(p.latency is not None for p in rolled)
+    led = ledger(pg)
+    try:
+        found = led.latest(timedelta(days=2), 65, NOW, pairs=Rollup(led).readable_pairs)
+        assert found == led.latest(timedelta(days=2), 65, NOW)
+    finally:
+        led.conn.close()
+    assert len(found) == 5
