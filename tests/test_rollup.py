@@ -475,16 +475,21 @@ def test_prune_without_a_rollup_pass_prunes_as_before(table: PgServer) -> None:
                      ((NOW - 2 * H - 5 * M).replace(tzinfo=None),), db=table.dbname)[0][0] == 0
 
 
+def operator_table(pg: PgServer, ip_type: str, time_type: str, seed: int) -> None:
+    """An operator's own table (this address and time type, latency kept), init-db's rollup on it,
+    history(seed) in it, rolled up."""
+    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
+           f"ip_address {ip_type} NOT NULL, report_time {time_type} NOT NULL, created_at {time_type} NOT NULL, "
+           "latency_ms double precision)", db=pg.dbname)
+    assert cli(["init-db"], env_for(pg)).returncode == 0
+    insert(pg, history(seed))
+    roll(pg)
+
+
 def test_an_inet_address_column_reports_the_same_from_rollups(pg: PgServer) -> None:
     """An operator's table whose ip_address is `inet`: the rollup keeps the address as the raw rows show it
     (inet's text cast would add `/32`), and the pairs handed back compare as inet."""
-    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
-           "ip_address inet NOT NULL, report_time timestamp NOT NULL, created_at timestamp NOT NULL, "
-           "latency_ms double precision)", db=pg.dbname)
-    result = cli(["init-db"], env_for(pg))
-    assert result.returncode == 0, result.stderr
-    insert(pg, history(7))
-    roll(pg)
+    operator_table(pg, "inet", "timestamp", 7)
     assert pg.sql("SELECT DISTINCT ip_address FROM service_heartbeat_hourly WHERE service_name = 'redis'",
                   db=pg.dbname) == [(REDIS,)]
     for since, until in WINDOWS[:3]:
@@ -498,12 +503,7 @@ def test_a_rollup_kept_by_an_earlier_version_is_brought_up_to_date(pg: PgServer)
     """1.6.0 and 1.6.1 kept an inet column's address with its mask (10.1.0.1/32) and made no index of a host's
     gap hours: the next pass rewrites the addresses (status and report then list each pair once), init-db
     adds the index."""
-    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
-           "ip_address inet NOT NULL, report_time timestamp NOT NULL, created_at timestamp NOT NULL, "
-           "latency_ms double precision)", db=pg.dbname)
-    assert cli(["init-db"], env_for(pg)).returncode == 0
-    insert(pg, history(8))
-    roll(pg)
+    operator_table(pg, "inet", "timestamp", 8)
     pg.sql("DROP INDEX service_heartbeat_hourly_ip_gap_idx; UPDATE service_heartbeat_hourly SET ip_address = "
            "ip_address || CASE WHEN ip_address LIKE '%%:%%' THEN '/128' ELSE '/32' END WHERE ip_address <> '*'",
            db=pg.dbname)  # as 1.6.1 left it
@@ -544,12 +544,7 @@ def test_a_pairs_latency_sample_is_its_own_whatever_the_other_pairs(table: PgSer
 def test_a_timestamp0_table_reports_the_same_from_rollups_and_status_finds_its_pairs(pg: PgServer) -> None:
     """An operator's table with `timestamp(0)` times (rounded to the second as stored): the rollup report
     (pairs handed in, constant bounds, latency slots) gives the raw rows' figures, status its pairs."""
-    pg.sql("CREATE TABLE service_heartbeat (id bigserial PRIMARY KEY, service_name varchar(50) NOT NULL, "
-           "ip_address varchar(64) NOT NULL, report_time timestamp(0) NOT NULL, created_at timestamp(0) NOT NULL, "
-           "latency_ms double precision)", db=pg.dbname)
-    assert cli(["init-db"], env_for(pg)).returncode == 0
-    insert(pg, history(11))
-    roll(pg)
+    operator_table(pg, "varchar(64)", "timestamp(0)", 11)
     for since, until in WINDOWS[:4]:
         raw, rolled, source = both(pg, since, until)
         assert "read hourly rollups" in source and rolled == raw, (since, until)
