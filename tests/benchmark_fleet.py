@@ -2,7 +2,7 @@
 
     python tests/benchmark_fleet.py [--hosts 30] [--interval 1] [--seconds 60] [--rounds 1]
                                     [--modes direct,pgbouncer,tls,scram,tls+scram] [--trees DIR,DIR]
-                                    [--tables plain,partitioned]
+                                    [--tables app,plain,partitioned] [--server-callgrind]
 
 Each daemon is a host of its own (distinct HEARTBEAT_BACKEND_IP, own spool). Per mode it prints
 PostgreSQL, PgBouncer and daemon CPU per cycle (from /proc: the postmaster with its reaped
@@ -11,15 +11,25 @@ pg_stat_activity), and how many hosts one PostgreSQL core carries at the default
 Modes: direct; pgbouncer (transaction pooling in front); tls (sslmode=require, trust);
 scram (SCRAM-SHA-256 without TLS); tls+scram (both, the usual managed-database setup).
 --trees runs each mode once per source tree (the daemons import heartbeatd from it), one after
-the other in the same run: two versions side by side. --tables likewise runs each on a plain
-`service_heartbeat` and on one as `heartbeatd init-db --partitioned=day` makes it (a partition a UTC
-day, 7 ahead, a DEFAULT one). With --rounds N the runs alternate, round by round, so that drift of
+the other in the same run: two versions side by side. --tables likewise runs each on the tables named:
+`app` (the default) is the application's `service_heartbeat` as packaging/schema.sql makes it (one
+index besides the primary key), `plain` the table as `heartbeatd init-db` makes it (its three indexes),
+`partitioned` as `heartbeatd init-db --partitioned=day` makes it (the same indexes; a partition a UTC
+day, 7 ahead, a DEFAULT one): plain against partitioned compares like with like. With --rounds N the runs alternate, round by round, so that drift of
 the machine falls on every variant alike.
+
+--server-callgrind runs PostgreSQL itself under valgrind's callgrind and prints the instructions its
+processes executed per cycle (millions; the client backends' and auxiliary processes', autovacuum
+off) instead of CPU time: a count that does not depend on the machine's noise, for comparing two
+variants whose CPU times differ by less than their spread. Each backend counts from its fork
+(--dump-before=fork_process); only those forked after the daemons start and before they stop count.
+PostgreSQL runs tens of times slower there: use few hosts at a longer interval (--hosts 4 --interval 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import subprocess
@@ -30,7 +40,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgBouncer, PgServer, RedisServer, remove_template  # noqa: E402
+from servers import PgBouncer, PgServer, RedisServer, _as_postgres, _chown_postgres, remove_template  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 USER, PASSWORD = "hb_fleet", "fleet-pw-1"
@@ -55,21 +65,43 @@ def cpu(pid: int, children_of: bool = False) -> float:
     return total / TICK
 
 
+def server_instructions(out: Path, master: int, since: float, last: int) -> float:
+    """The instructions of the server's processes, from their callgrind files: each process but the postmaster
+    that lived past `since` (when every count was zeroed; a file is written at exit) and was forked before
+    the backend `last`."""
+    total = 0
+    for path in glob.glob(str(out / "cg.*")):
+        parts = Path(path).name.split(".")
+        pid = int(parts[1])
+        if len(parts) == 2 and pid not in (master, last) and pid < last and os.stat(path).st_mtime >= since:
+            total += sum(int(line.split()[1]) for line in open(path) if line.startswith("totals:"))
+    return float(total)
+
+
 def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str = "",
-             table: str = "plain") -> dict[str, float]:
+             table: str = "app", callgrind: bool = False) -> dict[str, float]:
     pg = PgServer()
     if mode in ("tls", "scram", "tls+scram"):
         # tls: TLS, no password asked; scram: SCRAM-SHA-256 in the clear; tls+scram: both.
         pg.enable_tls_and_scram(USER, over_tls="trust" if mode == "tls" else "scram-sha-256",
                                 without_tls="scram-sha-256")
-    pg.start()
+    out = pg.root / "callgrind"
+    if callgrind:
+        out.mkdir()
+        _chown_postgres(out)
+        pg.extra_opts += " -c autovacuum=off"
+        pg.start_under(["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-before=fork_process",
+                        f"--callgrind-out-file={out}/cg.%p"])
+    else:
+        pg.start()
     redis = RedisServer().start()
     bouncer = None
     tmp = Path(tempfile.mkdtemp(prefix="hb-fleet-"))
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        if table == "partitioned":
-            subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", "--partitioned=day"], check=True,
+        if table in ("plain", "partitioned"):
+            made = ["--partitioned=day"] if table == "partitioned" else []
+            subprocess.run([sys.executable, "-m", "heartbeatd", "init-db", *made], check=True,
                            stdout=subprocess.DEVNULL, cwd=tmp,
                            env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env",
                                     **({"PYTHONPATH": tree} if tree else {})))
@@ -79,7 +111,8 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
         if mode == "direct":
             url = pg.url() + "?sslmode=disable"
         elif mode == "pgbouncer":
-            bouncer = PgBouncer(pg, host="127.0.0.1")
+            # Under callgrind one server connection: its first statements (caches filled) counted once a run.
+            bouncer = PgBouncer(pg, host="127.0.0.1", pool_size=1 if callgrind else 20)
             bouncer.start()
             url = bouncer.url()
         else:
@@ -98,6 +131,26 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
             daemons.append(subprocess.Popen([sys.executable, "-m", "heartbeatd", "run"], env=env, cwd=tmp,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(max(5.0, 3 * interval))  # imports, first connections
+        if callgrind:  # counted from here on: not this run's setup, nor a backend's first statements
+            since = time.time()
+            subprocess.run(_as_postgres(["callgrind_control", "-z"]), check=True, stdout=subprocess.DEVNULL)
+            time.sleep(seconds)
+            for d in daemons:
+                d.terminate()
+            for d in daemons:
+                d.wait(30)
+            end = time.time()
+            last = pg.sql("SELECT pg_backend_pid()")[0][0]  # the backends forked since are not the fleet's
+            cycles = pg.sql("SELECT count(*) FROM service_heartbeat WHERE service_name = '后端' AND created_at "
+                            ">= to_timestamp(%s) AT TIME ZONE 'utc' AND created_at < to_timestamp(%s) AT TIME ZONE 'utc'",
+                            (since, end))[0][0]
+            master = int((pg.data / "postmaster.pid").read_text().split()[0])
+            if bouncer is not None:
+                bouncer.destroy()
+                bouncer = None
+            pg.stop()  # every backend writes its file as it exits
+            return {"pg_minstr": server_instructions(out, master, since, last) / max(cycles, 1) / 1e6,
+                    "cycles": float(cycles)}
         master = int((pg.data / "postmaster.pid").read_text().split()[0])
         start = time.time()
         pg0, pool0 = cpu(master, children_of=True), cpu(bouncer.proc.pid) if bouncer and bouncer.proc else 0.0
@@ -146,22 +199,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--modes", default="direct,pgbouncer,tls,scram,tls+scram")
     parser.add_argument("--trees", default="", help="comma-separated source trees to compare (default: this one)")
-    parser.add_argument("--tables", default="plain", help="comma-separated: plain, partitioned (default plain)")
+    parser.add_argument("--tables", default="app", help="comma-separated: app, plain, partitioned (default app)")
+    parser.add_argument("--server-callgrind", action="store_true",
+                        help="PostgreSQL under callgrind: its instructions per cycle instead of CPU time")
     args = parser.parse_args()
     print(f"{args.hosts} daemons at {args.interval:g} s for {args.seconds:g} s, {args.rounds} round(s); "
           f"{os.cpu_count()} cores")
-    print(f"{'mode':<11} {'PostgreSQL ms/cycle':>20} {'pooler ms/cycle':>16} {'daemon ms/cycle':>16} "
-          f"{'slots mean/max':>15} {'hosts/PG core @30s':>19}")
+    if args.server_callgrind:
+        print(f"{'mode':<11} {'PostgreSQL Minstr/cycle':>24} {'cycles':>8}")
+    else:
+        print(f"{'mode':<11} {'PostgreSQL ms/cycle':>20} {'pooler ms/cycle':>16} {'daemon ms/cycle':>16} "
+              f"{'slots mean/max':>15} {'hosts/PG core @30s':>19}")
     runs = [(mode, tree, table) for mode in args.modes.split(",") for tree in args.trees.split(",")
             for table in args.tables.split(",")]
     results: dict[tuple[str, str, str], list[dict[str, float]]] = {run: [] for run in runs}
     for _ in range(args.rounds):  # round by round: drift falls on every variant alike
         for run in runs:
-            results[run].append(run_mode(run[0], args.hosts, args.interval, args.seconds, run[1], run[2]))
+            results[run].append(run_mode(run[0], args.hosts, args.interval, args.seconds, run[1], run[2],
+                                         args.server_callgrind))
     for (mode, tree, table), rounds in results.items():
-        if tree or args.tables != "plain":
+        if tree or args.tables != "app":
             print(f"-- {tree or 'this tree'}, {table} table")
         r = {k: mean(x[k] for x in rounds) for k in rounds[0]}
+        if args.server_callgrind:
+            spread = f" ({min(x['pg_minstr'] for x in rounds):.2f}-{max(x['pg_minstr'] for x in rounds):.2f})"
+            print(f"{mode:<11} {r['pg_minstr']:>12.2f}{spread:>12} {r['cycles']:>8.0f}")
+            continue
         spread = f" ({min(x['pg_ms'] for x in rounds):.2f}-{max(x['pg_ms'] for x in rounds):.2f})" if args.rounds > 1 else ""
         capacity = 30 / (r["pg_ms"] / 1000) if r["pg_ms"] else float("inf")
         print(f"{mode:<11} {r['pg_ms']:>12.2f}{spread:>8} {r['pool_ms']:>16.2f} {r['daemon_ms']:>16.2f} "

@@ -126,16 +126,34 @@ class PgServer:
         auth = f"{user}:{password}" if password else user
         return f"postgresql://{auth}@{self.host}:{self.port}/{db}"
 
+    def _options(self) -> str:
+        return (f"-p {self.port} -c listen_addresses={self.host} -k {self.root} -c fsync=off "
+                f"-c timezone={self.timezone} -c log_timezone={self.timezone} {self.extra_opts}")
+
     def start(self) -> "PgServer":
         """Start (or restart) and wait until it accepts connections."""
-        opts = (f"-p {self.port} -c listen_addresses={self.host} -k {self.root} -c fsync=off "
-                f"-c timezone={self.timezone} -c log_timezone={self.timezone} {self.extra_opts}")
         subprocess.run(
             _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                          "-o", opts, "-w", "-t", "60", "start"], self.netns),
+                          "-o", self._options(), "-w", "-t", "60", "start"], self.netns),
             check=True, stdout=subprocess.DEVNULL,
         )
         return self
+
+    def start_under(self, wrapper: Sequence[str], seconds: float = 120.0) -> "PgServer":
+        """Start the postmaster itself under `wrapper` (valgrind, for a benchmark), not through pg_ctl; wait
+        until it accepts connections. stop() and destroy() stop it as they stop any."""
+        with open(self.log, "ab") as log:
+            subprocess.Popen(_as_postgres([*wrapper, str(pg_bindir() / "postgres"), "-D", str(self.data),
+                                           *self._options().split()], self.netns), stdout=log, stderr=log)
+        until = time.monotonic() + seconds
+        while True:
+            try:
+                self.connect().close()
+                return self
+            except psycopg2.OperationalError:
+                if time.monotonic() > until:
+                    raise
+                time.sleep(0.5)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop it (fast: disconnect clients; immediate: like a crash)."""
@@ -324,7 +342,7 @@ class SentinelServer(RedisServer):
 class PgBouncer:
     """A private PgBouncer (transaction pooling) in front of a PgServer, on its own loopback address and port."""
 
-    def __init__(self, upstream: PgServer, host: str = "127.0.0.3") -> None:
+    def __init__(self, upstream: PgServer, host: str = "127.0.0.3", pool_size: int = 20) -> None:
         self.upstream = upstream
         self.host = host
         self.port = free_port(host)
@@ -338,7 +356,7 @@ class PgBouncer:
             "[pgbouncer]\n"
             f"listen_addr = {host}\nlisten_port = {self.port}\nunix_socket_dir = {self.root}\n"
             f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
-            "pool_mode = transaction\nserver_login_retry = 1\nserver_connect_timeout = 2\n"
+            f"pool_mode = transaction\ndefault_pool_size = {pool_size}\nserver_login_retry = 1\nserver_connect_timeout = 2\n"
             f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
             "ignore_startup_parameters = extra_float_digits,application_name\n")
         for path in self.root.iterdir():
