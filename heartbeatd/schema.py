@@ -47,6 +47,23 @@ PARTMAN_READABLE = """SELECT n.nspname, c.oid IS NOT NULL AND pg_catalog.has_sch
   LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = 'part_config' AND c.relkind = 'r'
  WHERE e.extname = 'pg_partman'"""
 AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
+# The table's SELECT grants that one of its partitions lacks (grants on a table do not reach its
+# partitions): init-db --partitioned and prune give them, so a role that may read the table reads the
+# partition a write's rows fall in (writer.PARTITIONS: a read as cheap as a plain table's). Not on a
+# table with row security: its partitions read by themselves would show what its policies hide.
+UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname),
+       pg_catalog.string_agg(CASE WHEN g.grantee = 0 THEN 'PUBLIC'
+                                  ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END, ', ')
+  FROM pg_catalog.pg_class t
+ CROSS JOIN LATERAL pg_catalog.aclexplode(t.relacl) g
+  JOIN pg_catalog.pg_inherits i ON i.inhparent = t.oid
+  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.oid = pg_catalog.to_regclass(%s) AND g.privilege_type = 'SELECT' AND g.grantee <> t.relowner
+   AND NOT t.relrowsecurity AND c.relkind IN ('r', 'p')
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) x
+                    WHERE x.grantee = g.grantee AND x.privilege_type = 'SELECT')
+ GROUP BY 1 ORDER BY 1"""
 # Whether the table is partitioned by RANGE (report_time) alone, and its partitions' names (prune: is it ours).
 RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 'report_time'
   FROM pg_catalog.pg_partitioned_table k
@@ -392,6 +409,14 @@ def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool =
             work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
                      f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
         made.append(part)
+    if not dry_run:
+        granted = []
+        for part, grantees in work.fetch(UNSHARED, rel.ident):  # names quoted by the server
+            work.ddl(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(part), sql.SQL(grantees)),
+                     f"GRANT SELECT ON {part}")
+            granted.append(part)
+        if granted:
+            work.done.append(f"granted SELECT on partition(s) {', '.join(granted)} as on table {rel.name}")
     return made
 
 
