@@ -21,9 +21,11 @@ the machine falls on every variant alike.
 --server-callgrind runs PostgreSQL itself under valgrind's callgrind and prints the instructions its
 processes executed per cycle (millions; the client backends' and auxiliary processes', autovacuum
 off) instead of CPU time: a count that does not depend on the machine's noise, for comparing two
-variants whose CPU times differ by less than their spread. Each backend counts from its fork
-(--dump-before=fork_process); only those forked after the daemons start and before they stop count.
-PostgreSQL runs tens of times slower there: use few hosts at a longer interval (--hosts 4 --interval 2).
+variants whose CPU times differ by less than their spread. Only backends forked after the daemons
+start and before they stop count, each from its fork (--dump-before=fork_process); the one pooled
+server connection from the moment the warm-up is over (a `SELECT pg_sleep(0)` through PgBouncer:
+--zero-before=pg_sleep), so its first statements, which fill its caches, do not count. PostgreSQL
+runs tens of times slower there: use few hosts (--hosts 3).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ import time
 from pathlib import Path
 from statistics import mean
 
+import psycopg2
+
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import PgBouncer, PgServer, RedisServer, _as_postgres, _chown_postgres, remove_template  # noqa: E402
+from servers import PgBouncer, PgServer, RedisServer, _chown_postgres, remove_template  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 USER, PASSWORD = "hb_fleet", "fleet-pw-1"
@@ -65,15 +69,13 @@ def cpu(pid: int, children_of: bool = False) -> float:
     return total / TICK
 
 
-def server_instructions(out: Path, master: int, since: float, last: int) -> float:
-    """The instructions of the server's processes, from their callgrind files: each process but the postmaster
-    that lived past `since` (when every count was zeroed; a file is written at exit) and was forked before
-    the backend `last`."""
+def server_instructions(out: Path, first: int, last: int) -> float:
+    """The instructions of the server's processes forked between the backends `first` and `last`, from their
+    callgrind files (each written as its process exits)."""
     total = 0
     for path in glob.glob(str(out / "cg.*")):
         parts = Path(path).name.split(".")
-        pid = int(parts[1])
-        if len(parts) == 2 and pid not in (master, last) and pid < last and os.stat(path).st_mtime >= since:
+        if len(parts) == 2 and first < int(parts[1]) < last:
             total += sum(int(line.split()[1]) for line in open(path) if line.startswith("totals:"))
     return float(total)
 
@@ -91,7 +93,7 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
         _chown_postgres(out)
         pg.extra_opts += " -c autovacuum=off"
         pg.start_under(["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-before=fork_process",
-                        f"--callgrind-out-file={out}/cg.%p"])
+                        "--zero-before=pg_sleep", f"--callgrind-out-file={out}/cg.%p"])
     else:
         pg.start()
     redis = RedisServer().start()
@@ -122,6 +124,7 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
             password = f":{PASSWORD}" if "scram" in mode else ""
             sslmode = "require" if "tls" in mode else "disable"
             url = f"postgresql://{USER}{password}@127.0.0.1:{pg.port}/postgres?sslmode={sslmode}"
+        first = pg.sql("SELECT pg_backend_pid()")[0][0] if callgrind else 0  # the fleet's backends come after
         for n in range(hosts):
             env = dict(os.environ, DATABASE_URL=url, REDIS_URL=redis.url(), HEARTBEAT_INTERVAL=str(interval),
                        HEARTBEAT_TIMEOUT="5", HEARTBEAT_BACKEND_IP=f"10.50.{n // 250}.{n % 250 + 1}",
@@ -133,7 +136,13 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
         time.sleep(max(5.0, 3 * interval))  # imports, first connections
         if callgrind:  # counted from here on: not this run's setup, nor a backend's first statements
             since = time.time()
-            subprocess.run(_as_postgres(["callgrind_control", "-z"]), check=True, stdout=subprocess.DEVNULL)
+            if bouncer is not None:  # the one server connection, forked after `first`, counts from now on
+                zero = psycopg2.connect(url)
+                with zero.cursor() as cur:
+                    cur.execute("SELECT pg_sleep(0)")
+                zero.close()
+            else:  # each cycle a backend of its own: those forked from now on
+                first = pg.sql("SELECT pg_backend_pid()")[0][0]
             time.sleep(seconds)
             for d in daemons:
                 d.terminate()
@@ -144,12 +153,11 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
             cycles = pg.sql("SELECT count(*) FROM service_heartbeat WHERE service_name = '后端' AND created_at "
                             ">= to_timestamp(%s) AT TIME ZONE 'utc' AND created_at < to_timestamp(%s) AT TIME ZONE 'utc'",
                             (since, end))[0][0]
-            master = int((pg.data / "postmaster.pid").read_text().split()[0])
             if bouncer is not None:
                 bouncer.destroy()
                 bouncer = None
             pg.stop()  # every backend writes its file as it exits
-            return {"pg_minstr": server_instructions(out, master, since, last) / max(cycles, 1) / 1e6,
+            return {"pg_minstr": server_instructions(out, first, last) / max(cycles, 1) / 1e6,
                     "cycles": float(cycles)}
         master = int((pg.data / "postmaster.pid").read_text().split()[0])
         start = time.time()
