@@ -60,10 +60,19 @@ LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::i
 # fleet's server more a write than the rest of the difference from a plain table (a session writing 3
 # rows a statement: 275 against 245 us of backend CPU a write; read from the partition: 255). Only the
 # read: the INSERT goes to the table, which routes each row itself, so a partition known here never
-# decides where a row goes.
+# decides where a row goes. A partition read is only as right as the list it came from, so such a
+# write returns where its rows went (the returning slot: RETURNING tableoid): rows that went elsewhere
+# than the partition read (one detached since, its range now going to the DEFAULT partition; one
+# dropped and made again under its name) make the writer look the partitions up again before its next
+# write. A statement that checked first would cost a new backend (a direct connection, every cycle)
+# a million instructions of catalog lookups, more than the read of the partition saves. What a stale
+# read can do before it is seen: a row the write finds in the old partition counts as written, and a
+# replay in that very write of a row written elsewhere is written again; a dropped partition fails the
+# write (42P01), its rows spooled for the next cycle.
 MISSING = ("SELECT {picked} FROM (VALUES {values}) AS v ({columns})"
            " WHERE NOT EXISTS (SELECT 1 FROM {read} h WHERE {same} AND h.{report} BETWEEN {first} AND {last})")
-INSERT_MISSING = TIMEOUT + "{lock};\nINSERT INTO {table} ({columns}) " + MISSING
+RETURNING = " RETURNING tableoid"
+INSERT_MISSING = TIMEOUT + "{lock};\nINSERT INTO {table} ({columns}) " + MISSING + "{returning}"
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
 # one empty row for each row missing, and that count is what the table got. (Not everywhere: it
@@ -74,20 +83,27 @@ INSERT_MISSING_COUNTED = TIMEOUT + "{lock};\nWITH missing AS (" + MISSING + """)
      inserted AS (INSERT INTO {table} ({columns}) SELECT * FROM missing)
 SELECT FROM missing"""
 ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-  WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D')  -- a row-level BEFORE INSERT trigger
+  WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D'),  -- a row-level BEFORE INSERT trigger
+       c.relkind = 'p'  -- partitioned (its partitions are looked up: PARTITIONS)
   FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
 # The partitions a write may read instead of the table: those of a table partitioned by RANGE
-# (report_time) alone that hold rows themselves (not partitioned again, not foreign), that this role
-# may read and that have no row security of their own (they then show what the table shows), each
-# with its bounds (NULL for MINVALUE, MAXVALUE) as the column's type. A bound is read with
-# pg_get_expr(relpartbound, 0), as prune reads them (schema.COVERED): no partition is opened or locked.
-# Looked up with the table's columns, again each hour (a partition made since) and after any failure
-# but a refused row. A detached partition is read until the next lookup, and a row found there counts as
-# written, one not found is inserted through the table.
-PARTITIONS = r"""SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname),
-       CASE WHEN b[1] LIKE '''%%' THEN pg_catalog.btrim(b[1], '''')::{type} END,
-       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END
+# (report_time) alone that hold rows themselves (not partitioned again, not foreign), not being
+# detached, that this role may read (their schema too), on a table without row security and with
+# none of their own (read by itself, a partition would show what the table's policies hide, or hide
+# what the table shows), each with its bounds (NULL for MINVALUE, MAXVALUE) as the column's type, and
+# its oid (RETURNING). A bound is read with pg_get_expr(relpartbound, 0), as prune
+# reads them (schema.COVERED): no partition is opened or locked. A name with a % is left out (the
+# statement's text goes through psycopg2's parameter formatting, as the table's own name cannot have
+# one). Looked up with the table's columns (a partitioned one only), again each hour (a partition
+# made since; a write then reads through the table meanwhile) and after any failed write but a
+# refusal, or whose rows went elsewhere (RETURNING). A bound beyond what a Python datetime holds
+# (infinity, BC, year 10000) leaves its partition out.
+PARTITIONS = r"""SELECT * FROM (
+SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
+       CASE WHEN b[1] LIKE '''%%' THEN pg_catalog.btrim(b[1], '''')::{type} END AS lower,
+       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END AS upper
   FROM pg_catalog.pg_partitioned_table k
+  JOIN pg_catalog.pg_class t ON t.oid = k.partrelid
   JOIN pg_catalog.pg_attribute a ON a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]
   JOIN pg_catalog.pg_inherits i ON i.inhparent = k.partrelid
   JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
@@ -95,8 +111,13 @@ PARTITIONS = r"""SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname),
   CROSS JOIN LATERAL pg_catalog.regexp_match(pg_catalog.pg_get_expr(c.relpartbound, 0),
                                              $$^FOR VALUES FROM \(([^)]*)\) TO \(([^)]*)\)$$) AS b
  WHERE k.partrelid = pg_catalog.to_regclass(%s) AND k.partstrat = 'r' AND k.partnatts = 1
-   AND a.attname = 'report_time' AND c.relkind = 'r' AND NOT c.relrowsecurity AND b IS NOT NULL
-   AND pg_catalog.has_table_privilege(c.oid, 'SELECT')"""
+   AND a.attname = 'report_time' AND c.relkind = 'r' AND b IS NOT NULL
+   AND NOT t.relrowsecurity AND NOT c.relrowsecurity{pending}
+   AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
+   AND pg_catalog.strpos(pg_catalog.format('%%I.%%I', n.nspname, c.relname), '%%') = 0) AS p
+ WHERE (lower IS NULL OR lower BETWEEN '0001-01-02' AND '9999-12-30')  -- a Python datetime, in any time zone
+   AND (upper IS NULL OR upper BETWEEN '0001-01-02' AND '9999-12-30')"""
+PENDING = " AND NOT i.inhdetachpending"  # PostgreSQL 14 and later: a DETACH ... CONCURRENTLY under way
 PARTITIONS_AGAIN = 3600.0  # seconds: how long the partitions looked up are taken as all there are
 STRIPES = 1024
 OUT_OF_LOCKS = "53200"  # out of shared memory: "You might need to increase max_locks_per_transaction"
@@ -124,8 +145,9 @@ SAVEPOINT heartbeatd_row;
 JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
-SLOTS = ("lock", "first", "last", "read")  # what each write fills into its composed statement
+SLOTS = ("lock", "first", "last", "read", "returning")  # what each write fills into its composed statement
 _SLOT_AT = {name: at for at, name in enumerate(SLOTS)}
+READ = _SLOT_AT["read"]  # what a write reads, in its filling
 
 
 class Stated(NamedTuple):
@@ -259,8 +281,10 @@ class Writer:
         cur.execute(ROUTED, (whole,))
         found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
+        partitioned = bool(found and found[1])
         return _Shape(types, counted=bool(found and found[0]), space=self._space, whole=whole,
-                      partitions=_partitions(cur, whole, types["report_time"].name))
+                      partitioned=partitioned,
+                      partitions=_partitions(cur, whole, types["report_time"].name) if partitioned else ())
 
     def _query(self, cur: Any, shape: "_Shape", count: int) -> Stated:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
@@ -279,7 +303,8 @@ class Writer:
                 picked=sql.SQL(", ").join(sql.SQL("v.") + n for n in names),
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 report=sql.Identifier("report_time"), first=shape.bound.format(Stated.mark("first")),
-                last=shape.bound.format(Stated.mark("last")))
+                last=shape.bound.format(Stated.mark("last")), read=Stated.mark("read"),
+                returning=Stated.mark("returning"))
             if len(self._queries) < 16:
                 self._queries[count] = query
         return query
@@ -299,9 +324,11 @@ class Writer:
                 sent = shape.values(rows, self._clock())
                 count = len(sent.times)  # fewer than rows where two are one as stored
                 filling = shape.filling(sent)
-                self._reading = filling[-1]
+                self._reading = read = filling[READ]
                 cur.execute(self._query(cur, shape, count).filled(filling), sent.params)
-                if shape.partitions and time.monotonic() > shape.until:  # a partition made since: found next time
+                if read in shape.oids and any(oid != shape.oids[read] for oid, in cur.fetchall()):
+                    self._shape = None  # rows went elsewhere than the partition read: a stale list (RETURNING)
+                if shape.partitioned and time.monotonic() > shape.until:  # a partition made since: found next time
                     self._shape = None
                 # Rows the statement inserted (INSERT_MISSING_COUNTED says why not always the
                 # INSERT's own count): a replay of rows already in the table inserts none, which is
@@ -339,8 +366,8 @@ class Writer:
                 theirs = shape.values([copy], now) if copy else mine
                 taken = shape.lock(sorted({*shape.stripes(mine), *shape.stripes(theirs)}))
                 filling = shape.filling(mine)
-                self._reading = filling[-1]
-                why = self._refused(cur, self._judge_begin(cur).filled((taken, "", "", ""))
+                self._reading = filling[READ]
+                why = self._refused(cur, self._judge_begin(cur).filled((taken, "", "", "", ""))
                                     + insert.filled((taken, *filling[1:])), mine.params)
                 if why is None:
                     count = cur.rowcount
@@ -354,7 +381,7 @@ class Writer:
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
                 filling = shape.filling(theirs)
-                self._reading = filling[-1]
+                self._reading = filling[READ]
                 table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled((taken, *filling[1:]))),
                                           theirs.params)
                 if table_why is None:
@@ -407,7 +434,7 @@ class Writer:
             return exc
         if isinstance(exc, psycopg2.errors.UndefinedTable):
             shape = self._shape
-            if shape is not None and self._reading in shape.names:
+            if shape is not None and self._reading in shape.oids:
                 # Dropped since it was looked up (every failure but a refusal looks them up again).
                 return WriteError(f"partition {self._reading} of table {self.name} was dropped while written: "
                                   "its partitions are looked up again", kind="missing partition")
@@ -478,22 +505,23 @@ class Sent(NamedTuple):
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "counted", "columns", "slots", "bound", "partitions", "until", "_convert", "_stamps",
+    __slots__ = ("types", "counted", "columns", "slots", "bound", "partitioned", "partitions", "until", "_convert", "_stamps",
                  "_extras", "_report_at", "_key_times", "_epoch", "_lock_one", "_lock", "_whole", "_lowers",
-                 "_uppers", "names")
+                 "_uppers", "_names", "oids")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False, space: int = 0, whole: str = "",
-                 partitions: Sequence["Partition"] = ()) -> None:
+                 partitioned: bool = False, partitions: Sequence["Partition"] = ()) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
         # `space`: the first key of the table's advisory locks (lock_space).
         # `whole`: the table's name as SQL; `partitions`: those a write may read instead (PARTITIONS).
-        self.types, self.counted = types, counted
+        self.types, self.counted, self.partitioned = types, counted, partitioned
         self.partitions = sorted(partitions)
         self.until = time.monotonic() + PARTITIONS_AGAIN  # when the partitions are looked up again
         self._whole = whole
         self._lowers = [p.lower for p in self.partitions]
         self._uppers = [p.upper for p in self.partitions]
-        self.names = [p.name for p in self.partitions]
+        self._names = [p.name for p in self.partitions]
+        self.oids = {p.name: p.oid for p in self.partitions}  # what a write reads, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
         self._lock = LOCK.format(space=space, stripes="\0").split("\0")
         # A row's values in the order a Row holds them: the key columns, the stamps (set by the
@@ -563,19 +591,20 @@ class _Shape:
         """The lock stripes of rows as sent (their report_times as stored)."""
         return lock_keys(sent.times)
 
-    def filling(self, sent: Sent) -> tuple[str, str, str, str]:
+    def filling(self, sent: Sent) -> tuple[str, str, str, str, str]:
         """What a write of rows as sent fills into its statement's slots (Stated): its lock statement, the
-        seconds of its first and last report_time (as stored), and what it reads: in SLOTS' order."""
+        seconds of its first and last report_time (as stored), what it reads, and RETURNING where that is a
+        partition: in SLOTS' order."""
         times = sent.times
         earliest, latest = min(times), max(times)
         first, last = earliest - self._epoch, latest - self._epoch  # whole days and seconds: no division
-        read = self._whole
+        read, returning = self._whole, ""
         if self._lowers:  # the partition holding the first row, if it holds the last one too
             at = bisect_right(self._lowers, earliest) - 1
             if at >= 0 and latest < self._uppers[at]:
-                read = self.names[at]
+                read, returning = self._names[at], RETURNING
         return (self.lock(lock_keys(times)),
-                str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2), read)
+                str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2), read, returning)
 
     def lock(self, stripes: Sequence[int]) -> str:
         """The statement that takes these stripes' advisory locks (ascending), in the table's space."""
@@ -590,31 +619,28 @@ def _as_it_is(value: datetime) -> datetime:
 
 class Partition(NamedTuple):
     """A partition a write may read instead of the table: from `lower` (inclusive) to `upper`, as the
-    report_time column holds them, and its name as SQL."""
+    report_time column holds them, its name as SQL, and its oid (RETURNING)."""
 
     lower: datetime
     upper: datetime
     name: str
+    oid: int
 
 
 def _partitions(cur: Any, table: str, report_type: str) -> list[Partition]:
-    """The partitions of `table` a write may read instead of it (PARTITIONS); none where it has none, or
-    where a bound cannot be read back as a time (the table is read then, as before)."""
+    """The partitions of `table` a write may read instead of it (PARTITIONS); none where a bound cannot be
+    read back as a time (the table is read then, as before)."""
     if report_type not in ("timestamp", "timestamptz"):
         return []
+    pending = PENDING if cur.connection.server_version >= 140000 else ""
     try:
-        cur.execute(sql.SQL(PARTITIONS).format(type=sql.SQL(report_type)), (table,))
+        cur.execute(sql.SQL(PARTITIONS).format(type=sql.SQL(report_type), pending=sql.SQL(pending)), (table,))
         found = cur.fetchall()
-    except (psycopg2.DataError, psycopg2.ProgrammingError, psycopg2.NotSupportedError):
+    except (psycopg2.DataError, psycopg2.ProgrammingError, psycopg2.NotSupportedError, ValueError, OverflowError):
         return []  # a bound PostgreSQL prints but does not read back (autocommit: nothing else undone)
     zone = timezone.utc if report_type == "timestamptz" else None
     least, most = datetime.min.replace(tzinfo=zone), datetime.max.replace(tzinfo=zone)
     parts = []
-    for name, lower, upper in found:
-        lower = least if lower is None else lower
-        upper = most if upper is None else upper
-        # Only times comparable with the rows' (infinity read back as another kind): else the table.
-        if isinstance(lower, datetime) and isinstance(upper, datetime) and \
-                (lower.tzinfo is None) == (upper.tzinfo is None) == (zone is None):
-            parts.append(Partition(lower, upper, name))
+    for name, oid, lower, upper in found:
+        parts.append(Partition(least if lower is None else lower, most if upper is None else upper, name, int(oid)))
     return parts

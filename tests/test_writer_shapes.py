@@ -18,7 +18,7 @@ import pytest
 
 from conftest import DaemonProcess, cli, clean_env, db_url, init_table, rows
 from heartbeatd.heartbeat import Row
-from heartbeatd.writer import Writer, write_split
+from heartbeatd.writer import READ, Writer, write_split
 from servers import PgServer, RedisServer
 
 # A report_time with every digit of fraction set, half of them above the rounding point.
@@ -127,7 +127,9 @@ def test_a_write_touches_only_its_own_partition(pg: PgServer, kind: str) -> None
 # its partitions at each statement (a pooled fleet's server: 23 % more a cycle than on a plain table).
 # A write now reads the partition its rows fall in, where one known holds them all; the table where
 # none does (a batch across two, a partition partitioned again, one this role may not read or with row
-# security of its own, the DEFAULT one). Whatever it reads, a replay of a batch inserts nothing.
+# security of its own, the DEFAULT one; and, found in review, one in a schema the role may not use, one
+# with a % in its name, one with a bound a Python datetime cannot hold, each of which stopped every
+# write of its range or of all). Whatever it reads, a replay of a batch inserts nothing.
 @pytest.mark.parametrize("kind", ["timestamp", "timestamptz", "timestamp(0)"])
 def test_a_write_reads_the_partition_its_rows_fall_in(pg: PgServer, kind: str) -> None:
     day = WHEN.date()
@@ -138,12 +140,14 @@ def test_a_write_reads_the_partition_its_rows_fall_in(pg: PgServer, kind: str) -
     role = "writer_" + pg.dbname
     parts = {"old": f"FROM (MINVALUE) TO ({at(-2)})", "prev": f"FROM ({at(-1)}) TO ({at(0)})",
              "today": f"FROM ({at(0)}) TO ({at(1)})", "hidden": f"FROM ({at(2)}) TO ({at(3)})",
-             "secured": f"FROM ({at(3)}) TO ({at(4)})", "future": f"FROM ({at(4)}) TO (MAXVALUE)"}
+             "secured": f"FROM ({at(3)}) TO ({at(4)})", '"100%"': f"FROM ({at(4)}) TO ({at(5)})",
+             "future": f"FROM ({at(6)}) TO ('9000-01-01{zone}')", "far": f"FROM ('9000-01-01{zone}') TO ('10000-01-01{zone}')",
+             "last": f"FROM ('10000-01-01{zone}') TO (MAXVALUE)"}
     pg.sql(f"CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
            f"report_time {kind} NOT NULL, created_at {kind} NOT NULL) PARTITION BY RANGE (report_time); "
            "CREATE INDEX ON service_heartbeat (service_name, ip_address, report_time); "
            + "".join(f"CREATE TABLE service_heartbeat_{name} PARTITION OF service_heartbeat FOR VALUES {bound}; "
-                     for name, bound in parts.items())
+                     for name, bound in parts.items()).replace('service_heartbeat_"100%"', '"service_heartbeat_100%%"')  # %%: pg.sql formats
            + f"CREATE TABLE service_heartbeat_sub PARTITION OF service_heartbeat FOR VALUES FROM ({at(1)}) TO ({at(2)}) "
            "PARTITION BY RANGE (report_time); CREATE TABLE service_heartbeat_sub_1 PARTITION OF service_heartbeat_sub "
            f"FOR VALUES FROM ({at(1)}) TO ({at(2)}); "
@@ -152,7 +156,10 @@ def test_a_write_reads_the_partition_its_rows_fall_in(pg: PgServer, kind: str) -
            f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; "
            f"GRANT SELECT, INSERT ON service_heartbeat TO {role}; "
            + "".join(f"GRANT SELECT ON service_heartbeat_{name} TO {role}; "
-                     for name in (*parts, "sub", "sub_1", "default") if name != "hidden"), db=pg.dbname)
+                     for name in (*parts, "sub", "sub_1", "default") if name not in ("hidden", '"100%"'))
+           + f'GRANT SELECT ON "service_heartbeat_100%%" TO {role}; '
+           + f"CREATE SCHEMA parts; CREATE TABLE parts.elsewhere PARTITION OF service_heartbeat FOR VALUES FROM "
+           f"({at(5)}) TO ({at(6)}); GRANT SELECT ON parts.elsewhere TO {role}", db=pg.dbname)  # no USAGE on parts
     conn = psycopg2.connect(host=str(pg.root), port=pg.port, user=role, dbname=pg.dbname,
                             options="-c TimeZone=America/St_Johns")  # bounds printed at -03:30 read back right
     conn.autocommit = True
@@ -163,7 +170,9 @@ def test_a_write_reads_the_partition_its_rows_fall_in(pg: PgServer, kind: str) -
                "sub": [noon + timedelta(days=1)], "hidden": [noon + timedelta(days=2)],
                "secured": [noon + timedelta(days=3)], "default": [noon - timedelta(days=2)],
                "edge": [noon - timedelta(hours=12), noon + timedelta(hours=12) - timedelta(seconds=1)],
-               "bound": [noon - timedelta(hours=12, seconds=1), noon - timedelta(hours=12)]}
+               "bound": [noon - timedelta(hours=12, seconds=1), noon - timedelta(hours=12)],
+               "percent": [noon + timedelta(days=4)], "elsewhere": [noon + timedelta(days=5)],
+               "far": [datetime(9500, 1, 1, tzinfo=timezone.utc)]}
     direct = {"today": "today", "prev": "prev", "old": "old", "future": "future", "edge": "today"}
     try:
         written = 0
@@ -171,7 +180,7 @@ def test_a_write_reads_the_partition_its_rows_fall_in(pg: PgServer, kind: str) -
             batch = [Row(s, f"10.0.{n}.1", t) for t in times for s in ("后端", "redis")]
             writer.write(conn, batch)
             written += len(batch)
-            read = writer._shape.filling(writer._shape.values(batch, WHEN))[-1]  # type: ignore[union-attr]
+            read = writer._shape.filling(writer._shape.values(batch, WHEN))[READ]  # type: ignore[union-attr]
             assert read == (f"public.service_heartbeat_{direct[name]}" if name in direct
                             else '"service_heartbeat"'), (name, read)
             writer.write(conn, batch, dedupe=True)  # the replay, as from the spool
@@ -198,7 +207,7 @@ def test_a_partition_made_later_is_read_after_the_next_lookup(pg: PgServer) -> N
     today, tomorrow = [Row("redis", "10.0.0.1", WHEN)], [Row("redis", "10.0.0.1", WHEN + timedelta(days=1))]
 
     def read(batch: list[Row]) -> str:
-        return writer._shape.filling(writer._shape.values(batch, WHEN))[-1]  # type: ignore[union-attr]
+        return writer._shape.filling(writer._shape.values(batch, WHEN))[READ]  # type: ignore[union-attr]
     try:
         writer.write(conn, today)
         pg.sql(f"CREATE TABLE service_heartbeat_b PARTITION OF service_heartbeat FOR VALUES FROM "
@@ -219,7 +228,7 @@ def test_a_partition_made_later_is_read_after_the_next_lookup(pg: PgServer) -> N
 # The partition a daemon reads may go while it runs (a DBA's DROP or DETACH of the day's partition; the
 # rows then go to the DEFAULT one): a dropped one costs one cycle its write, with a line that says so
 # (not "table does not exist: run init-db"), and that cycle's rows come from the spool; a detached one
-# is read (finding nothing) until the next lookup. Every cycle's rows are in the table once.
+# is seen by the first write whose rows go elsewhere. Every cycle's rows are in the table once.
 @pytest.mark.parametrize("how", ["DROP TABLE {part}", "ALTER TABLE service_heartbeat DETACH PARTITION {part}"])
 def test_the_partition_read_goes_while_the_daemon_writes(pg: PgServer, redis_server: RedisServer, tmp_path: Path,
                                                          daemon: Callable[..., DaemonProcess], how: str) -> None:
@@ -239,7 +248,7 @@ def test_the_partition_read_goes_while_the_daemon_writes(pg: PgServer, redis_ser
     proc.wait_log("记录心跳成功 - 服务: postgres", written + 4)
     assert proc.stop() == 0
     assert "run `heartbeatd init-db`" not in proc.log()
-    said = [line for line in proc.log().splitlines() if "was dropped while written" in line]
+    said = [line for line in proc.log().splitlines() if "while written: its partitions" in line]
     why = f"partition public.{part} of table service_heartbeat was dropped while written: its partitions are looked up again"
     assert said == ([f"ERROR:heartbeatd.daemon:记录心跳失败 - {why}",
                      f"WARNING:heartbeatd.daemon:心跳已缓存 - rows kept in the local spool until PostgreSQL accepts them ({why})"]
@@ -250,6 +259,37 @@ def test_the_partition_read_goes_while_the_daemon_writes(pg: PgServer, redis_ser
     assert all(where == "service_heartbeat_default" for _, _, where in after), after
     gaps = [(b[0] - a[0]).total_seconds() for a, b in zip(after, after[1:])]
     assert max(gaps) < 0.9, gaps  # no cycle missing (one would leave 1 s between two)
+
+
+# A writer's list of partitions can be stale: the partition its rows fall in detached (its range now
+# going to the DEFAULT partition), or dropped and made again under its name for other days. Reading the
+# old one would find none of the rows and insert each replay again for up to an hour (found in review):
+# the first write whose rows go elsewhere than the partition read has the partitions looked up again.
+@pytest.mark.parametrize("change", [
+    "ALTER TABLE service_heartbeat DETACH PARTITION service_heartbeat_a",
+    "DROP TABLE service_heartbeat_a; CREATE TABLE service_heartbeat_a PARTITION OF service_heartbeat "
+    "FOR VALUES FROM ('{later}') TO ('{last}')"])
+def test_a_stale_partition_list_never_doubles_a_row(pg: PgServer, change: str) -> None:
+    day = WHEN.date()
+    pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
+           "report_time timestamp NOT NULL, created_at timestamp NOT NULL) PARTITION BY RANGE (report_time); "
+           f"CREATE TABLE service_heartbeat_a PARTITION OF service_heartbeat FOR VALUES FROM ('{day}') TO "
+           f"('{day + timedelta(days=1)}'); CREATE TABLE service_heartbeat_d PARTITION OF service_heartbeat DEFAULT",
+           db=pg.dbname)
+    conn = _connect(pg)
+    writer = Writer(("service_heartbeat",), timeout=5.0)
+    try:
+        writer.write(conn, [Row("redis", "10.0.0.1", WHEN)])
+        pg.sql(change.format(later=day + timedelta(days=2), last=day + timedelta(days=3)), db=pg.dbname)
+        batch = [Row("redis", "10.0.0.2", WHEN)]
+        writer.write(conn, batch)
+        for _ in range(3):  # its replays
+            writer.write(conn, batch, dedupe=True)
+        assert writer.inserted == 2
+        assert pg.sql("SELECT tableoid::regclass::text, count(*) FROM service_heartbeat WHERE ip_address = '10.0.0.2' "
+                      "GROUP BY 1", db=pg.dbname) == [("service_heartbeat_d", 1)]
+    finally:
+        conn.close()
 
 
 def _inheritance_partitioned(pg: PgServer) -> None:
