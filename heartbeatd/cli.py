@@ -449,12 +449,14 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         figure = f"about {rows} rows" if estimated else f"{rows} row(s)"
         print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({figure})", flush=True)
 
-    def ahead(made: list[str], failed: Optional[str]) -> None:
+    def ahead(made: list[str], granted: list[str], failed: Optional[str]) -> None:
         if failed is not None:
             print(f"heartbeatd: prune: partitions ahead not made: {failed}; the DEFAULT partition takes the rows "
                   "meanwhile (run prune, or init-db --partitioned, as the table's owner)", file=sys.stderr)
         elif made:
             print(f"{'would make' if args.dry_run else 'made'} partition(s) ahead: {', '.join(made)}", flush=True)
+        for line in granted:
+            print(line, flush=True)
 
     try:
         # Rows are pruned only once the hourly rollups hold them: where a pass has run, never past the

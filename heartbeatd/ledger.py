@@ -391,12 +391,14 @@ class Ledger:
 
     def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
               dropped: Callable[[str, int, bool], None] = lambda name, rows, estimated: None,
-              ahead: Callable[[list[str], Optional[str]], None] = lambda made, failed: None) -> Optional[int]:
+              ahead: Callable[[list[str], list[str], Optional[str]], None] = lambda made, granted, failed: None
+              ) -> Optional[int]:
         """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`, with its
         rows and whether that figure is an estimate: see PRUNE_ESTIMATE), the rest deleted in batches; how many
         rows (the dropped partitions' as told), or None if another prune holds the lock. First, on a
-        table init-db --partitioned made, the partitions ahead that are missing are made (told to `ahead`,
-        with why not if they could not be: pruning goes on, the DEFAULT partition catches the rows)."""
+        table init-db --partitioned made, the partitions ahead that are missing are made and every partition
+        given the table's SELECT grants (told to `ahead`: the names made, the grants' lines, and why not if
+        a partition could not be made: pruning goes on, the DEFAULT partition catches the rows)."""
         conn = self.conn
         conn.autocommit = True
         conn.set_session(readonly=False, autocommit=True)
@@ -408,13 +410,13 @@ class Ledger:
             if not cur.fetchone()[0]:
                 return None
         try:  # under the prune lock: two prunes never make the same partition
-            made = partitions_ahead(conn, self.table, self.timeout, datetime.now(UTC), dry_run, self._helper)
-            if made is not None:
-                ahead(made, None)
+            found = partitions_ahead(conn, self.table, self.timeout, datetime.now(UTC), dry_run, self._helper)
+            if found is not None:
+                ahead(*found, None)
         except DdlFailed as exc:
             if conn.closed:  # a lock not had (its holder named): as for a partition's DROP, prune stops
                 raise
-            ahead([], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
+            ahead([], [], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
         # A partition held by another session (a long reader, an ALTER) holds these reads up too: bounded,
         # cancelled on the server, its holder named, as the DROP's lock is.
         drop, tables = run_locking(conn, lambda cur: self._prune_plan(cur, when), f"reading {self.name}'s partitions",

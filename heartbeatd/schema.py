@@ -50,8 +50,10 @@ AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
 # The table's SELECT grants that one of its partitions lacks (grants on a table do not reach its
 # partitions): init-db --partitioned and prune give them, so a role that may read the table reads the
 # partition a write's rows fall in (writer.PARTITIONS: a read as cheap as a plain table's). Not on a
-# table with row security: its partitions read by themselves would show what its policies hide.
-UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname),
+# table with row security: its partitions read by themselves would show what its policies hide. Each
+# partition with whether this role may grant on it (a member of its owner's role: a partition another
+# role attached is left as it is, and said).
+UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), pg_catalog.pg_has_role(c.relowner, 'USAGE'),
        pg_catalog.string_agg(CASE WHEN g.grantee = 0 THEN 'PUBLIC'
                                   ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END, ', ')
   FROM pg_catalog.pg_class t
@@ -63,7 +65,7 @@ UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname),
    AND NOT t.relrowsecurity AND c.relkind IN ('r', 'p')
    AND NOT EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) x
                     WHERE x.grantee = g.grantee AND x.privilege_type = 'SELECT')
- GROUP BY 1 ORDER BY 1"""
+ GROUP BY 1, 2 ORDER BY 1"""
 # Whether the table is partitioned by RANGE (report_time) alone, and its partitions' names (prune: is it ours).
 RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 'report_time'
   FROM pg_catalog.pg_partitioned_table k
@@ -409,15 +411,29 @@ def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool =
             work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
                      f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
         made.append(part)
-    if not dry_run:
-        granted = []
-        for part, grantees in work.fetch(UNSHARED, rel.ident):  # names quoted by the server
+    return made
+
+
+def _share_grants(work: _Init, rel: Relation) -> list[str]:
+    """The table's SELECT grants given to each partition that lacks them (UNSHARED), each on its own: what
+    was done, a line each, and one for each partition that could not be given them (the rest go on)."""
+    granted, said = [], []
+    for part, ours, grantees in work.fetch(UNSHARED, rel.ident):  # names quoted by the server
+        if not ours:
+            said.append(f"SELECT not granted on partition {part} as on table {rel.schema}.{rel.name}: "
+                        "owned by another role")
+            continue
+        try:
             work.ddl(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(part), sql.SQL(grantees)),
                      f"GRANT SELECT ON {part}")
             granted.append(part)
-        if granted:
-            work.done.append(f"granted SELECT on partition(s) {', '.join(granted)} as on table {rel.name}")
-    return made
+        except DdlFailed as exc:
+            if work.conn.closed:  # a lock not had: the connection is gone, as for any DDL
+                raise
+            said.append(f"SELECT not granted on partition {part} as on table {rel.schema}.{rel.name}: {exc}")
+    if granted:
+        said.insert(0, f"granted SELECT on partition(s) {', '.join(granted)} as on table {rel.schema}.{rel.name}")
+    return said
 
 
 def _unit(work: _Init, rel: Relation) -> Optional[str]:
@@ -467,10 +483,12 @@ def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Opt
 
 
 def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datetime, dry_run: bool = False,
-                     helper: Optional[Callable[[], Any]] = None) -> Optional[list[str]]:
+                     helper: Optional[Callable[[], Any]] = None) -> Optional[tuple[list[str], list[str]]]:
     """prune's first step on a table init-db --partitioned made (not pg_partman's): the partitions ahead that
-    are missing made, as init-db --partitioned makes them (dry_run: only named); None where the table is not
-    such a table. DdlFailed says why one could not be made (a role that does not own the table, say)."""
+    are missing made, as init-db --partitioned makes them (dry_run: only named), then the table's SELECT
+    grants given to the partitions that lack them (not with dry_run); the names made and the lines the
+    grants said. None where the table is not such a table. DdlFailed says why a partition could not be
+    made (a role that does not own the table, say)."""
     work = _Init(conn, timeout, helper)
     rel = work.relation(sql.Identifier(*table))
     if rel is None or rel.kind != "p":
@@ -478,7 +496,8 @@ def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datet
     unit = _unit(work, rel)
     if unit is None or _partman_managed(work, rel):
         return None
-    return _ahead(work, rel, unit, now, dry_run)
+    made = _ahead(work, rel, unit, now, dry_run)
+    return made, ([] if dry_run else _share_grants(work, rel))
 
 
 def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
@@ -499,6 +518,7 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
     made = _ahead(work, rel, unit, now)
     if made:
         work.done.append(f"created partition(s) {', '.join(made)}")
+    work.done += _share_grants(work, rel)
     return rel
 
 
