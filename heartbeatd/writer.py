@@ -84,7 +84,9 @@ INSERT_MISSING_COUNTED = TIMEOUT + "{lock};\nWITH missing AS (" + MISSING + """)
 SELECT FROM missing"""
 ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
   WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D'),  -- a row-level BEFORE INSERT trigger
-       c.relkind = 'p'  -- partitioned (its partitions are looked up: PARTITIONS)
+       c.relkind = 'p' AND NOT c.relhasrules  -- partitioned, its partitions looked up (PARTITIONS) ...
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t  -- ... where it can return where rows went
+                        WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D')
   FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
 # The partitions a write may read instead of the table: those of a table partitioned by RANGE
 # (report_time) alone that hold rows themselves (not partitioned again, not foreign), not being
@@ -114,6 +116,7 @@ SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
    AND a.attname = 'report_time' AND c.relkind = 'r' AND b IS NOT NULL
    AND NOT t.relrowsecurity AND NOT c.relrowsecurity{pending}
    AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
+   AND pg_catalog.has_table_privilege(t.oid, 'SELECT')  -- RETURNING tableoid: not column privileges alone
    AND pg_catalog.strpos(pg_catalog.format('%%I.%%I', n.nspname, c.relname), '%%') = 0) AS p
  WHERE (lower IS NULL OR lower BETWEEN '0001-01-02' AND '9999-12-30')  -- a Python datetime, in any time zone
    AND (upper IS NULL OR upper BETWEEN '0001-01-02' AND '9999-12-30')"""
@@ -281,6 +284,9 @@ class Writer:
         cur.execute(ROUTED, (whole,))
         found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
+        # A write that reads a partition returns where its rows went (RETURNING): not on a table with rules
+        # (a conditional DO INSTEAD one refuses RETURNING) nor one whose trigger may put rows elsewhere
+        # (INSERT_MISSING_COUNTED returns rows of its own); found in review.
         partitioned = bool(found and found[1])
         return _Shape(types, counted=bool(found and found[0]), space=self._space, whole=whole,
                       partitioned=partitioned,
