@@ -251,9 +251,11 @@ def test_rollup_without_init_db_is_one_line(pg: PgServer) -> None:
 
 
 def day_partitions(pg: PgServer) -> datetime:
-    """The table partitioned by day, an operator's way: p0, p1, p2 from T0's day on, a DEFAULT one, the
-    pair index only; history(9) in it. The start of p1 (aware UTC)."""
-    day = T0.replace(hour=0, tzinfo=None)
+    """The table partitioned by day, an operator's way: p0, p1, p2 of 24 hours each, a DEFAULT one, the
+    pair index only; history(9) in it. The start of p1 (aware UTC), 6 hours into the history: not at a
+    midnight, so that windows a fixed time back from now, and from p1's start, are in p1 and p2 and hold
+    whole rolled-up hours at any time of day (at 06:00-06:59 UTC both tests that hold p0 failed)."""
+    day = (T0 - 18 * H).replace(tzinfo=None)
     pg.sql("CREATE TABLE service_heartbeat (service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, "
            "report_time timestamp NOT NULL, created_at timestamp NOT NULL, latency_ms real) "
            "PARTITION BY RANGE (report_time)", db=pg.dbname)
