@@ -18,7 +18,7 @@ from heartbeatd import __version__, config as configmod, logsetup, metrics, page
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
-from heartbeatd.heartbeat import naive_utc, utcnow
+from heartbeatd.heartbeat import canonical_ip, naive_utc, utcnow
 from heartbeatd.ledger import Ledger, TableMissing, parse_when
 from heartbeatd.notify import Notifier
 from heartbeatd.pg import Connector, DatabaseUnreachable, explain, reason
@@ -399,6 +399,8 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
     if until <= since:
         return _usage("--until must be after --since")
     gap = args.gap if args.gap is not None else _stale_after(config)
+    if args.ip is not None:  # as stored: `--ip 2001:DB8:0::1` finds 2001:db8::1
+        args.ip = canonical_ip(args.ip)
     ledger = _ledger(config)
     buffer = io.StringIO()  # with --output, the whole text first: the file is replaced only once it is complete
     out = buffer if args.output is not None else sys.stdout

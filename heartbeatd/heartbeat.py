@@ -10,6 +10,7 @@ column existed carries NULL for it.
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import datetime, timezone
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -103,6 +104,17 @@ def as_utc(value: datetime) -> datetime:
 def naive_utc(value: datetime) -> str:
     """`2026-11-27 19:10:32`: how the table shows a report_time (naive UTC)."""
     return to_naive_utc(value).isoformat(sep=" ", timespec="seconds")
+
+
+def canonical_ip(text: str) -> str:
+    """An address as an operator may type it (`2001:DB8:0::1`, `::ffff:10.0.0.5`) in the form heartbeatd
+    stores (`2001:db8::1`, `10.0.0.5`: normalize_ip of the kernel's text); anything else as it is."""
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return text
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
 
 
 def normalize_ip(address: str) -> str:

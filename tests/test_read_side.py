@@ -376,3 +376,19 @@ def test_a_fleet_report_read_on_two_connections_finds_the_same(pg: PgServer) -> 
                                                    (start + 3 * M + timedelta(seconds=30)).replace(tzinfo=timezone.utc))]
     assert outages(paired)[("redis", REDIS)] == []  # always some host writing redis rows
     conn.close()
+
+
+# `report --ip` compared the text as typed: an IPv6 address spelled otherwise than stored (the kernel's
+# form, lowercase and compressed) or an IPv4 address written IPv4-mapped found nothing.
+@pytest.mark.parametrize("typed, stored", [("2001:DB8:0:0::1", "2001:db8::1"), ("::ffff:10.0.0.5", "10.0.0.5"),
+                                           ("fe80::1%eth0", "fe80::1")])
+def test_report_ip_as_an_operator_types_it(pg: PgServer, typed: str, stored: str) -> None:
+    init_table(pg)
+    rows = [(service, ip, T0 + n * 30 * timedelta(seconds=1)) for n in range(20)
+            for service, ip in (("后端", stored), ("redis", "10.9.9.9"))]
+    conn = pg.connect(pg.dbname)  # type: ignore[attr-defined]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                        "VALUES (%s, %s, %s, %s)", [(s, ip, at, at) for s, ip, at in rows])
+    conn.close()
+    assert list(report(pg, "--ip", typed)) == [f"后端 {stored}"]
