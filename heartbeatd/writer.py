@@ -511,7 +511,7 @@ class Sent(NamedTuple):
 class _Shape:
     """What the table has of COLUMNS, and how each value is sent to it."""
 
-    __slots__ = ("types", "counted", "columns", "slots", "bound", "partitioned", "partitions", "until", "_convert", "_stamps",
+    __slots__ = ("types", "counted", "columns", "slots", "bound", "partitioned", "until", "_convert", "_stamps",
                  "_extras", "_report_at", "_key_times", "_epoch", "_lock_one", "_lock", "_whole", "_lowers",
                  "_uppers", "_names", "oids")
 
@@ -521,13 +521,13 @@ class _Shape:
         # `space`: the first key of the table's advisory locks (lock_space).
         # `whole`: the table's name as SQL; `partitions`: those a write may read instead (PARTITIONS).
         self.types, self.counted, self.partitioned = types, counted, partitioned
-        self.partitions = sorted(partitions)
         self.until = time.monotonic() + PARTITIONS_AGAIN  # when the partitions are looked up again
         self._whole = whole
-        self._lowers = [p.lower for p in self.partitions]
-        self._uppers = [p.upper for p in self.partitions]
-        self._names = [p.name for p in self.partitions]
-        self.oids = {p.name: p.oid for p in self.partitions}  # what a write reads, and where its rows should go
+        ordered = sorted(partitions)  # by lower bound: they do not overlap
+        self._lowers = [p.lower for p in ordered]
+        self._uppers = [p.upper for p in ordered]
+        self._names = [p.name for p in ordered]
+        self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
         self._lock = LOCK.format(space=space, stripes="\0").split("\0")
         # A row's values in the order a Row holds them: the key columns, the stamps (set by the

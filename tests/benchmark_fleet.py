@@ -15,8 +15,8 @@ the other in the same run: two versions side by side. --tables likewise runs eac
 `app` (the default) is the application's `service_heartbeat` as packaging/schema.sql makes it (one
 index besides the primary key), `plain` the table as `heartbeatd init-db` makes it (its three indexes),
 `partitioned` as `heartbeatd init-db --partitioned=day` makes it (the same indexes; a partition a UTC
-day, 7 ahead, a DEFAULT one): plain against partitioned compares like with like. With --rounds N the runs alternate, round by round, so that drift of
-the machine falls on every variant alike.
+day, 7 ahead, a DEFAULT one): plain against partitioned compares like with like. With --rounds N the
+runs alternate, round by round, so that drift of the machine falls on every variant alike.
 
 --server-callgrind runs PostgreSQL itself under valgrind's callgrind and prints the instructions its
 processes executed per cycle (millions; the client backends' and auxiliary processes', autovacuum
