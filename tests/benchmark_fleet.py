@@ -2,7 +2,7 @@
 
     python tests/benchmark_fleet.py [--hosts 30] [--interval 1] [--seconds 60] [--rounds 1]
                                     [--modes direct,pgbouncer,tls,scram,tls+scram] [--trees DIR,DIR]
-                                    [--tables app,plain,partitioned] [--server-callgrind]
+                                    [--tables app,plain,partitioned] [--behind DAYS] [--server-callgrind]
 
 Each daemon is a host of its own (distinct HEARTBEAT_BACKEND_IP, own spool). Per mode it prints
 PostgreSQL, PgBouncer and daemon CPU per cycle (from /proc: the postmaster with its reaped
@@ -15,8 +15,10 @@ the other in the same run: two versions side by side. --tables likewise runs eac
 `app` (the default) is the application's `service_heartbeat` as packaging/schema.sql makes it (one
 index besides the primary key), `plain` the table as `heartbeatd init-db` makes it (its three indexes),
 `partitioned` as `heartbeatd init-db --partitioned=day` makes it (the same indexes; a partition a UTC
-day, 7 ahead, a DEFAULT one): plain against partitioned compares like with like. With --rounds N the
-runs alternate, round by round, so that drift of the machine falls on every variant alike.
+day, 7 ahead, a DEFAULT one): plain against partitioned compares like with like; --behind DAYS gives
+the partitioned table that many (empty) day partitions before today's as well, the partitions a
+retention of DAYS keeps. With --rounds N the runs alternate, round by round, so that drift of the
+machine falls on every variant alike.
 
 --server-callgrind runs PostgreSQL itself under valgrind's callgrind and prints the instructions its
 processes executed per cycle (millions; the client backends' and auxiliary processes', autovacuum
@@ -81,7 +83,7 @@ def server_instructions(out: Path, first: int, last: int) -> float:
 
 
 def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str = "",
-             table: str = "app", callgrind: bool = False) -> dict[str, float]:
+             table: str = "app", callgrind: bool = False, behind: int = 0) -> dict[str, float]:
     pg = PgServer()
     if mode in ("tls", "scram", "tls+scram"):
         # tls: TLS, no password asked; scram: SCRAM-SHA-256 in the clear; tls+scram: both.
@@ -107,6 +109,11 @@ def run_mode(mode: str, hosts: int, interval: float, seconds: float, tree: str =
                            stdout=subprocess.DEVNULL, cwd=tmp,
                            env=dict(os.environ, DATABASE_URL=pg.url(), HEARTBEAT_ENV_FILE="/nonexistent/heartbeatd.env",
                                     **({"PYTHONPATH": tree} if tree else {})))
+            if table == "partitioned" and behind:  # days of history: partitions before today's
+                pg.sql("DO $$ DECLARE today date := (now() AT TIME ZONE 'utc')::date; BEGIN "
+                       "FOR d IN 1..%s LOOP EXECUTE format('CREATE TABLE service_heartbeat_p%%s PARTITION OF "
+                       "service_heartbeat FOR VALUES FROM (%%L) TO (%%L)', to_char(today - d, 'YYYYMMDD'), "
+                       "today - d, today - d + 1); END LOOP; END $$", (behind,))
         else:
             from heartbeatd.schema import CREATE_TABLE, index_name
             pg.sql(CREATE_TABLE.format(table="service_heartbeat", index=index_name(("service_heartbeat",))))
@@ -208,6 +215,8 @@ def main() -> None:
     parser.add_argument("--modes", default="direct,pgbouncer,tls,scram,tls+scram")
     parser.add_argument("--trees", default="", help="comma-separated source trees to compare (default: this one)")
     parser.add_argument("--tables", default="app", help="comma-separated: app, plain, partitioned (default app)")
+    parser.add_argument("--behind", type=int, default=0,
+                        help="the partitioned table also has this many day partitions before today's (empty)")
     parser.add_argument("--server-callgrind", action="store_true",
                         help="PostgreSQL under callgrind: its instructions per cycle instead of CPU time")
     args = parser.parse_args()
@@ -224,7 +233,7 @@ def main() -> None:
     for _ in range(args.rounds):  # round by round: drift falls on every variant alike
         for run in runs:
             results[run].append(run_mode(run[0], args.hosts, args.interval, args.seconds, run[1], run[2],
-                                         args.server_callgrind))
+                                         args.server_callgrind, args.behind))
     for (mode, tree, table), rounds in results.items():
         if tree or args.tables != "app":
             print(f"-- {tree or 'this tree'}, {table} table")
