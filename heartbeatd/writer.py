@@ -58,21 +58,48 @@ LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::i
 # partitioned and that partition is known (PARTITIONS), else the table. PostgreSQL plans a read of a
 # partitioned table by opening it and pruning its partitions at every statement, which cost a pooled
 # fleet's server more a write than the rest of the difference from a plain table (a session writing 3
-# rows a statement: 275 against 245 us of backend CPU a write; read from the partition: 255). Only the
-# read: the INSERT goes to the table, which routes each row itself, so a partition known here never
-# decides where a row goes. A partition read is only as right as the list it came from, so such a
-# write returns where its rows went (the returning slot: RETURNING tableoid): rows that went elsewhere
-# than the partition read (one detached since, its range now going to the DEFAULT partition; one
-# dropped and made again under its name) make the writer look the partitions up again before its next
-# write. A statement that checked first would cost a new backend (a direct connection, every cycle)
-# a million instructions of catalog lookups, more than the read of the partition saves. What a stale
-# read can do before it is seen: a row the write finds in the old partition counts as written, and a
-# replay in that very write of a row written elsewhere is written again; a dropped partition fails the
-# write (42P01), its rows spooled for the next cycle.
+# rows a statement: 275 against 245 us of backend CPU a write; read from the partition: 255). The rows
+# go into that partition too where it may take them (GUARD, below). Where it may not, the INSERT goes
+# to the table, which routes each row itself, and a partition read is only as right as the list it
+# came from, so such a write returns where its rows went (the returning slot: RETURNING tableoid): rows
+# that went elsewhere than the partition read (one detached since, its range now going to the DEFAULT
+# partition; one dropped and made again under its name) make the writer look the partitions up again
+# before its next write. (A check on pg_inherits first would cost a new backend a million instructions
+# of catalog lookups.) What a stale read can do before it is seen: a row the write finds in the old
+# partition counts as written, and a replay in that very write of a row written elsewhere is written
+# again; a dropped partition fails the write (42P01), its rows spooled for the next cycle.
 MISSING = ("SELECT {picked} FROM (VALUES {values}) AS v ({columns})"
-           " WHERE NOT EXISTS (SELECT 1 FROM {read} h WHERE {same} AND h.{report} BETWEEN {first} AND {last})")
+           " WHERE NOT EXISTS (SELECT 1 FROM {read} h WHERE {same} AND h.{report} BETWEEN {first} AND {last}){guard}")
 RETURNING = " RETURNING tableoid"
-INSERT_MISSING = TIMEOUT + "{lock};\nINSERT INTO {table} ({columns}) " + MISSING + "{returning}"
+INSERT_MISSING = TIMEOUT + "{lock};\n{hold}INSERT INTO {into} ({columns}) " + MISSING + "{returning}"
+# Where the partition read may take the rows itself (PARTITIONS' `direct`), the INSERT goes into it. On a
+# direct connection (a new backend every cycle) an INSERT through the partitioned table makes PostgreSQL
+# build the table's partition descriptor first, reading every partition's catalog row and bound: 37,000
+# instructions a partition, so a year of daily partitions cost a cycle 2.5 to 2.6 times the server's work
+# on a plain table (tests/README.md, Fleet). Into the partition, that no longer grows with their number.
+# What the table would do for the rows and the partition would not is left to the table: a partition
+# goes into only where the table has no trigger on INSERT (its statement triggers would not fire), no
+# rules, no row security, is not a partition itself, and this role may INSERT into it; and where the
+# partition has no rules nor triggers of its own, this role may INSERT into it, no column is an
+# identity (an ATTACHed table's would give ids of its own sequence) and each has the table's default
+# and generation (a table ATTACHed keeps its own defaults: README's migration attaches one). Those are
+# as of the lookup (hourly, after a failed write, at a reload: README says so). Every such statement
+# first takes the table's ROW EXCLUSIVE lock, as an INSERT through it does (HOLD): the same waits on
+# other sessions, the table's lock before the partition's as DROP and DETACH take them (written into
+# first, the partition would be held while the table is waited for: a deadlock with either), and
+# INSERT, UPDATE, DELETE or TRUNCATE on the table checked. Then the guard, in the INSERT: the partition
+# is still one of the table's and not being detached, and no row security has come to the table.
+# pg_partition_root() is immutable, so the planner evaluates it once the partition is locked and folds
+# it; row_security_active() runs at each row. Otherwise the ELSE's cast fails (42P01), nothing is
+# written, and the partitions are looked up again (the lock and the guard: about 0.15 M instructions a
+# write, pooled or not; what four partitions cost a new backend). A partition whose bounds are no longer
+# those looked up (detached and attached again for other times) refuses the rows (23514, no
+# constraint named): the write goes through the table at once, and the partitions are looked up again.
+# judge() always goes through the table, which decides.
+HOLD = "LOCK TABLE ONLY {table} IN ROW EXCLUSIVE MODE;\n"
+GUARD = (" AND CASE WHEN pg_catalog.pg_partition_root({partition}::oid::regclass)::oid = {table}::oid"
+         " AND NOT pg_catalog.row_security_active({table}::oid) THEN true"
+         " ELSE 'pg_catalog.heartbeatd_partition_detached'::text::regclass IS NULL END")
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
 # inheritance) makes an INSERT's own count 0: on a table with such a trigger the statement returns
 # one empty row for each row missing, and that count is what the table got. (Not everywhere: it
@@ -86,7 +113,11 @@ ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_tri
   WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D'),  -- a row-level BEFORE INSERT trigger
        c.relkind = 'p' AND NOT c.relhasrules  -- partitioned, its partitions looked up (PARTITIONS) ...
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t  -- ... where it can return where rows went
-                        WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D')
+                        WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D'),
+       NOT c.relispartition AND pg_catalog.has_table_privilege(c.oid, 'INSERT')  -- ... and rows may go into them
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t  -- (GUARD): not a partition itself, no INSERT trigger
+                        WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgtype & 4 = 4 AND t.tgenabled <> 'D'),
+       c.oid::int8
   FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
 # The partitions a write may read instead of the table: those of a table partitioned by RANGE
 # (report_time) alone that hold rows themselves (not partitioned again, not foreign), not being
@@ -99,11 +130,12 @@ ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_tri
 # one). Looked up with the table's columns (a partitioned one only), again each hour (a partition
 # made since; a write then reads through the table meanwhile) and after any failed write but a
 # refusal, or whose rows went elsewhere (RETURNING). A bound beyond what a Python datetime holds
-# (infinity, BC, year 10000) leaves its partition out.
+# (infinity, BC, year 10000) leaves its partition out. `direct`: whether rows may go into it (GUARD).
 PARTITIONS = r"""SELECT * FROM (
 SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
        CASE WHEN b[1] LIKE '''%%' THEN pg_catalog.btrim(b[1], '''')::{type} END AS lower,
-       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END AS upper
+       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END AS upper,
+       {direct} AS direct
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class t ON t.oid = k.partrelid
   JOIN pg_catalog.pg_attribute a ON a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]
@@ -121,6 +153,19 @@ SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
  WHERE (lower IS NULL OR lower BETWEEN '0001-01-02' AND '9999-12-30')  -- a Python datetime, in any time zone
    AND (upper IS NULL OR upper BETWEEN '0001-01-02' AND '9999-12-30')"""
 PENDING = " AND NOT i.inhdetachpending"  # PostgreSQL 14 and later: a DETACH ... CONCURRENTLY under way
+# PostgreSQL 12 and later (pg_partition_root, attgenerated): whether rows may go into a partition (GUARD).
+DIRECT = """NOT c.relhasrules AND pg_catalog.has_table_privilege(c.oid, 'INSERT')
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                        WHERE g.tgrelid = c.oid AND NOT g.tgisinternal AND g.tgtype & 4 = 4 AND g.tgenabled <> 'D')
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute ta
+                         JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.oid AND pa.attname = ta.attname
+                        WHERE ta.attrelid = t.oid AND ta.attnum > 0 AND NOT ta.attisdropped
+                          AND (ta.attidentity <> '' OR pa.attidentity <> '' OR ta.attgenerated <> pa.attgenerated
+                               OR (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attrdef d
+                                    WHERE d.adrelid = ta.attrelid AND d.adnum = ta.attnum)
+                                  IS DISTINCT FROM (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
+                                                      FROM pg_catalog.pg_attrdef d
+                                                     WHERE d.adrelid = pa.attrelid AND d.adnum = pa.attnum)))"""
 PARTITIONS_AGAIN = 3600.0  # seconds: how long the partitions looked up are taken as all there are
 STRIPES = 1024
 OUT_OF_LOCKS = "53200"  # out of shared memory: "You might need to increase max_locks_per_transaction"
@@ -148,9 +193,9 @@ SAVEPOINT heartbeatd_row;
 JUDGE_WITNESS = "ROLLBACK TO SAVEPOINT heartbeatd_row;\n{insert};\nROLLBACK"
 
 
-SLOTS = ("lock", "first", "last", "read", "returning")  # what each write fills into its composed statement
+SLOTS = ("lock", "first", "last", "read", "returning", "hold", "into", "guard")  # what each write fills in
 _SLOT_AT = {name: at for at, name in enumerate(SLOTS)}
-READ = _SLOT_AT["read"]  # what a write reads, in its filling
+READ, RETURNS, INTO = _SLOT_AT["read"], _SLOT_AT["returning"], _SLOT_AT["into"]  # in a write's filling
 
 
 class Stated(NamedTuple):
@@ -289,8 +334,9 @@ class Writer:
         # (INSERT_MISSING_COUNTED returns rows of its own); found in review.
         partitioned = bool(found and found[1])
         return _Shape(types, counted=bool(found and found[0]), space=self._space, whole=whole,
-                      partitioned=partitioned,
-                      partitions=_partitions(cur, whole, types["report_time"].name) if partitioned else ())
+                      partitioned=partitioned, oid=found[3] if found else 0,
+                      partitions=_partitions(cur, whole, types["report_time"].name, bool(found[2]))
+                      if partitioned else ())
 
     def _query(self, cur: Any, shape: "_Shape", count: int) -> Stated:
         """The INSERT for `count` rows, composed once per shape (composing costs more than sending)."""
@@ -310,7 +356,8 @@ class Writer:
                 same=sql.SQL(" AND ").join(sql.SQL("h.{0} = v.{0}").format(sql.Identifier(c.name)) for c in KEY),
                 report=sql.Identifier("report_time"), first=shape.bound.format(Stated.mark("first")),
                 last=shape.bound.format(Stated.mark("last")), read=Stated.mark("read"),
-                returning=Stated.mark("returning"))
+                returning=Stated.mark("returning"), hold=Stated.mark("hold"), into=Stated.mark("into"),
+                guard=Stated.mark("guard"))
             if len(self._queries) < 16:
                 self._queries[count] = query
         return query
@@ -329,10 +376,20 @@ class Writer:
                     shape = self._shape = self._lookup(cur)
                 sent = shape.values(rows, self._clock())
                 count = len(sent.times)  # fewer than rows where two are one as stored
+                query = self._query(cur, shape, count)
                 filling = shape.filling(sent)
                 self._reading = read = filling[READ]
-                cur.execute(self._query(cur, shape, count).filled(filling), sent.params)
-                if read in shape.oids and any(oid != shape.oids[read] for oid, in cur.fetchall()):
+                try:
+                    cur.execute(query.filled(filling), sent.params)
+                except psycopg2.errors.CheckViolation as exc:
+                    if filling[INTO] in shape.oids and exc.diag.constraint_name is None:
+                        # The partition's bounds are not those looked up (GUARD): the table puts the rows.
+                        self._shape = None
+                        filling = shape.filling(sent, known=False)
+                        cur.execute(query.filled(filling), sent.params)
+                    else:
+                        raise
+                if filling[RETURNS] and any(oid != shape.oids[read] for oid, in cur.fetchall()):
                     self._shape = None  # rows went elsewhere than the partition read: a stale list (RETURNING)
                 if shape.partitioned and time.monotonic() > shape.until:  # a partition made since: found next time
                     self._shape = None
@@ -371,9 +428,9 @@ class Writer:
                 mine = shape.values([row], now)
                 theirs = shape.values([copy], now) if copy else mine
                 taken = shape.lock(sorted({*shape.stripes(mine), *shape.stripes(theirs)}))
-                filling = shape.filling(mine)
+                filling = shape.filling(mine, known=False)  # through the table, which decides
                 self._reading = filling[READ]
-                why = self._refused(cur, self._judge_begin(cur).filled((taken, "", "", "", ""))
+                why = self._refused(cur, self._judge_begin(cur).filled((taken, *filling[1:]))
                                     + insert.filled((taken, *filling[1:])), mine.params)
                 if why is None:
                     count = cur.rowcount
@@ -386,7 +443,7 @@ class Writer:
                     cur.execute("ROLLBACK")
                     return Refusal(why, False)
                 # The witness never stays: taken, its ROLLBACK follows in the same round trip.
-                filling = shape.filling(theirs)
+                filling = shape.filling(theirs, known=False)
                 self._reading = filling[READ]
                 table_why = self._refused(cur, JUDGE_WITNESS.format(insert=insert.filled((taken, *filling[1:]))),
                                           theirs.params)
@@ -441,9 +498,11 @@ class Writer:
         if isinstance(exc, psycopg2.errors.UndefinedTable):
             shape = self._shape
             if shape is not None and self._reading in shape.oids:
-                # Dropped since it was looked up (every failure but a refusal looks them up again).
-                return WriteError(f"partition {self._reading} of table {self.name} was dropped while written: "
-                                  "its partitions are looked up again", kind="missing partition")
+                # Dropped or detached since it was looked up, or the table given row security (GUARD; every
+                # failure but a refusal looks them up again).
+                return WriteError(f"partition {self._reading} of table {self.name} was dropped or detached, or the "
+                                  "table changed, while written: its partitions are looked up again",
+                                  kind="missing partition")
             return self._missing_table()
         if isinstance(exc, (ValueError, OverflowError)):
             # A value the driver cannot send (a NUL byte, a time out of range): refused by us,
@@ -513,13 +572,14 @@ class _Shape:
 
     __slots__ = ("types", "counted", "columns", "slots", "bound", "partitioned", "until", "_convert", "_stamps",
                  "_extras", "_report_at", "_key_times", "_epoch", "_lock_one", "_lock", "_whole", "_lowers",
-                 "_uppers", "_names", "oids")
+                 "_uppers", "_names", "_guards", "_hold", "oids")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False, space: int = 0, whole: str = "",
-                 partitioned: bool = False, partitions: Sequence["Partition"] = ()) -> None:
+                 partitioned: bool = False, partitions: Sequence["Partition"] = (), oid: int = 0) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
         # `space`: the first key of the table's advisory locks (lock_space).
-        # `whole`: the table's name as SQL; `partitions`: those a write may read instead (PARTITIONS).
+        # `whole`: the table's name as SQL, `oid` its oid; `partitions`: those a write may read instead
+        # (PARTITIONS), and write into (GUARD).
         self.types, self.counted, self.partitioned = types, counted, partitioned
         self.until = time.monotonic() + PARTITIONS_AGAIN  # when the partitions are looked up again
         self._whole = whole
@@ -527,6 +587,8 @@ class _Shape:
         self._lowers = [p.lower for p in ordered]
         self._uppers = [p.upper for p in ordered]
         self._names = [p.name for p in ordered]
+        self._guards = [GUARD.format(partition=p.oid, table=oid) if p.direct else "" for p in ordered]
+        self._hold = HOLD.format(table=whole)
         self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
         self._lock = LOCK.format(space=space, stripes="\0").split("\0")
@@ -597,20 +659,26 @@ class _Shape:
         """The lock stripes of rows as sent (their report_times as stored)."""
         return lock_keys(sent.times)
 
-    def filling(self, sent: Sent) -> tuple[str, str, str, str, str]:
-        """What a write of rows as sent fills into its statement's slots (Stated): its lock statement, the
-        seconds of its first and last report_time (as stored), what it reads, and RETURNING where that is a
-        partition: in SLOTS' order."""
+    def filling(self, sent: Sent, known: bool = True) -> tuple[str, str, str, str, str, str, str, str]:
+        """What a write of rows as sent fills into its statement's slots (Stated), in SLOTS' order: its lock
+        statement, the seconds of its first and last report_time (as stored), what it reads (the
+        partition they fall in, where `known`), RETURNING where the rows go into it through the table, and
+        where they go into it (GUARD) the table's lock, it, and the guard; else the table and nothing."""
         times = sent.times
         earliest, latest = min(times), max(times)
         first, last = earliest - self._epoch, latest - self._epoch  # whole days and seconds: no division
-        read, returning = self._whole, ""
-        if self._lowers:  # the partition holding the first row, if it holds the last one too
+        read = target = self._whole
+        returning = hold = guard = ""
+        if self._lowers and known:  # the partition holding the first row, if it holds the last one too
             at = bisect_right(self._lowers, earliest) - 1
             if at >= 0 and latest < self._uppers[at]:
-                read, returning = self._names[at], RETURNING
-        return (self.lock(lock_keys(times)),
-                str(first.days * 86400 + first.seconds - 1), str(last.days * 86400 + last.seconds + 2), read, returning)
+                read, guard = self._names[at], self._guards[at]
+                if guard:
+                    hold, target = self._hold, read
+                else:
+                    returning = RETURNING
+        return (self.lock(lock_keys(times)), str(first.days * 86400 + first.seconds - 1),
+                str(last.days * 86400 + last.seconds + 2), read, returning, hold, target, guard)
 
     def lock(self, stripes: Sequence[int]) -> str:
         """The statement that takes these stripes' advisory locks (ascending), in the table's space."""
@@ -625,28 +693,35 @@ def _as_it_is(value: datetime) -> datetime:
 
 class Partition(NamedTuple):
     """A partition a write may read instead of the table: from `lower` (inclusive) to `upper`, as the
-    report_time column holds them, its name as SQL, and its oid (RETURNING)."""
+    report_time column holds them, its name as SQL, its oid (RETURNING, GUARD), and whether rows may go
+    into it (GUARD)."""
 
     lower: datetime
     upper: datetime
     name: str
     oid: int
+    direct: bool = False
 
 
-def _partitions(cur: Any, table: str, report_type: str) -> list[Partition]:
-    """The partitions of `table` a write may read instead of it (PARTITIONS); none where a bound cannot be
-    read back as a time (the table is read then, as before)."""
+def _partitions(cur: Any, table: str, report_type: str, direct: bool = False) -> list[Partition]:
+    """The partitions of `table` a write may read instead of it (PARTITIONS), and whether it may write into
+    each (where `direct`: the table allows it); none where a bound cannot be read back as a time (the table
+    is read then, as before)."""
     if report_type not in ("timestamp", "timestamptz"):
         return []
-    pending = PENDING if cur.connection.server_version >= 140000 else ""
+    version = cur.connection.server_version
+    pending = PENDING if version >= 140000 else ""
+    into = DIRECT if direct and version >= 120000 else "false"
     try:
-        cur.execute(sql.SQL(PARTITIONS).format(type=sql.SQL(report_type), pending=sql.SQL(pending)), (table,))
+        cur.execute(sql.SQL(PARTITIONS).format(type=sql.SQL(report_type), pending=sql.SQL(pending),
+                                               direct=sql.SQL(into)), (table,))
         found = cur.fetchall()
     except (psycopg2.DataError, psycopg2.ProgrammingError, psycopg2.NotSupportedError, ValueError, OverflowError):
         return []  # a bound PostgreSQL prints but does not read back (autocommit: nothing else undone)
     zone = timezone.utc if report_type == "timestamptz" else None
     least, most = datetime.min.replace(tzinfo=zone), datetime.max.replace(tzinfo=zone)
     parts = []
-    for name, oid, lower, upper in found:
-        parts.append(Partition(least if lower is None else lower, most if upper is None else upper, name, int(oid)))
+    for name, oid, lower, upper, into in found:
+        parts.append(Partition(least if lower is None else lower, most if upper is None else upper, name, int(oid),
+                               bool(into)))
     return parts
