@@ -397,7 +397,7 @@ class Ledger:
         rows and whether that figure is an estimate: see PRUNE_ESTIMATE), the rest deleted in batches; how many
         rows (the dropped partitions' as told), or None if another prune holds the lock. First, on a
         table init-db --partitioned made, the partitions ahead that are missing are made and every partition
-        given the table's SELECT grants (told to `ahead`: the names made, the grants' lines, and why not if
+        given the table's SELECT and INSERT grants (told to `ahead`: the names made, the grants' lines, and why not if
         a partition could not be made: pruning goes on, the DEFAULT partition catches the rows)."""
         conn = self.conn
         conn.autocommit = True

@@ -47,13 +47,15 @@ PARTMAN_READABLE = """SELECT n.nspname, c.oid IS NOT NULL AND pg_catalog.has_sch
   LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = 'part_config' AND c.relkind = 'r'
  WHERE e.extname = 'pg_partman'"""
 AHEAD = {"day": 7, "month": 2}  # partitions made beyond the current one
-# The table's SELECT grants that one of its partitions lacks (grants on a table do not reach its
-# partitions): init-db --partitioned and prune give them, so a role that may read the table reads the
-# partition a write's rows fall in (writer.PARTITIONS: a read as cheap as a plain table's). Not on a
-# table with row security: its partitions read by themselves would show what its policies hide. Each
-# partition with whether this role may grant on it (a member of its owner's role: a partition another
-# role attached is left as it is, and said).
+# The table's SELECT and INSERT grants that one of its partitions lacks (grants on a table do not reach
+# its partitions): init-db --partitioned and prune give them, so a role that may write the table reads
+# the partition a write's rows fall in and writes into it (writer.PARTITIONS, writer.GUARD: as cheap as a
+# plain table's, whatever the number of partitions). Not on a table with row security: its partitions
+# read or written by themselves would pass by its policies. Each partition and privilege with whether
+# this role may grant on it (a member of its owner's role: a partition another role attached is left as
+# it is, and said).
 UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), pg_catalog.pg_has_role(c.relowner, 'USAGE'),
+       g.privilege_type,
        pg_catalog.string_agg(CASE WHEN g.grantee = 0 THEN 'PUBLIC'
                                   ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END, ', ')
   FROM pg_catalog.pg_class t
@@ -61,11 +63,11 @@ UNSHARED = """SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), pg_cata
   JOIN pg_catalog.pg_inherits i ON i.inhparent = t.oid
   JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE t.oid = pg_catalog.to_regclass(%s) AND g.privilege_type = 'SELECT' AND g.grantee <> t.relowner
+ WHERE t.oid = pg_catalog.to_regclass(%s) AND g.privilege_type IN ('SELECT', 'INSERT') AND g.grantee <> t.relowner
    AND NOT t.relrowsecurity AND c.relkind IN ('r', 'p')
    AND NOT EXISTS (SELECT 1 FROM pg_catalog.aclexplode(c.relacl) x
-                    WHERE x.grantee = g.grantee AND x.privilege_type = 'SELECT')
- GROUP BY 1, 2 ORDER BY 1"""
+                    WHERE x.grantee = g.grantee AND x.privilege_type = g.privilege_type)
+ GROUP BY 1, 2, 3 ORDER BY 3 DESC, 1"""
 # Whether the table is partitioned by RANGE (report_time) alone, and its partitions' names (prune: is it ours).
 RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 'report_time'
   FROM pg_catalog.pg_partitioned_table k
@@ -415,25 +417,26 @@ def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool =
 
 
 def _share_grants(work: _Init, rel: Relation) -> list[str]:
-    """The table's SELECT grants given to each partition that lacks them (UNSHARED), each on its own: what
-    was done, a line each, and one for each partition that could not be given them (the rest go on)."""
-    granted, said = [], []
-    for part, ours, grantees in work.fetch(UNSHARED, rel.ident):  # names quoted by the server
+    """The table's SELECT and INSERT grants given to each partition that lacks them (UNSHARED), each on its
+    own: what was done, a line a privilege, and one for each partition that could not be given one (the
+    rest go on)."""
+    granted: dict[str, list[str]] = {}
+    said = []
+    for part, ours, privilege, grantees in work.fetch(UNSHARED, rel.ident):  # names quoted by the server
         if not ours:
-            said.append(f"SELECT not granted on partition {part} as on table {rel.schema}.{rel.name}: "
+            said.append(f"{privilege} not granted on partition {part} as on table {rel.schema}.{rel.name}: "
                         "owned by another role")
             continue
         try:
-            work.ddl(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(part), sql.SQL(grantees)),
-                     f"GRANT SELECT ON {part}")
-            granted.append(part)
+            work.ddl(sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privilege), sql.SQL(part), sql.SQL(grantees)),
+                     f"GRANT {privilege} ON {part}")
+            granted.setdefault(privilege, []).append(part)
         except DdlFailed as exc:
             if work.conn.closed:  # a lock not had: the connection is gone, as for any DDL
                 raise
-            said.append(f"SELECT not granted on partition {part} as on table {rel.schema}.{rel.name}: {exc}")
-    if granted:
-        said.insert(0, f"granted SELECT on partition(s) {', '.join(granted)} as on table {rel.schema}.{rel.name}")
-    return said
+            said.append(f"{privilege} not granted on partition {part} as on table {rel.schema}.{rel.name}: {exc}")
+    return [f"granted {privilege} on partition(s) {', '.join(parts)} as on table {rel.schema}.{rel.name}"
+            for privilege, parts in granted.items()] + said
 
 
 def _unit(work: _Init, rel: Relation) -> Optional[str]:

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import cli, clean_env
 from heartbeatd.heartbeat import Row
-from heartbeatd.writer import READ, Writer
+from heartbeatd.writer import INTO, READ, Writer
 from servers import PgServer, RedisServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -113,17 +113,19 @@ def test_the_recipe_on_a_partitioned_table(pg: PgServer, redis_server: RedisServ
         status = cli(["status"], clean_env(DATABASE_URL=pg.url(user=role, db=db)))
         assert status.returncode == 0 and "fresh" in status.stdout, status.stdout + status.stderr
         assert status.stderr.startswith("1 row(s) in the DEFAULT partition service_heartbeat_default"), status.stderr
-    # Every partition grants what the table does, so the daemon's writes read only the partition of their rows.
+    # Every partition grants what the table does, so the daemon's writes read and go into only the partition
+    # of their rows.
     now = datetime.now(timezone.utc)
-    assert ungranted(pg, writer, reader) == []
+    assert ungranted(pg, writer, reader) == [] and ungranted(pg, writer, privilege="INSERT") == []
     conn = psycopg2.connect(pg.url(user=writer, db=db))
     conn.autocommit = True
     try:
         rows = [Row("redis", "10.9.9.9", now)]
         written = Writer(("service_heartbeat",), timeout=5.0)
         written.write(conn, rows)
-        assert written._shape is not None and \
-            written._shape.filling(written._shape.values(rows, now))[READ] == f"public.service_heartbeat_p{now:%Y%m%d}"
+        assert written._shape is not None
+        filling = written._shape.filling(written._shape.values(rows, now))
+        assert filling[READ] == filling[INTO] == f"public.service_heartbeat_p{now:%Y%m%d}"
     finally:
         conn.close()
     # prune as the table's owner, as README says; a partition it makes ahead gets the grants too.
@@ -132,14 +134,14 @@ def test_the_recipe_on_a_partitioned_table(pg: PgServer, redis_server: RedisServ
     pruned = cli(["prune", "--older-than", "30d"], clean_env(DATABASE_URL=pg.url(db=db)))
     assert pruned.returncode == 0 and f"made partition(s) ahead: {last}" in pruned.stdout, pruned.stdout + pruned.stderr
     assert pg.sql("SELECT count(*) FROM service_heartbeat", db=db) == [(4,)]
-    assert ungranted(pg, writer, reader) == []
+    assert ungranted(pg, writer, reader) == [] and ungranted(pg, writer, privilege="INSERT") == []
 
 
-def ungranted(pg: PgServer, *roles: str) -> list[tuple[str, str]]:
-    """(partition, role) of each partition of service_heartbeat that role may not read."""
+def ungranted(pg: PgServer, *roles: str, privilege: str = "SELECT") -> list[tuple[str, str]]:
+    """(partition, role) of each partition of service_heartbeat that role may not read (or `privilege`)."""
     return pg.sql("SELECT i.inhrelid::regclass::text, r FROM pg_inherits i, unnest(%s::text[]) r "
-                  "WHERE i.inhparent = 'service_heartbeat'::regclass AND NOT has_table_privilege(r, i.inhrelid, 'SELECT')",
-                  (list(roles),), db=pg.dbname)  # type: ignore[attr-defined]
+                  "WHERE i.inhparent = 'service_heartbeat'::regclass AND NOT has_table_privilege(r, i.inhrelid, %s)",
+                  (list(roles), privilege), db=pg.dbname)  # type: ignore[attr-defined]
 
 
 # A table with row security: its partitions read by themselves would show what its policies hide, so
