@@ -87,17 +87,21 @@ INSERT_MISSING = TIMEOUT + "{lock};\n{hold}INSERT INTO {into} ({columns}) " + MI
 # first takes the table's ROW EXCLUSIVE lock, as an INSERT through it does (HOLD): the same waits on
 # other sessions, the table's lock before the partition's as DROP and DETACH take them (written into
 # first, the partition would be held while the table is waited for: a deadlock with either), and
-# INSERT, UPDATE, DELETE or TRUNCATE on the table checked. Then the guard, in the INSERT: the partition
-# is still one of the table's and not being detached, and no row security has come to the table.
-# pg_partition_root() is immutable, so the planner evaluates it once the partition is locked and folds
-# it; row_security_active() runs at each row. Otherwise the ELSE's cast fails (42P01), nothing is
+# INSERT, UPDATE, DELETE or TRUNCATE on the table checked. Then the guard, in the INSERT: the names
+# written (the table's, locked, and the partition's) are still those of the relations looked up (one
+# renamed and another made under its name, found in review: rows went into the old table for an hour),
+# the partition is still one of the table's and not being detached, and no row security has come to
+# the table. A name's literal is resolved when the statement is parsed, after the partition is locked;
+# pg_partition_root() is immutable, so the planner evaluates it then too and folds it;
+# row_security_active() runs at each row. Otherwise the ELSE's cast fails (42P01), nothing is
 # written, and the partitions are looked up again (the lock and the guard: about 0.15 M instructions a
 # write, pooled or not; what four partitions cost a new backend). A partition whose bounds are no longer
 # those looked up (detached and attached again for other times) refuses the rows (23514, no
 # constraint named): the write goes through the table at once, and the partitions are looked up again.
 # judge() always goes through the table, which decides.
 HOLD = "LOCK TABLE ONLY {table} IN ROW EXCLUSIVE MODE;\n"
-GUARD = (" AND CASE WHEN pg_catalog.pg_partition_root({partition}::oid::regclass)::oid = {table}::oid"
+GUARD = (" AND CASE WHEN {partition_name}::regclass::oid = {partition}::oid AND {table_name}::regclass::oid = {table}::oid"
+         " AND pg_catalog.pg_partition_root({partition}::oid::regclass)::oid = {table}::oid"
          " AND NOT pg_catalog.row_security_active({table}::oid) THEN true"
          " ELSE 'pg_catalog.heartbeatd_partition_detached'::text::regclass IS NULL END")
 # A BEFORE INSERT trigger that puts the row elsewhere and returns NULL (old-style partitioning by
@@ -335,6 +339,7 @@ class Writer:
         partitioned = bool(found and found[1])
         return _Shape(types, counted=bool(found and found[0]), space=self._space, whole=whole,
                       partitioned=partitioned, oid=found[3] if found else 0,
+                      literal=lambda text: sql.Literal(text).as_string(cur),
                       partitions=_partitions(cur, whole, types["report_time"].name, bool(found[2]))
                       if partitioned else ())
 
@@ -382,8 +387,10 @@ class Writer:
                 try:
                     cur.execute(query.filled(filling), sent.params)
                 except psycopg2.errors.CheckViolation as exc:
-                    if filling[INTO] in shape.oids and exc.diag.constraint_name is None:
+                    if filling[INTO] in shape.oids and exc.diag.constraint_name is None and conn.autocommit:
                         # The partition's bounds are not those looked up (GUARD): the table puts the rows.
+                        # (On a connection in a transaction, that one is aborted: the rows are refused
+                        # and judge() tries each through the table.)
                         self._shape = None
                         filling = shape.filling(sent, known=False)
                         cur.execute(query.filled(filling), sent.params)
@@ -575,11 +582,12 @@ class _Shape:
                  "_uppers", "_names", "_guards", "_hold", "oids")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False, space: int = 0, whole: str = "",
-                 partitioned: bool = False, partitions: Sequence["Partition"] = (), oid: int = 0) -> None:
+                 partitioned: bool = False, partitions: Sequence["Partition"] = (), oid: int = 0,
+                 literal: Optional[Callable[[str], str]] = None) -> None:
         # `counted`: the table has a trigger that may route rows elsewhere (INSERT_MISSING_COUNTED).
         # `space`: the first key of the table's advisory locks (lock_space).
         # `whole`: the table's name as SQL, `oid` its oid; `partitions`: those a write may read instead
-        # (PARTITIONS), and write into (GUARD).
+        # (PARTITIONS), and write into (GUARD) where `literal` makes a string an SQL literal.
         self.types, self.counted, self.partitioned = types, counted, partitioned
         self.until = time.monotonic() + PARTITIONS_AGAIN  # when the partitions are looked up again
         self._whole = whole
@@ -587,7 +595,8 @@ class _Shape:
         self._lowers = [p.lower for p in ordered]
         self._uppers = [p.upper for p in ordered]
         self._names = [p.name for p in ordered]
-        self._guards = [GUARD.format(partition=p.oid, table=oid) if p.direct else "" for p in ordered]
+        self._guards = [GUARD.format(partition_name=literal(p.name), partition=p.oid, table_name=literal(whole),
+                                     table=oid) if p.direct and literal else "" for p in ordered]
         self._hold = HOLD.format(table=whole)
         self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")

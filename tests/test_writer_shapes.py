@@ -521,9 +521,12 @@ def test_no_row_goes_into_a_partition_being_detached(pg: PgServer) -> None:
 def test_a_partition_attached_again_for_other_times_costs_no_row(pg: PgServer) -> None:
     day = _day_partitioned(pg)
     conn = _connect(pg)
-    writer = Writer(("service_heartbeat",), timeout=5.0)
+    held = _connect(pg, autocommit=False)  # a caller's own transaction (found in review: 25P02 on the retry)
+    writer, other = Writer(("service_heartbeat",), timeout=5.0), Writer(("service_heartbeat",), timeout=5.0)
     try:
         writer.write(conn, [Row("redis", "10.0.0.1", WHEN - timedelta(hours=1))])
+        other.write(held, [Row("redis", "10.0.0.1", WHEN - timedelta(hours=1))])
+        held.commit()
         pg.sql("ALTER TABLE service_heartbeat DETACH PARTITION service_heartbeat_a; ALTER TABLE service_heartbeat "
                f"ATTACH PARTITION service_heartbeat_a FOR VALUES FROM ('{day}') TO ('{WHEN.replace(tzinfo=None)}')",
                db=pg.dbname)
@@ -537,7 +540,13 @@ def test_a_partition_attached_again_for_other_times_costs_no_row(pg: PgServer) -
         assert pg.sql("SELECT tableoid::regclass::text, ip_address FROM service_heartbeat ORDER BY 2",
                       db=pg.dbname) == [("service_heartbeat_a", "10.0.0.1"), ("service_heartbeat_d", "10.0.0.2"),
                                         ("service_heartbeat_d", "10.0.0.2")]
+        with pytest.raises(WriteError) as refused:  # in a transaction: refused, for judge() to try through the table
+            other.write(held, [Row("redis", "10.0.0.3", WHEN)])
+        assert refused.value.sqlstate == "23514" and refused.value.data_error, refused.value
+        held.rollback()
+        assert other.judge(held, Row("redis", "10.0.0.3", WHEN)) is None
     finally:
+        held.close()
         conn.close()
 
 
@@ -587,6 +596,37 @@ def test_a_change_to_the_table_reaches_the_next_write(pg: PgServer, change: str,
         assert pg.sql("SELECT ip_address FROM service_heartbeat", db=pg.dbname) == [("10.0.0.1",)]
     finally:
         conn.close()
+
+# Found in review: the guard knew the relations by the oids looked up, the statement by their names. A
+# partition renamed with a table of its own made under its name, or the table moved aside (README's
+# migration) with a new one made under its name, took the rows into the wrong table for up to an hour.
+# The names are checked too: the write fails, nothing written, and the next goes where the table puts it.
+@pytest.mark.parametrize("change, where", [
+    ("ALTER TABLE service_heartbeat_a RENAME TO service_heartbeat_a_kept; "
+     "CREATE TABLE service_heartbeat_a (LIKE service_heartbeat INCLUDING DEFAULTS)", "service_heartbeat_a_kept"),
+    ("ALTER TABLE service_heartbeat RENAME TO service_heartbeat_old; CREATE TABLE service_heartbeat "
+     "(LIKE service_heartbeat_old INCLUDING DEFAULTS) PARTITION BY RANGE (report_time); CREATE TABLE "
+     "service_heartbeat_p1 PARTITION OF service_heartbeat FOR VALUES FROM ('{day}') TO ('{next}')",
+     "service_heartbeat_p1"),
+], ids=["partition-renamed", "table-moved-aside"])
+def test_no_row_goes_into_a_table_that_took_a_name(pg: PgServer, change: str, where: str) -> None:
+    day = _day_partitioned(pg)
+    conn = _connect(pg)
+    writer = Writer(("service_heartbeat",), timeout=5.0)
+    try:
+        writer.write(conn, [Row("redis", "10.0.0.1", WHEN)])
+        pg.sql(change.format(day=day, next=day + timedelta(days=1)), db=pg.dbname)
+        batch = [Row("redis", "10.0.0.2", WHEN)]
+        with pytest.raises(WriteError, match="or the table changed, while written"):
+            writer.write(conn, batch)
+        writer.write(conn, batch, dedupe=True)  # from the spool
+        writer.write(conn, batch, dedupe=True)
+        assert pg.sql("SELECT tableoid::regclass::text, count(*) FROM service_heartbeat WHERE ip_address = '10.0.0.2' "
+                      "GROUP BY 1", db=pg.dbname) == [(where, 1)]
+        assert pg.sql("SELECT count(*) FROM service_heartbeat_a WHERE ip_address = '10.0.0.2'", db=pg.dbname) == [(0,)]
+    finally:
+        conn.close()
+
 
 def _inheritance_partitioned(pg: PgServer) -> None:
     """service_heartbeat partitioned the old way: children by inheritance, a trigger routing rows to them."""
