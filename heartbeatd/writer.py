@@ -94,8 +94,8 @@ INSERT_MISSING = TIMEOUT + "{lock};\n{hold}INSERT INTO {into} ({columns}) " + MI
 # the table. A name's literal is resolved when the statement is parsed, after the partition is locked;
 # pg_partition_root() is immutable, so the planner evaluates it then too and folds it;
 # row_security_active() runs at each row. Otherwise the ELSE's cast fails (42P01), nothing is
-# written, and the partitions are looked up again (the lock and the guard: about 0.15 M instructions a
-# write, pooled or not; what four partitions cost a new backend). A partition whose bounds are no longer
+# written, and the partitions are looked up again (the lock and the guard: about 0.2 M instructions a
+# write, pooled or not; what five partitions cost a new backend). A partition whose bounds are no longer
 # those looked up (detached and attached again for other times) refuses the rows (23514, no
 # constraint named): the write goes through the table at once, and the partitions are looked up again.
 # judge() always goes through the table, which decides.
