@@ -595,8 +595,9 @@ class _Shape:
         self._lowers = [p.lower for p in ordered]
         self._uppers = [p.upper for p in ordered]
         self._names = [p.name for p in ordered]
-        self._guards = [GUARD.format(partition_name=literal(p.name), partition=p.oid, table_name=literal(whole),
-                                     table=oid) if p.direct and literal else "" for p in ordered]
+        named = literal(whole) if literal else ""
+        self._guards = [GUARD.format(partition_name=literal(p.name), partition=p.oid, table_name=named, table=oid)
+                        if p.direct and literal else "" for p in ordered]
         self._hold = HOLD.format(table=whole)
         self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
