@@ -371,14 +371,18 @@ def test_a_stale_partition_list_never_doubles_a_row(pg: PgServer, change: str) -
 # 1.6.3 wrote every row through the partitioned table: on a new connection (the daemon's, every cycle)
 # PostgreSQL first builds the table's partition descriptor, which costs the server more with every
 # partition it keeps (a year of daily ones: a cycle 2.5 to 2.6 times a plain table's). Rows now go into the
-# partition they fall in, with the sequence's ids, once each.
+# partition they fall in, with the sequence's ids, once each, while a long reader holds the table.
 @pytest.mark.parametrize("kind", ["timestamptz", "timestamp(0)"])
 def test_rows_go_into_their_partition_itself(pg: PgServer, kind: str) -> None:
     _id_partitioned(pg, kind)
     conn = _connect(pg)
+    reader = _connect(pg, autocommit=False)  # a long reader holding the table and its partitions meanwhile
     batch = [Row(s, "10.0.0.1", WHEN) for s in ("后端", "redis", "postgres")]
     try:
+        with reader.cursor() as cur:
+            cur.execute("SELECT count(*) FROM service_heartbeat")
         writer, filling = _written_once(conn, batch)
+        reader.rollback()
         shape = writer._shape
         assert shape is not None
         assert (filling[READ], filling[INTO]) == ("public.service_heartbeat_a", "public.service_heartbeat_a")
@@ -391,6 +395,7 @@ def test_rows_go_into_their_partition_itself(pg: PgServer, kind: str) -> None:
         assert pg.sql("SELECT tableoid::regclass::text, count(*), count(DISTINCT id), min(id) FROM service_heartbeat "
                       "GROUP BY 1", db=pg.dbname) == [("service_heartbeat_a", 3, 3, 1)]
     finally:
+        reader.close()
         conn.close()
 
 
