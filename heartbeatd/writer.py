@@ -120,17 +120,9 @@ ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_tri
                         WHERE t.tgrelid = c.oid AND t.tgtype & 7 = 7 AND t.tgenabled <> 'D'),
        NOT c.relispartition AND pg_catalog.has_table_privilege(c.oid, 'INSERT')  -- ... and rows may go into them
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t  -- (GUARD): not a partition itself, no INSERT trigger
-                        WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgtype & 4 = 4 AND t.tgenabled <> 'D')
-       AND pg_catalog.pg_backend_pid() = %s,  -- on a connection straight to its backend (STRAIGHT)
+                        WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgtype & 4 = 4 AND t.tgenabled <> 'D'),
        c.oid::int8
   FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
-# STRAIGHT: rows go into a partition only on a connection straight to PostgreSQL, whose backend says
-# the pid libpq was told at login. That is a new backend every cycle (the daemon connects each cycle),
-# where an INSERT through the table first has PostgreSQL read every partition's bound. Through a pooler
-# (PgBouncer tells a client a pid of its own) the server's connections outlive the cycles and keep the
-# table's partitions read: there, through the table costs the server less than the lock and the guard
-# do (tests/benchmark_write.py, a pooled backend: 6 % over a plain table's write against 22 %, at 9
-# partitions as at 374). Either way is as right; only the cost differs. Looked up with the rest, hourly.
 # The partitions a write may read instead of the table: those of a table partitioned by RANGE
 # (report_time) alone that hold rows themselves (not partitioned again, not foreign), not being
 # detached, that this role may read (their schema too), on a table without row security and with
@@ -338,7 +330,7 @@ class Writer:
         if missing:
             raise WriteError(f"table {self.name} lacks column(s) {', '.join(missing)}", kind="missing columns")
         whole = self._ident.as_string(cur)
-        cur.execute(ROUTED, (cur.connection.get_backend_pid(), whole))
+        cur.execute(ROUTED, (whole,))
         found = cur.fetchone()
         self._queries.clear()  # composed for the columns the table had
         # A write that reads a partition returns where its rows went (RETURNING): not on a table with rules

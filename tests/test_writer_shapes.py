@@ -19,7 +19,7 @@ import pytest
 from conftest import DaemonProcess, cli, clean_env, db_url, init_table, rows
 from heartbeatd.heartbeat import Row
 from heartbeatd.writer import INTO, READ, Writer, WriteError, write_split
-from servers import PgBouncer, PgServer, RedisServer
+from servers import PgServer, RedisServer
 
 # A report_time with every digit of fraction set, half of them above the rounding point.
 WHEN = datetime(2026, 12, 6, 20, 0, 0, 654_321, tzinfo=timezone.utc)
@@ -397,35 +397,6 @@ def test_rows_go_into_their_partition_itself(pg: PgServer, kind: str) -> None:
     finally:
         reader.close()
         conn.close()
-
-
-# Through a pooler the server's connections outlive the daemon's cycles and keep the table's partitions
-# read, so there the table puts the rows (cheaper than the partition's lock and guard: benchmark_write.py);
-# 1.6.4 wrote into the partition through PgBouncer too. Straight to PostgreSQL (the test above) they go into it.
-def test_through_a_pooler_rows_go_through_the_table(pg: PgServer) -> None:
-    _id_partitioned(pg, "timestamp")
-    bouncer = PgBouncer(pg, host="127.0.0.3")
-    conn = None
-    try:
-        bouncer.start()
-        conn = psycopg2.connect(bouncer.url(pg.dbname))
-        conn.autocommit = True
-        batch = [Row(s, "10.0.0.1", WHEN) for s in ("后端", "redis", "postgres")]
-        _, filling = _written_once(conn, batch)
-        assert (filling[READ], filling[INTO]) == ("public.service_heartbeat_a", '"service_heartbeat"'), filling
-        straight = _connect(pg)
-        try:
-            _, filling = _written_once(straight, [r._replace(ip="10.0.0.2") for r in batch])
-        finally:
-            straight.close()
-        assert filling[INTO] == "public.service_heartbeat_a", filling
-    finally:
-        if conn is not None:
-            conn.close()
-        bouncer.destroy()
-    assert pg.sql("SELECT tableoid::regclass::text, ip_address, count(*), count(DISTINCT id) FROM service_heartbeat "
-                  "GROUP BY 1, 2 ORDER BY 2", db=pg.dbname) == [("service_heartbeat_a", "10.0.0.1", 3, 3),
-                                                               ("service_heartbeat_a", "10.0.0.2", 3, 3)]
 
 
 # A write into a partition takes the table's lock first, as DROP TABLE of the partition and DETACH take
