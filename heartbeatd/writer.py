@@ -69,9 +69,9 @@ LOCK = "SELECT pg_advisory_xact_lock({space}, s) FROM unnest(ARRAY[{stripes}]::i
 # partition counts as written, and a replay in that very write of a row written elsewhere is written
 # again; a dropped partition fails the write (42P01), its rows spooled for the next cycle.
 MISSING = ("SELECT {picked} FROM (VALUES {values}) AS v ({columns})"
-           " WHERE NOT EXISTS (SELECT 1 FROM {read} h WHERE {same} AND h.{report} BETWEEN {first} AND {last}){guard}")
+           " WHERE NOT EXISTS (SELECT 1 FROM {read} h WHERE {same} AND h.{report} BETWEEN {first} AND {last})")
 RETURNING = " RETURNING tableoid"
-INSERT_MISSING = TIMEOUT + "{lock};\n{hold}INSERT INTO {into} ({columns}) " + MISSING + "{returning}"
+INSERT_MISSING = TIMEOUT + "{hold}{lock}{guard};\nINSERT INTO {into} ({columns}) " + MISSING + "{returning}"
 # Where the partition read may take the rows itself (PARTITIONS' `direct`), the INSERT goes into it. On a
 # direct connection (a new backend every cycle) an INSERT through the partitioned table makes PostgreSQL
 # build the table's partition descriptor first, reading every partition's catalog row and bound: 37,000
@@ -83,24 +83,26 @@ INSERT_MISSING = TIMEOUT + "{lock};\n{hold}INSERT INTO {into} ({columns}) " + MI
 # partition has no rules nor triggers of its own, this role may INSERT into it, no column is an
 # identity (an ATTACHed table's would give ids of its own sequence) and each has the table's default
 # and generation (a table ATTACHed keeps its own defaults: README's migration attaches one). Those are
-# as of the lookup (hourly, after a failed write, at a reload: README says so). Every such statement
-# first takes the table's ROW EXCLUSIVE lock, as an INSERT through it does (HOLD): the same waits on
-# other sessions, the table's lock before the partition's as DROP and DETACH take them (written into
-# first, the partition would be held while the table is waited for: a deadlock with either), and
-# INSERT, UPDATE, DELETE or TRUNCATE on the table checked. Then the guard, in the INSERT: the names
-# written (the table's, locked, and the partition's) are still those of the relations looked up (one
-# renamed and another made under its name, found in review: rows went into the old table for an hour),
-# the partition is still one of the table's and not being detached, and no row security has come to
-# the table. A name's literal is resolved when the statement is parsed, after the partition is locked;
-# pg_partition_root() is immutable, so the planner evaluates it then too and folds it;
-# row_security_active() runs at each row. Otherwise the ELSE's cast fails (42P01), nothing is
-# written, and the partitions are looked up again (the lock and the guard: about 0.2 M instructions a
-# write, pooled or not; what five partitions cost a new backend). A partition whose bounds are no longer
+# as of the lookup (hourly, after a failed write, at a reload: README says so). Every such write
+# first takes the table's ROW EXCLUSIVE lock, as an INSERT through it does, then the partition's, in one
+# statement (HOLD): the same waits on other sessions, the table's lock before the partition's as DROP
+# and DETACH take them (written into first, the partition would be held while the table is waited for:
+# a deadlock with either), and INSERT, UPDATE, DELETE or TRUNCATE on the table checked. Then the guard,
+# in the statement that takes the advisory locks (their WHERE: none is taken if it fails): the names
+# written (the table's and the partition's, both locked, so no RENAME can come before the INSERT) are
+# still those of the relations looked up (one renamed and another made under its name, found in review:
+# rows went into the old table for an hour), the partition is still one of the table's and not being
+# detached, and no row security has come to the table. A name's literal is resolved when the statement
+# is parsed; pg_partition_root() is immutable, so the planner evaluates it then too and folds it;
+# row_security_active() runs once a stripe. Otherwise the ELSE's cast fails (42P01), nothing is
+# written, and the partitions are looked up again (the lock and the guard: about 0.15 M instructions
+# a pooled write, 0.35 M in a new backend; in the INSERT, planned with its subquery, the guard cost
+# 0.06 and 0.1 M more: tests/benchmark_write.py). A partition whose bounds are no longer
 # those looked up (detached and attached again for other times) refuses the rows (23514, no
 # constraint named): the write goes through the table at once, and the partitions are looked up again.
 # judge() always goes through the table, which decides.
-HOLD = "LOCK TABLE ONLY {table} IN ROW EXCLUSIVE MODE;\n"
-GUARD = (" AND CASE WHEN {partition_name}::regclass::oid = {partition}::oid AND {table_name}::regclass::oid = {table}::oid"
+HOLD = "LOCK TABLE ONLY {table}, {partition} IN ROW EXCLUSIVE MODE;\n"
+GUARD = (" WHERE CASE WHEN {partition_name}::regclass::oid = {partition}::oid AND {table_name}::regclass::oid = {table}::oid"
          " AND pg_catalog.pg_partition_root({partition}::oid::regclass)::oid = {table}::oid"
          " AND NOT pg_catalog.row_security_active({table}::oid) THEN true"
          " ELSE 'pg_catalog.heartbeatd_partition_detached'::text::regclass IS NULL END")
@@ -579,7 +581,7 @@ class _Shape:
 
     __slots__ = ("types", "counted", "columns", "slots", "bound", "partitioned", "until", "_convert", "_stamps",
                  "_extras", "_report_at", "_key_times", "_epoch", "_lock_one", "_lock", "_whole", "_lowers",
-                 "_uppers", "_names", "_guards", "_hold", "oids")
+                 "_uppers", "_names", "_guards", "_holds", "oids")
 
     def __init__(self, types: dict[str, ColumnType], counted: bool = False, space: int = 0, whole: str = "",
                  partitioned: bool = False, partitions: Sequence["Partition"] = (), oid: int = 0,
@@ -598,7 +600,7 @@ class _Shape:
         named = literal(whole) if literal else ""
         self._guards = [GUARD.format(partition_name=literal(p.name), partition=p.oid, table_name=named, table=oid)
                         if p.direct and literal else "" for p in ordered]
-        self._hold = HOLD.format(table=whole)
+        self._holds = [HOLD.format(table=whole, partition=p.name) for p in ordered]
         self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
         self._lock = LOCK.format(space=space, stripes="\0").split("\0")
@@ -684,7 +686,7 @@ class _Shape:
             if at >= 0 and latest < self._uppers[at]:
                 read, guard = self._names[at], self._guards[at]
                 if guard:
-                    hold, target = self._hold, read
+                    hold, target = self._holds[at], read
                 else:
                     returning = RETURNING
         return (self.lock(lock_keys(times)), str(first.days * 86400 + first.seconds - 1),

@@ -93,7 +93,7 @@ class Form:
         if self.form == "table":
             writer.DIRECT = "false"  # no partition may take the rows: through the table
         elif self.form == "unguarded":
-            writer.HOLD, writer.GUARD = "", " AND true"  # into the partition (a guard there), nothing checked
+            writer.HOLD, writer.GUARD = "", " WHERE true"  # into the partition (a guard there), nothing checked
         return self
 
     def __exit__(self, *exc: Any) -> None:
