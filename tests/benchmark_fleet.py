@@ -73,11 +73,15 @@ def cpu(pid: int, children_of: bool = False) -> float:
 
 def server_instructions(out: Path, first: int, last: int) -> float:
     """The instructions of the server's processes forked between the backends `first` and `last`, from their
-    callgrind files (each written as its process exits)."""
+    callgrind files (each written as its process exits). Pids wrap around (at 32,768 here): `last` may be
+    the smaller."""
     total = 0
     for path in glob.glob(str(out / "cg.*")):
         parts = Path(path).name.split(".")
-        if len(parts) == 2 and first < int(parts[1]) < last:
+        if len(parts) != 2:
+            continue
+        pid = int(parts[1])
+        if first < pid < last if first <= last else (pid > first or pid < last):
             total += sum(int(line.split()[1]) for line in open(path) if line.startswith("totals:"))
     return float(total)
 

@@ -31,7 +31,6 @@ counts repeat from run to run within about 1 %; compare within a run.
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -110,15 +109,6 @@ def cycles() -> Iterator[list[Row]]:
         yield [Row("后端", "10.9.0.1", when), Row("redis", "127.0.0.1", when), Row("postgres", "127.0.0.1", when)]
 
 
-def instructions(out: Path, pids: set[int]) -> int:
-    total = 0
-    for path in glob.glob(str(out / "cg.*")):
-        parts = Path(path).name.split(".")
-        if len(parts) == 2 and int(parts[1]) in pids:
-            total += sum(int(line.split()[1]) for line in open(path) if line.startswith("totals:"))
-    return total
-
-
 def measure(pg: PgServer, out: Path, form: str, writes: int, connections: int, rows: Iterator[list[Row]]
             ) -> tuple[float, float]:
     """Millions of the server's instructions a write: on one backend kept, and a new backend a write."""
@@ -145,6 +135,13 @@ def measure(pg: PgServer, out: Path, form: str, writes: int, connections: int, r
             conn.close()
     time.sleep(3)  # each backend writes its file as it exits
     return instructions(out, {pid}) / writes / 1e6, instructions(out, pids) / connections / 1e6
+
+
+def instructions(out: Path, pids: set[int]) -> int:
+    """The instructions of these backends, from their callgrind files (by pid: pids wrap around, so not a
+    range as benchmark_fleet.py's fleet, whose backends it does not know)."""
+    return sum(int(line.split()[1]) for pid in pids if (out / f"cg.{pid}").exists()
+               for line in open(out / f"cg.{pid}") if line.startswith("totals:"))
 
 
 def main() -> None:
