@@ -94,10 +94,10 @@ INSERT_MISSING = TIMEOUT + "{hold}{lock}{guard};\nINSERT INTO {into} ({columns})
 # rows went into the old table for an hour), the partition is still one of the table's and not being
 # detached, and no row security has come to the table. A name's literal is resolved when the statement
 # is parsed; pg_partition_root() is immutable, so the planner evaluates it then too and folds it;
-# row_security_active() runs once a stripe. Otherwise the ELSE's cast fails (42P01), nothing is
-# written, and the partitions are looked up again (the lock and the guard: about 0.15 M instructions
-# a pooled write, 0.35 M in a new backend; in the INSERT, planned with its subquery, the guard cost
-# 0.06 and 0.1 M more: tests/benchmark_write.py). A partition whose bounds are no longer
+# row_security_active() runs once (a one-time filter). Otherwise the ELSE's cast fails (42P01), nothing
+# is written, and the partitions are looked up again (the lock and the guard: about 0.2 M instructions
+# a pooled write, 0.5 M in a new backend; in the INSERT, planned with its subquery, the guard cost 0.03
+# and 0.07 M more: tests/benchmark_write.py). A partition whose bounds are no longer
 # those looked up (detached and attached again for other times) refuses the rows (23514, no
 # constraint named): the write goes through the table at once, and the partitions are looked up again.
 # judge() always goes through the table, which decides.
