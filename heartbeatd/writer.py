@@ -600,7 +600,8 @@ class _Shape:
         named = literal(whole) if literal else ""
         self._guards = [GUARD.format(partition_name=literal(p.name), partition=p.oid, table_name=named, table=oid)
                         if p.direct and literal else "" for p in ordered]
-        self._holds = [HOLD.format(table=whole, partition=p.name) for p in ordered]
+        self._holds = [HOLD.format(table=whole, partition=p.name) if guard else ""  # where rows go into it
+                       for p, guard in zip(ordered, self._guards)]
         self.oids = {p.name: p.oid for p in ordered}  # what a write may read, and where its rows should go
         self._lock_one = LOCK_ONE.format(space=space, stripe="\0").split("\0")
         self._lock = LOCK.format(space=space, stripes="\0").split("\0")
