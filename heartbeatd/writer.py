@@ -136,12 +136,17 @@ ROUTED = """SELECT NOT c.relhasrules AND EXISTS (SELECT 1 FROM pg_catalog.pg_tri
 # one). Looked up with the table's columns (a partitioned one only), again each hour (a partition
 # made since; a write then reads through the table meanwhile) and after any failed write but a
 # refusal, or whose rows went elsewhere (RETURNING). A bound beyond what a Python datetime holds
-# (infinity, BC, year 10000) leaves its partition out. `direct`: whether rows may go into it (GUARD).
-PARTITIONS = r"""SELECT * FROM (
-SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
+# (infinity, BC, year 10000) leaves its partition out. `direct`: whether rows may go into it (GUARD),
+# asked of the NEWEST partitions only (by upper bound, MAXVALUE first): the days a cycle's rows and a
+# spool's replays fall in, whatever is made ahead. Asked of each, it doubled the lookup on a year of
+# daily partitions (a new backend: 27 against 13 ms an hour, on this machine). Rows of older times go
+# through the table, which routes them (RETURNING), as every row did in 1.6.3.
+NEWEST = 100
+PARTITIONS = r"""SELECT name, part, lower, upper, {direct} AS direct
+  FROM (SELECT *, pg_catalog.row_number() OVER (ORDER BY upper DESC NULLS FIRST) AS newest FROM (
+SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS name, c.oid::int8 AS part, t.oid AS parent,
        CASE WHEN b[1] LIKE '''%%' THEN pg_catalog.btrim(b[1], '''')::{type} END AS lower,
-       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END AS upper,
-       {direct} AS direct
+       CASE WHEN b[2] LIKE '''%%' THEN pg_catalog.btrim(b[2], '''')::{type} END AS upper
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class t ON t.oid = k.partrelid
   JOIN pg_catalog.pg_attribute a ON a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]
@@ -155,9 +160,9 @@ SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.oid::int8,
    AND NOT t.relrowsecurity AND NOT c.relrowsecurity{pending}
    AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
    AND pg_catalog.has_table_privilege(t.oid, 'SELECT')  -- RETURNING tableoid: not column privileges alone
-   AND pg_catalog.strpos(pg_catalog.format('%%I.%%I', n.nspname, c.relname), '%%') = 0) AS p
+   AND pg_catalog.strpos(pg_catalog.format('%%I.%%I', n.nspname, c.relname), '%%') = 0) AS q
  WHERE (lower IS NULL OR lower BETWEEN '0001-01-02' AND '9999-12-30')  -- a Python datetime, in any time zone
-   AND (upper IS NULL OR upper BETWEEN '0001-01-02' AND '9999-12-30')"""
+   AND (upper IS NULL OR upper BETWEEN '0001-01-02' AND '9999-12-30')) AS p"""
 PENDING = " AND NOT i.inhdetachpending"  # PostgreSQL 14 and later: a DETACH ... CONCURRENTLY under way
 # PostgreSQL 12 and later (pg_partition_root, attgenerated): whether rows may go into a partition (GUARD).
 DIRECT = """NOT c.relhasrules AND pg_catalog.has_table_privilege(c.oid, 'INSERT')
@@ -172,6 +177,8 @@ DIRECT = """NOT c.relhasrules AND pg_catalog.has_table_privilege(c.oid, 'INSERT'
                                   IS DISTINCT FROM (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
                                                       FROM pg_catalog.pg_attrdef d
                                                      WHERE d.adrelid = pa.attrelid AND d.adnum = pa.attnum)))"""
+NEWEST_DIRECT = """CASE WHEN p.newest <= {newest} THEN (SELECT {direct}
+  FROM pg_catalog.pg_class c, pg_catalog.pg_class t WHERE c.oid = p.part AND t.oid = p.parent) ELSE false END"""
 PARTITIONS_AGAIN = 3600.0  # seconds: how long the partitions looked up are taken as all there are
 STRIPES = 1024
 OUT_OF_LOCKS = "53200"  # out of shared memory: "You might need to increase max_locks_per_transaction"
@@ -724,7 +731,7 @@ def _partitions(cur: Any, table: str, report_type: str, direct: bool = False) ->
         return []
     version = cur.connection.server_version
     pending = PENDING if version >= 140000 else ""
-    into = DIRECT if direct and version >= 120000 else "false"
+    into = NEWEST_DIRECT.format(newest=NEWEST, direct=DIRECT) if direct and version >= 120000 else "false"
     try:
         cur.execute(sql.SQL(PARTITIONS).format(type=sql.SQL(report_type), pending=sql.SQL(pending),
                                                direct=sql.SQL(into)), (table,))

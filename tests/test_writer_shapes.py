@@ -18,7 +18,8 @@ import pytest
 
 from conftest import DaemonProcess, cli, clean_env, db_url, init_table, rows
 from heartbeatd.heartbeat import Row
-from heartbeatd.writer import INTO, READ, Writer, WriteError, write_split
+from heartbeatd import writer as writer_module
+from heartbeatd.writer import INTO, READ, RETURNS, Writer, WriteError, write_split
 from servers import PgServer, RedisServer
 
 # A report_time with every digit of fraction set, half of them above the rounding point.
@@ -555,6 +556,38 @@ def test_a_partition_attached_again_for_other_times_costs_no_row(pg: PgServer) -
         assert other.judge(held, Row("redis", "10.0.0.3", WHEN)) is None
     finally:
         held.close()
+        conn.close()
+
+
+# Whether rows may go into a partition is asked of the newest partitions only (writer.NEWEST, by upper
+# bound: asked of each, it doubled the hourly lookup on a year of daily partitions). Rows of an older one
+# go through the table, which routes them: once, into their partition, and their replay adds none.
+def test_rows_older_than_the_newest_partitions_go_through_the_table(pg: PgServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "NEWEST", 2)
+    day = _id_partitioned(pg, "timestamp")  # service_heartbeat_a: WHEN's day
+    for name, start in (("older", day - timedelta(days=2)), ("old", day - timedelta(days=1)),
+                        ("next", day + timedelta(days=1))):
+        pg.sql(f"CREATE TABLE service_heartbeat_{name} PARTITION OF service_heartbeat "
+               f"FOR VALUES FROM ('{start}') TO ('{start + timedelta(days=1)}')", db=pg.dbname)
+    conn = _connect(pg)
+    try:
+        with conn.cursor() as cur:
+            found = {p.name: p.direct for p in writer_module._partitions(cur, "service_heartbeat", "timestamp", True)}
+        assert found == {"public.service_heartbeat_older": False, "public.service_heartbeat_old": False,
+                         "public.service_heartbeat_a": True, "public.service_heartbeat_next": True}
+        yesterday = [Row(s, "10.0.0.1", WHEN - timedelta(days=1)) for s in ("后端", "redis", "postgres")]
+        _, filling = _written_once(conn, yesterday)
+        assert (filling[READ], filling[RETURNS], filling[INTO]) == \
+            ("public.service_heartbeat_old", " RETURNING tableoid", '"service_heartbeat"')
+        today = [Row(s, "10.0.0.1", WHEN) for s in ("后端", "redis", "postgres")]
+        _, filling = _written_once(conn, today)
+        assert (filling[READ], filling[RETURNS], filling[INTO]) == \
+            ("public.service_heartbeat_a", "", "public.service_heartbeat_a")
+        assert pg.sql("SELECT tableoid::regclass::text, count(*), count(DISTINCT id) FROM service_heartbeat "
+                      "GROUP BY 1 ORDER BY 1", db=pg.dbname) == [("service_heartbeat_a", 3, 3),
+                                                                 ("service_heartbeat_old", 3, 3)]
+    finally:
         conn.close()
 
 
