@@ -1,3 +1,3 @@
 """heartbeatd: proof-of-life heartbeats for a backend host, its Redis and its PostgreSQL."""
 
-__version__ = "1.6.5"
+__version__ = "1.6.6"
