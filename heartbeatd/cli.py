@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, NoReturn, Optional, Sequence
 
 import psycopg2
 
-from heartbeatd import __version__, config as configmod, logsetup, metrics, page, probes, render, rollup, schema
+from heartbeatd import __version__, config as configmod, conninfo, logsetup, metrics, page, probes, render, rollup, schema
 from heartbeatd.config import Config, ConfigError
 from heartbeatd.cycle import Cycle, Services
 from heartbeatd.daemon import Daemon
@@ -260,9 +260,18 @@ def _config_error(problems: Sequence[str]) -> int:
     return EX_CONFIG
 
 
+# What check-config shows of libpq's reading of DATABASE_URL: where it connects, and as whom.
+LIBPQ_SHOWN = ("host", "hostaddr", "port", "dbname", "user")
+
+
 def cmd_check_config(config: Config) -> int:
-    """Print the effective configuration, passwords masked."""
-    print("\n".join(config.describe()))
+    """Print the effective configuration, passwords masked; below DATABASE_URL, what libpq makes of it
+    (the URL, then the PG* variables and the service file for what it leaves out)."""
+    lines = config.describe()
+    found = conninfo.effective(config.database_url).options
+    used = " ".join(f"{key}={found[key]}" for key in LIBPQ_SHOWN if found.get(key))
+    lines.insert(1, configmod.mask(f"  libpq reads it as: {used}", config.secrets))
+    print("\n".join(lines))
     return EX_OK
 
 

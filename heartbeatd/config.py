@@ -14,6 +14,8 @@ from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit
 
 from dotenv.parser import parse_stream
 
+from heartbeatd import conninfo
+
 DEFAULTS: dict[str, str] = {
     "DATABASE_URL": "postgresql://localhost:5432/postgres",
     "REDIS_URL": "redis://localhost:6379/0",
@@ -77,6 +79,7 @@ class Config:
     retries: int = 1  # quick retries of a check that failed fast, within its timeout
     textfile: Optional[Path] = None  # node_exporter textfile the daemon rewrites after every cycle; None: off
     env_file_how: str = ""  # how env_file was chosen: FROM_OPTION, FROM_DAEMON or FROM_CWD
+    database_url_unset: bool = False  # DATABASE_URL unset or empty: the default's parts libpq has none of its own for
     sources: tuple[tuple[str, str], ...] = ()  # (variable, file it came from) for values not from the environment
 
     @property
@@ -87,7 +90,9 @@ class Config:
     def describe(self) -> list[str]:
         """The effective configuration as `NAME=value` lines, passwords masked."""
         return [
-            f"DATABASE_URL={mask_url(self.database_url)}",
+            f"DATABASE_URL={mask_url(self.database_url)}"
+            + (f" (unset: the default {DEFAULTS['DATABASE_URL']}, less what libpq's PG* variables or service file give)"
+               if self.database_url_unset else ""),
             f"REDIS_URL={mask_url(self.redis_url)}",
             f"HEARTBEAT_INTERVAL={self.interval:g}",
             f"HEARTBEAT_TIMEOUT={self.timeout:g}",
@@ -574,6 +579,19 @@ def sqlalchemy_to_libpq(url: str) -> str:
     return found.group(1) + url[found.end() - 3:] if found else url
 
 
+def default_database_url() -> str:
+    """DATABASE_URL when it is unset or empty: the default's host, port and database, each only where
+    libpq has none of its own (PGHOST or PGHOSTADDR, PGPORT, PGDATABASE, the service file PGSERVICE
+    names). Those are left out of the URL, so libpq applies its own as for any URL that leaves them out:
+    the default spelt out in full would override them all."""
+    own = conninfo.own_defaults()
+    default = urlsplit(DEFAULTS["DATABASE_URL"])
+    host = "" if own.get("host") or own.get("hostaddr") else default.hostname or ""
+    port = "" if own.get("port") else f":{default.port}"
+    dbname = "" if own.get("dbname") else default.path
+    return f"{default.scheme}://{host}{port}{dbname}"
+
+
 def _max_rows(text: str, problems: list[str]) -> int:
     max_rows = int(text) if re.fullmatch(r"[0-9]{1,9}", text) else 0
     if not 0 < max_rows <= SPOOL_MAX_ROWS_LIMIT:
@@ -637,7 +655,9 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         return value if value else DEFAULTS[name]
 
     problems: list[str] = []
-    database_url, redis_url = sqlalchemy_to_libpq(get("DATABASE_URL")), get("REDIS_URL")
+    database_url_unset = not merged.get("DATABASE_URL", "").strip()
+    database_url = default_database_url() if database_url_unset else sqlalchemy_to_libpq(get("DATABASE_URL"))
+    redis_url = get("REDIS_URL")
     _check_database_url(database_url, problems)
     _check_redis_url(redis_url, problems)
     interval = _seconds("HEARTBEAT_INTERVAL", get("HEARTBEAT_INTERVAL"), INTERVAL_RANGE[0], INTERVAL_RANGE[1], problems)
@@ -671,6 +691,7 @@ def load(environ: Mapping[str, str], env_file: Optional[Path] = None, cwd: Optio
         log_level=log_level,
         env_file=env_file,
         env_file_how=how,
+        database_url_unset=database_url_unset,
         retention=retention,
         retries=retries,
         textfile=textfile,

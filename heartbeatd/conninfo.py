@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -84,19 +85,13 @@ class Effective:
 
     options: dict[str, str]  # keyword -> value (set ones only)
     problem: Optional[str]  # libpq's own complaint about the options (a bad sslmode, an unknown service, …)
+    about: Optional[tuple[str, str]] = None  # (keyword, value) the complaint is about, when libpq's words name one
 
 
-def effective(dsn: str) -> Effective:
-    """libpq's reading of `dsn` with its defaults applied; nothing is connected and nothing looked up.
-
-    ValueError (libpq's words) if libpq cannot even parse it.
-    """
-    try:
-        probe = ext.make_dsn(dsn, target_session_attrs=_STOP)
-    except psycopg2.Error as exc:
-        raise ValueError(" ".join(str(exc).split())) from None
+def _start(dsn: str) -> tuple[str, dict[str, str]]:
+    """(libpq's error, its options) for a connection string libpq is sure to refuse before the network."""
     lib = _libpq()
-    conn = lib.PQconnectStart(probe.encode("utf-8"))
+    conn = lib.PQconnectStart(dsn.encode("utf-8"))
     if not conn:
         raise MemoryError("libpq could not allocate a connection")
     try:
@@ -109,9 +104,57 @@ def effective(dsn: str) -> Effective:
                 lib.PQconninfoFree(raw)
     finally:
         lib.PQfinish(conn)
+    return error, options
+
+
+def _about(error: str, options: dict[str, str]) -> Optional[tuple[str, str]]:
+    """The option libpq's complaint names with its value (`invalid sslmode value: "x"`): libpq's
+    messages are translated, but the keyword and the value in them are not."""
+    named = [(key, value) for key, value in options.items()
+             if value and re.search(rf"\b{re.escape(key)}\b", error) and f'"{value}"' in error]
+    return named[0] if len(named) == 1 else None
+
+
+def effective(dsn: str) -> Effective:
+    """libpq's reading of `dsn` with its defaults applied; nothing is connected and nothing looked up.
+
+    ValueError (libpq's words) if libpq cannot even parse it.
+    """
+    try:
+        probe = ext.make_dsn(dsn, target_session_attrs=_STOP)
+    except psycopg2.Error as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+    error, options = _start(probe)
     if not options:  # refused while reading the options: the service file, a bad option
         return Effective({}, error or "libpq refused the connection string")
-    return Effective(options, None if _STOP in error else error)
+    if _STOP in error:
+        return Effective(options, None)
+    return Effective(options, error or None, _about(error, options))
+
+
+def own_defaults() -> dict[str, str]:
+    """The options libpq takes from its environment for what a connection string leaves out: its PG*
+    variables and the service file PGSERVICE names (PQconndefaults, less its compiled-in values; `user`
+    is always there: libpq's default is the login name)."""
+    lib = _libpq()
+    raw = lib.PQconndefaults()
+    if not raw:
+        raise MemoryError("libpq could not allocate its defaults")
+    try:
+        return {_text(o.keyword): _text(o.val) for o in _read(raw) if o.val is not None and o.val != o.compiled}
+    finally:
+        lib.PQconninfoFree(raw)
+
+
+@functools.lru_cache(maxsize=None)
+def envvar(keyword: str) -> str:
+    """The variable libpq reads an option's default from (`port`: PGPORT), or ""."""
+    lib = _libpq()
+    raw = lib.PQconndefaults()
+    try:
+        return next((_text(o.envvar) for o in _read(raw) if _text(o.keyword) == keyword), "")
+    finally:
+        lib.PQconninfoFree(raw)
 
 
 def secret_keywords() -> frozenset[str]:

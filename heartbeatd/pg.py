@@ -18,6 +18,7 @@ applies itself on each attempt.
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import threading
@@ -218,8 +219,21 @@ def _split(value: Optional[str]) -> list[str]:
     return value.split(",") if value else []
 
 
-def _refused(text: str, secrets: list[str]) -> ConfigError:
-    return ConfigError([f"DATABASE_URL: {mask(' '.join(text.split()), secrets)}"])
+def _refused(text: str, secrets: list[str], source: str = "DATABASE_URL") -> ConfigError:
+    return ConfigError([f"{source}: {mask(' '.join(text.split()), secrets)}"])
+
+
+def _source(about: Optional[tuple[str, str]], given: dict[str, str]) -> str:
+    """Where libpq took an option's (keyword, value) from, for the line that refuses it: DATABASE_URL;
+    else the variable libpq reads it from (PGPORT…), when that holds the value; else the service file."""
+    if about is None or about[0] in given:
+        return "DATABASE_URL"
+    variable = conninfo.envvar(about[0])
+    if variable and os.environ.get(variable) == about[1]:
+        return variable
+    # libpq keeps no service name on the connection: the URL's, else PGSERVICE.
+    service = given.get("service") or os.environ.get(conninfo.envvar("service"), "")
+    return f"service {service!r} (its service file)" if service else "DATABASE_URL"
 
 
 def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
@@ -236,7 +250,8 @@ def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
     except (psycopg2.Error, ValueError) as exc:
         raise _refused(str(exc), secrets) from None
     if found.problem:
-        raise _refused(found.problem, secrets)
+        raise _refused(found.problem, secrets, _source(found.about, options))
+    given = dict(options)  # what the URL itself says, for naming where a value came from
     for key in ("host", "port", "hostaddr"):  # each attempt names its own (below)
         options.pop(key, None)
     hosts = _split(found.options.get("host")) or [""]
@@ -251,7 +266,8 @@ def parse(dsn: str) -> tuple[dict[str, str], list[Host]]:
     ports = [port or conninfo.compiled_default("port") for port in ports]
     for port in ports:
         if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
-            raise _refused(f"bad port {port!r} (must be 1-65535)", secrets)
+            raise _refused(f"bad port {port!r} (must be 1-65535)", secrets,
+                           _source(("port", found.options["port"]), given))
     return options, [Host(h, p, addrs[i] if addrs else "") for i, (h, p) in enumerate(zip(hosts, ports))]
 
 

@@ -129,10 +129,59 @@ def test_the_hosts_tried_are_libpqs_own(tmp_path: Path, monkeypatch: pytest.Monk
     assert [(h.host, h.port, h.hostaddr) for h in hosts] == [("db.internal", "6543", "10.0.0.9")]
 
 
-def test_pgport_that_is_no_port_is_78(tmp_path: Path) -> None:
-    result = cli(["check-config"], clean_env(DATABASE_URL="postgresql://db/app", PGPORT="x1"), cwd=tmp_path)
+def test_pg_variables_apply_with_database_url_unset_or_empty(server: PgServer, db: str, tmp_path: Path) -> None:
+    # The default URL spelt out localhost, 5432 and postgres, and so overrode every one of them.
+    for number, unset in enumerate(({}, {"DATABASE_URL": ""}, {"DATABASE_URL": " "})):
+        name = f"{db}_{number}"
+        server.sql(f"CREATE DATABASE {name}")
+        env = clean_env(PGHOST=HOST, PGPORT=str(server.port), PGUSER="postgres", PGDATABASE=name, **unset)
+        shown = cli(["check-config"], env, cwd=tmp_path)
+        # Asked first, without connecting: were it still the default, init-db would go to localhost:5432.
+        assert f"libpq reads it as: host={HOST} port={server.port} dbname={name} user=postgres" in shown.stdout, shown
+        _init_db(env, tmp_path)
+        assert _has_table(server, name)
+        server.sql(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("variables, used", [
+    ({}, "host=localhost port=5432 dbname=postgres"),
+    ({"PGPORT": "6543"}, "host=localhost port=6543 dbname=postgres"),
+    ({"PGHOSTADDR": "10.0.0.9"}, "hostaddr=10.0.0.9 port=5432 dbname=postgres"),
+    ({"PGHOST": "db.internal", "PGDATABASE": "app"}, "host=db.internal port=5432 dbname=app"),
+])
+def test_the_default_url_applies_where_libpq_has_nothing(tmp_path: Path, variables: dict[str, str], used: str) -> None:
+    # Shown, never connected: the default is the machine's own localhost:5432.
+    result = cli(["check-config"], clean_env(**variables), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("(unset: the default postgresql://localhost:5432/postgres, less what libpq's PG* "
+                             "variables or service file give)")
+    assert lines[1].startswith(f"  libpq reads it as: {used} user="), lines[1]
+
+
+def test_a_service_file_fills_what_an_unset_database_url_leaves(tmp_path: Path) -> None:
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[hb]\nhost=db.internal\nport=6000\n")
+    result = cli(["check-config"], clean_env(PGSERVICE="hb", PGSERVICEFILE=str(services)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith(
+        "  libpq reads it as: host=db.internal port=6000 dbname=postgres user="), result.stdout
+    services.write_text("[hb]\nhost=db.internal\nport=no\n")
+    result = cli(["check-config"], clean_env(PGSERVICE="hb", PGSERVICEFILE=str(services)), cwd=tmp_path)
     assert result.returncode == 78
-    assert result.stderr.splitlines() == ["heartbeatd: DATABASE_URL: bad port 'x1' (must be 1-65535)"]
+    assert result.stderr.splitlines() == ["heartbeatd: service 'hb' (its service file): bad port 'no' (must be 1-65535)"]
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:Pw-s3cret@db/app", ""])
+def test_pgport_that_is_no_port_is_78_and_named(tmp_path: Path, url: str) -> None:
+    result = cli(["check-config"], clean_env(DATABASE_URL=url, PGPORT="x1"), cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == ["heartbeatd: PGPORT: bad port 'x1' (must be 1-65535)"]
+    assert "Pw-s3cret" not in result.stdout + result.stderr
+    # Where the URL gives the port, the URL is named.
+    result = cli(["check-config"], clean_env(DATABASE_URL="postgresql://app:Pw-s3cret@db:x2/app", PGPORT="x1"),
+                 cwd=tmp_path)
+    assert result.stderr.splitlines() == ["heartbeatd: DATABASE_URL: bad port 'x2' (must be 1-65535)"]
 
 
 def test_libpq_judges_every_option_at_start(tmp_path: Path) -> None:
