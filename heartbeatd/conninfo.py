@@ -6,6 +6,12 @@ its compiled-in port. Those come only from a PGconn, so we ask the libpq psycopg
 for one with PQconnectStart and read it back with PQconninfo. So that no connection and no name
 lookup is started, the string carries a `target_session_attrs` libpq refuses: libpq checks it
 after it has applied every default and split the host list, and before it touches the network.
+
+That stop hides what libpq checks from there on (the operator's own `target_session_attrs`, and
+`load_balance_hosts` in libpq 16+), which libpq would otherwise refuse only when connecting. So a
+second probe keeps the operator's options and stops at the port instead: libpq reads the port as
+a number only when it starts the connection, after every option is checked, and before any name
+lookup or socket (the host is a Unix socket directory that does not exist, should that ever change).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from typing import Any, Optional
 import psycopg2
 import psycopg2.extensions as ext
 
-# libpq refuses this value (its own error names it), and so starts nothing.
-_STOP = "heartbeatd-reads-only"
+# libpq refuses these values (its own errors name them), and so starts nothing.
+_STOP = "heartbeatd-reads-only"  # as target_session_attrs: libpq's last check of the options
+_PORT_STOP = "heartbeatd-checks-only"  # as the port: read when the connection starts, after every check
+_NO_SOCKET = "/nonexistent/heartbeatd"
 
 
 class _Option(ctypes.Structure):
@@ -122,14 +130,18 @@ def effective(dsn: str) -> Effective:
     """
     try:
         probe = ext.make_dsn(dsn, target_session_attrs=_STOP)
+        late = ext.make_dsn(dsn, host=_NO_SOCKET, hostaddr="", port=_PORT_STOP)
     except psycopg2.Error as exc:
         raise ValueError(" ".join(str(exc).split())) from None
     error, options = _start(probe)
     if not options:  # refused while reading the options: the service file, a bad option
         return Effective({}, error or "libpq refused the connection string")
-    if _STOP in error:
+    if _STOP not in error:
+        return Effective(options, error or None, _about(error, options))
+    error, found = _start(late)
+    if _PORT_STOP in error:  # every option passed: libpq went on to the port
         return Effective(options, None)
-    return Effective(options, error or None, _about(error, options))
+    return Effective(options, error or "libpq refused the connection string", _about(error, found))
 
 
 def own_defaults() -> dict[str, str]:

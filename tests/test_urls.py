@@ -190,6 +190,37 @@ def test_libpq_judges_every_option_at_start(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == ['heartbeatd: DATABASE_URL: invalid sslmode value: "sometimes"']
 
 
+@pytest.mark.parametrize("command", ["check-config", "status"])
+def test_a_bad_target_session_attrs_is_refused_at_start(tmp_path: Path, command: str) -> None:
+    # libpq checks it only once it has every other option: the probe that reads them stopped there
+    # with a value of its own, so the operator's was first judged when connecting (exit 69).
+    url = "postgresql://app:Pw-s3cret@127.0.0.1:1/x?target_session_attrs=bogus"
+    result = cli([command], clean_env(DATABASE_URL=url), cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (
+        78, ['heartbeatd: DATABASE_URL: invalid target_session_attrs value: "bogus"']), result.stderr
+    result = cli([command], clean_env(DATABASE_URL="postgresql://app:Pw-s3cret@127.0.0.1:1/x",
+                                      PGTARGETSESSIONATTRS="bogus"), cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()) == (
+        78, ['heartbeatd: PGTARGETSESSIONATTRS: invalid target_session_attrs value: "bogus"']), result.stderr
+    assert "Pw-s3cret" not in result.stdout + result.stderr
+
+
+def test_the_options_libpq_checks_last_are_judged_at_start(tmp_path: Path) -> None:
+    for value in ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"):
+        env = clean_env(DATABASE_URL=f"postgresql://127.0.0.1:1/x?target_session_attrs={value}")
+        assert cli(["check-config"], env, cwd=tmp_path).returncode == 0, value
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[hb]\nhost=db.internal\ntarget_session_attrs=bogus\n")
+    result = cli(["check-config"], clean_env(DATABASE_URL="postgresql:///?service=hb", PGSERVICEFILE=str(services)),
+                 cwd=tmp_path)
+    assert result.stderr.splitlines() == [
+        'heartbeatd: service \'hb\' (its service file): invalid target_session_attrs value: "bogus"']
+    if conninfo.compiled_default("load_balance_hosts"):  # libpq 16+, checked after target_session_attrs
+        result = cli(["check-config"], clean_env(DATABASE_URL="postgresql://db/x?load_balance_hosts=often"),
+                     cwd=tmp_path)
+        assert result.stderr.splitlines() == ['heartbeatd: DATABASE_URL: invalid load_balance_hosts value: "often"']
+
+
 # --- item 8: valid URLs are accepted -------------------------------------------------------------
 
 def test_an_at_sign_in_the_query_is_not_a_password(server: PgServer, db: str, tmp_path: Path) -> None:
