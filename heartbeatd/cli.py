@@ -27,6 +27,9 @@ from heartbeatd.spool import Spool, SpoolUnavailable, rejected_raw, rejected_row
 from heartbeatd.writer import WriteError, Writer
 
 EX_OK, EX_DOWN, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
+# The reader of the output went away (`| head -1`, `| true`): what a shell reports of a tool SIGPIPE
+# ended (128 + 13), so `set -o pipefail` sees it as it sees any other tool's.
+EX_PIPE = 141
 
 log = logging.getLogger("heartbeatd.cli")
 
@@ -49,6 +52,7 @@ the values of the first two win over the environment, the environment wins over 
 exit statuses:
   0 ok   1 a service down / rows not recorded / stale   64 bad arguments   69 database unreachable
   70 internal error   78 bad configuration (also: spool in use or unusable, watchdog too short)
+  141 the output's reader went away (| head -1), as for a tool SIGPIPE ends
 
 See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
@@ -559,6 +563,20 @@ def cmd_run(config: Config, env_file: Optional[Path]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `heartbeatd` command."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered: a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # Quietly, as a tool SIGPIPE ends would. SIGPIPE itself stays ignored: its default would end
+        # the daemon on a peer's closed socket. stdout goes to /dev/null so that the flush at
+        # interpreter exit does not fail again (Python's own advice for this case).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_PIPE
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = _parser().parse_args(argv)
     args.command = args.command or "run"
     logsetup.setup()
@@ -588,6 +606,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the output's reader went away (the drivers wrap their sockets' own): main says so
+        raise
     except Exception as exc:  # noqa: BLE001 - never a traceback on the operator's terminal
         log.debug("internal error", exc_info=True)  # HEARTBEAT_LOG_LEVEL=DEBUG shows where
         log.error("internal error: %s: %s", type(exc).__name__, exc)
