@@ -50,7 +50,8 @@ the values of the first two win over the environment, the environment wins over 
   A password may also come from $CREDENTIALS_DIRECTORY/database_url or .../redis_url (systemd LoadCredential=).
 
 exit statuses:
-  0 ok   1 a service down / rows not recorded / stale   64 bad arguments   69 database unreachable
+  0 ok   1 a service down / rows not recorded / stale / the command failed once connected
+  64 bad arguments   69 database unreachable (no connection made: login refused, database missing too)
   70 internal error   78 bad configuration (also: spool in use or unusable, watchdog too short)
   141 the output's reader went away (| head -1), as for a tool SIGPIPE ends
 
@@ -84,17 +85,20 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
     "rejected": "List the rows the table refused, kept aside in the spool. "
                 "Exit 0; with --retry 1 if some are still refused, 69 database unreachable.",
     "status": "The newest heartbeat of every service and IP seen in the window: fresh or stale. "
-              "Exit 0 all fresh (prometheus: written), 1 any stale or none seen (prometheus: FILE not written, "
-              "table missing), 69 database unreachable.",
+              "Exit 0 all fresh (prometheus: written), 1 any stale or none seen (prometheus: FILE not written), "
+              "or the read failed (table missing, no SELECT privilege, a timeout), 69 database unreachable.",
     "report": "Uptime, outages and no-data stretches per service and IP. "
-              "Exit 0, 1 table missing, 64 bad arguments, 69 database unreachable.",
+              "Exit 0, 1 the read failed (table missing, no SELECT privilege, a timeout), 64 bad arguments, "
+              "69 database unreachable.",
     "prune": "Remove rows older than --older-than (default HEARTBEAT_RETENTION): partitions wholly older are "
              "dropped, other rows deleted in batches; on a table init-db --partitioned made, the partitions ahead "
              "that are missing are made first; never rows the hourly rollups do not cover yet, once a pass has run. "
-             "Exit 0 (also when another prune is running), 1 a partition's lock not had or rows kept because the "
-             "rollups do not cover them yet, 69 database unreachable, 130 interrupted.",
+             "Exit 0 (also when another prune is running), 1 a partition's lock not had, rows kept because the "
+             "rollups do not cover them yet, or the prune failed (no privilege, a timeout), 69 database unreachable, "
+             "130 interrupted.",
     "rollup": "Fold the rows written since the last pass into the hourly rollups report reads for whole hours. "
-              "Exit 0 (also when another pass is running), 1 table missing, 69 database unreachable.",
+              "Exit 0 (also when another pass is running), 1 table missing or the pass failed (no privilege, a "
+              "timeout), 69 database unreachable.",
 }
 
 
@@ -533,9 +537,12 @@ READ_FAILURES = (TableMissing, psycopg2.Error)
 
 
 def _read_failed(command: str, exc: BaseException) -> int:
-    """One line; 1 when the table is missing, 69 when the database failed us."""
+    """One line, and 1: the command was connected and did not get done (the table missing, a privilege
+    not granted, a timeout, the connection lost), as init-db's and rejected --retry's failures are.
+    69 stays what it says: no connection could be made (main, DatabaseUnreachable), so nothing was
+    done; a script may run the command again once the database is back."""
     print(f"heartbeatd: {command} failed: {reason(exc)}", file=sys.stderr)
-    return EX_DOWN if isinstance(exc, TableMissing) else EX_UNAVAILABLE
+    return EX_DOWN
 
 
 def _usage(message: str) -> int:

@@ -199,3 +199,25 @@ def test_a_partition_of_another_owner_is_said_and_the_rest_granted(pg: PgServer)
         for role in (owner, reader):
             pg.sql(f"DROP OWNED BY {role}", db=db)
             pg.sql(f"DROP ROLE {role}")
+
+
+def test_a_role_without_select_is_a_failed_read_not_an_unreachable_database(pg: PgServer, tmp_path: Path) -> None:
+    # 1.6.6 said 69, "database unreachable", to a role the server had let in and then refused the table.
+    role, password = f"hb_n_{uuid.uuid4().hex[:8]}", "Pw-n0-s3lect"
+    assert cli(["init-db"], clean_env(DATABASE_URL=pg.url(db=pg.dbname))).returncode == 0  # type: ignore[attr-defined]
+    pg.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        env = clean_env(DATABASE_URL=pg.url(role, password, db=pg.dbname))  # type: ignore[attr-defined]
+        for args in (["status"], ["report", "--since", "1d"]):
+            result = cli(args, env, cwd=tmp_path)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and re.fullmatch(
+                rf"heartbeatd: {args[0]} failed: permission denied for table service_heartbeat(_hourly(_state)?)?", lines[0]), lines
+            assert password not in result.stderr
+        # No connection at all stays 69.
+        result = cli(["status"], clean_env(DATABASE_URL=pg.url(role, "wrong", db="no_such_db")), cwd=tmp_path)
+        assert result.returncode == 69, result.stderr
+    finally:
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)  # type: ignore[attr-defined]
+        pg.sql(f"DROP ROLE {role}")
