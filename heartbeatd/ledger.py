@@ -30,16 +30,17 @@ PRUNE_BATCH = 10_000
 NO_JIT = "SET LOCAL jit = off"
 
 # `status`: the table's DEFAULT partition (a partitioned table's, at the top level), if it has one...
-# ... whether this role may read it (by oid: no error for a role without it), and where the first
-# partition starts on a table partitioned by RANGE (report_time) alone (NULL: another key, or a
-# partition FROM (MINVALUE): nothing is older than every partition).
+# ... whether this role may read it (by oid: no error for a role without it), whether the table is
+# partitioned by RANGE (report_time) alone (on any other key the DEFAULT holds rows by design: a LIST
+# partition's "every other service"), and there where the first partition starts (NULL: a partition
+# FROM (MINVALUE): nothing is older than every partition).
 DEFAULT_OF = r"""SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
        pg_catalog.min(pn.nspname || '.' || pc.relname),  -- the table, schema-qualified (as part_config names it)
-       CASE WHEN k.partstrat = 'r' AND k.partnatts = 1
-             AND (SELECT a.attname FROM pg_catalog.pg_attribute a
-                   WHERE a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]) = 'report_time'
-             AND NOT bool_or(b.bound LIKE 'FOR VALUES FROM (MINVALUE%%')
-            THEN min(substring(b.bound from $$^FOR VALUES FROM \('([^']+)'\) TO$$)) END
+       CASE WHEN NOT bool_or(b.bound LIKE 'FOR VALUES FROM (MINVALUE%%')
+            THEN min(substring(b.bound from $$^FOR VALUES FROM \('([^']+)'\) TO$$)) END,
+       k.partstrat = 'r' AND k.partnatts = 1
+         AND (SELECT a.attname FROM pg_catalog.pg_attribute a
+               WHERE a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]) = 'report_time'
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_class pc ON pc.oid = k.partrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
@@ -241,7 +242,8 @@ class Latest:
 
 @dataclass(frozen=True)
 class DefaultRows:
-    """`status`: the rows in the table's DEFAULT partition (strays: a partition is missing), their span."""
+    """`status`: the rows in the DEFAULT partition of a table partitioned by RANGE (report_time) (strays: a
+    partition is missing), their span."""
 
     name: str  # the partition's name (schema-qualified outside public)
     rows: Optional[int]  # None: this role may not read the partition
@@ -359,12 +361,13 @@ class Ledger:
         return list(self._read(work))
 
     def _default_rows(self, cur: Any) -> Optional[DefaultRows]:
-        """The DEFAULT partition's rows and their span, in the read (under its deadline); None if none."""
+        """The DEFAULT partition's rows and their span, in the read (under its deadline); None if the table has
+        none, or is partitioned by another key than RANGE (report_time): its DEFAULT's rows are not strays."""
         cur.execute(DEFAULT_OF, (self._t.as_string(cur),))
         found = cur.fetchone()
-        if found is None:
+        if found is None or not found[5]:
             return None
-        schema, name, readable, table, first_partition = found
+        schema, name, readable, table, first_partition, _ = found
         shown = name if schema == "public" else f"{schema}.{name}"
         if not readable:  # said, not failed: the rest of status stands
             return DefaultRows(shown, None, None, None)

@@ -307,7 +307,7 @@ class Textfile:
 
 def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default: Any = None) -> list[Family]:
     """`status --format prometheus`: the ledger's view of every (service, ip), for the host that died; and the
-    rows in the table's DEFAULT partition, where it has one."""
+    rows in the DEFAULT partition of a table partitioned by RANGE (report_time), where it has one."""
     pairs = [(labels(service=f.service, ip=str(f.ip)), f) for f in found]
     strays: list[Family] = [] if default is None or default.rows is None else [
         ("heartbeatd_ledger_default_partition_rows", "gauge",

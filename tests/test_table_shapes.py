@@ -421,17 +421,37 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
 
 
 def test_status_hint_where_heartbeatd_makes_no_partition(pg: PgServer) -> None:
-    """A table partitioned by another key (not one init-db --partitioned made): prune makes no partition there,
-    and status's hint says so instead of naming prune."""
-    make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
+    """A table partitioned by RANGE (report_time) that init-db --partitioned did not make: prune makes no
+    partition there, and status's hint says so instead of naming prune."""
     at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    pg.sql("CREATE TABLE service_heartbeat (" + COLUMNS.format(kind="timestamp") + ") PARTITION BY RANGE (report_time);"
+           "CREATE TABLE hb_2025 PARTITION OF service_heartbeat FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+           "CREATE TABLE hb_rest PARTITION OF service_heartbeat DEFAULT", db=pg.dbname)
     pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
            "VALUES ('后端', '10.0.0.1', %s, %s)", (at, at), db=pg.dbname)
     said = cli(["status"], env_for(pg))
     assert said.returncode == 0, said.stderr
-    assert said.stderr == (f"1 row(s) in the DEFAULT partition service_heartbeat_other (report_time {at} .. {at}): "
+    assert said.stderr == (f"1 row(s) in the DEFAULT partition hb_rest (report_time {at} .. {at}): "
                            "a partition is missing; heartbeatd makes none for this table (not one init-db "
                            "--partitioned made): create it\n"), said.stderr
+
+
+def test_status_leaves_the_default_of_a_table_partitioned_by_another_key_alone(pg: PgServer) -> None:
+    """On a table partitioned by LIST (service_name), the DEFAULT partition holds every other service by
+    design: no partition is missing, so status says nothing of it, in no form (1.6.6 said one was, and its
+    metric fired HeartbeatdDefaultPartitionRows)."""
+    import json
+    env = env_for(pg)
+    make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
+    at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "VALUES ('后端', '10.0.0.1', %s, %s), ('redis', '10.1.0.1', %s, %s)", (at, at, at, at), db=pg.dbname)
+    assert pg.sql("SELECT count(*) FROM ONLY service_heartbeat_other", db=pg.dbname)[0][0] == 1
+    said = cli(["status"], env)
+    assert said.returncode == 0 and said.stderr == "" and len(said.stdout.splitlines()) == 2, said
+    assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] is None
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert prom.returncode == 0 and "default_partition" not in prom.stdout, prom.stdout
 
 
 def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
