@@ -50,10 +50,17 @@ DEFAULT_OF = r"""SELECT n.nspname, c.relname, pg_catalog.has_table_privilege(c.o
  WHERE k.partrelid = pg_catalog.to_regclass(%s)
  GROUP BY n.nspname, c.relname, c.oid, k.partrelid, k.partstrat, k.partnatts, k.partattrs"""
 # ... and what it holds: rows no partition covers (normally none: a count of an empty table is
-# microseconds), and of them those older than the first partition (backfilled: no partition is missing).
+# microseconds), and of them the backfilled ones, which mean no partition is missing: older than the
+# first partition and than RECENT (see below).
 DEFAULT_ROWS = """SELECT count(*), min(report_time), max(report_time),
-       count(*) FILTER (WHERE report_time < CAST(%(first)s AS {time_type}))
+       count(*) FILTER (WHERE report_time < CAST(%(first)s AS {time_type}) AND report_time < %(recent)s)
   FROM ONLY {d}"""
+# A row of the last day in the DEFAULT partition is never backfill, whatever the first partition: a
+# cycle wrote it as it ran (or a spool, after a short outage), so a partition for the present is missing
+# -- the current one detached or dropped, which leaves "the first partition" tomorrow's and every row
+# written now older than it. A row that is older than both was backfilled (a spool's rows from before
+# the table was partitioned, history copied in) and waits for prune.
+RECENT = timedelta(days=1)
 # Distinct (service, ip) by a loose index scan, then each one's newest report_time by one index
 # descent: milliseconds on 26 million rows, where GROUP BY ... max() reads them all. (On a table
 # partitioned by day each step is a Merge Append over every partition: a report finds its pairs once,
@@ -249,8 +256,8 @@ class DefaultRows:
     rows: Optional[int]  # None: this role may not read the partition
     first: Optional[datetime]
     last: Optional[datetime]
-    # Of `rows`, those older than the table's first partition: backfilled, no partition is missing (not on a
-    # table pg_partman manages: its partition_data_proc makes them one).
+    # Of `rows`, those older than the table's first partition and than RECENT: backfilled, no partition is
+    # missing (not on a table pg_partman manages: its partition_data_proc makes them one).
     older: int = 0
     table: str = ""  # the partitioned table, schema-qualified
     # Where it holds rows: who makes the table's partitions ahead: "heartbeatd" (prune: a table init-db
@@ -356,11 +363,11 @@ class Ledger:
             for service, ip, last in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()
                 found.append(Latest(service, ip, as_utc(last), age, age <= stale_after))
-            self.default_rows = self._default_rows(cur)
+            self.default_rows = self._default_rows(cur, now)
             return found
         return list(self._read(work))
 
-    def _default_rows(self, cur: Any) -> Optional[DefaultRows]:
+    def _default_rows(self, cur: Any, now: datetime) -> Optional[DefaultRows]:
         """The DEFAULT partition's rows and their span, in the read (under its deadline); None if the table has
         none, or is partitioned by another key than RANGE (report_time): its DEFAULT's rows are not strays."""
         cur.execute(DEFAULT_OF, (self._t.as_string(cur),))
@@ -372,7 +379,7 @@ class Ledger:
         if not readable:  # said, not failed: the rest of status stands
             return DefaultRows(shown, None, None, None)
         cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name), time_type=sql.SQL(self._time_type)),
-                    {"first": first_partition})
+                    {"first": first_partition, "recent": self._param(now - RECENT)})
         rows, first, last, older = cur.fetchone()
         found = DefaultRows(shown, int(rows), as_utc(first) if first is not None else None,
                             as_utc(last) if last is not None else None, int(older or 0))

@@ -315,7 +315,8 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default:
          "heartbeatd status says who makes them).",
          [("", default.rows - default.older)]),
         ("heartbeatd_ledger_default_partition_backfill_rows", "gauge",
-         "Rows in the table's DEFAULT partition older than its first partition (backfilled; none is missing).",
+         "Rows in the table's DEFAULT partition older than its first partition and than a day (backfilled; "
+         "none is missing).",
          [("", default.older)])]
     return [
         ("heartbeatd_ledger_heartbeat_age_seconds", "gauge",

@@ -89,7 +89,7 @@ def retried(written: Sequence[Any], still: Sequence[tuple[int, Row, str]], out: 
 
 def default_line(default: DefaultRows) -> str:
     """status's line about rows in the DEFAULT partition: some partition is missing, or they were backfilled
-    older than the first partition; or this role may not read it."""
+    (older than the first partition and than a day: ledger.RECENT); or this role may not read it."""
     if default.rows is None:
         return (f"the DEFAULT partition {default.name}: rows not known, this role may not read it "
                 f"(GRANT SELECT ON {default.name} to it, as README's role recipe does)")
@@ -97,9 +97,9 @@ def default_line(default: DefaultRows) -> str:
         if default.first is not None and default.last is not None else "report_time unknown"
     if default.rows == default.older:
         return (f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): older than the table's "
-                "first partition (backfilled), no partition is missing; prune removes them past the retention")
+                "first partition and than a day (backfilled), no partition is missing; prune removes them past the retention")
     if default.older:
-        span += f"; {default.older} of them older than the first partition (backfilled)"
+        span += f"; {default.older} of them older than the first partition and than a day (backfilled)"
     if default.maker == "heartbeatd":
         hint = "heartbeatd prune (or init-db --partitioned) makes them ahead"
     elif default.maker == "pg_partman":

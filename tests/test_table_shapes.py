@@ -381,7 +381,8 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     said = cli(["status"], env)
     assert said.returncode == 0 and said.stdout.startswith("后端\t10.0.0.1\t") and len(said.stdout.splitlines()) == 1
     assert said.stderr == (f"2 row(s) in the DEFAULT partition service_heartbeat_default (report_time "
-                           f"{backfilled[0]} .. {backfilled[1]}): older than the table's first partition (backfilled), "
+                           f"{backfilled[0]} .. {backfilled[1]}): older than the table's first partition and than a day "
+                           "(backfilled), "
                            "no partition is missing; prune removes them past the retention\n"), said.stderr
     prom = cli(["status", "--format", "prometheus"], env)
     assert prom.returncode == 0, prom.stderr
@@ -394,7 +395,7 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     said = cli(["status"], env)
     assert said.returncode == 0, said.stderr
     assert said.stderr == (f"3 row(s) in the DEFAULT partition service_heartbeat_default (report_time {backfilled[0]} "
-                           f".. {later}; 2 of them older than the first partition (backfilled)): a partition is "
+                           f".. {later}; 2 of them older than the first partition and than a day (backfilled)): a partition is "
                            "missing; heartbeatd prune (or init-db --partitioned) makes them ahead\n"), said.stderr
     found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
     assert found["rows"] == 3 and found["older_than_first_partition"] == 2, found
@@ -452,6 +453,39 @@ def test_status_leaves_the_default_of_a_table_partitioned_by_another_key_alone(p
     assert json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"] is None
     prom = cli(["status", "--format", "prometheus"], env)
     assert prom.returncode == 0 and "default_partition" not in prom.stdout, prom.stdout
+
+
+def test_status_says_a_missing_current_partition_whatever_the_first_partition(pg: PgServer) -> None:
+    """The current partition detached (it was the first): every row written since goes to the DEFAULT and is
+    older than the first partition left. They are of the last day, a cycle's rows: a partition is missing,
+    said and counted for the alert (1.6.6 called them backfilled: the alert stayed silent). Rows older than
+    a day as well, in the same partition, are still backfill."""
+    import json
+    env = env_for(pg)
+    assert cli(["init-db", "--partitioned=day"], env).returncode == 0
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    pg.sql(f"ALTER TABLE service_heartbeat DETACH PARTITION service_heartbeat_p{now:%Y%m%d}", db=pg.dbname)
+    live = [now - timedelta(seconds=30 * k) for k in range(12)][::-1]  # what a cycle wrote, every 30 s
+    for at in live:
+        pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+               (at,), db=pg.dbname)
+    said = cli(["status"], env)
+    assert said.returncode == 0 and said.stdout.startswith("后端\t10.0.0.1\t"), said
+    assert said.stderr == (f"12 row(s) in the DEFAULT partition service_heartbeat_default (report_time {live[0]} .. "
+                           f"{live[-1]}): a partition is missing; heartbeatd prune (or init-db --partitioned) makes "
+                           "them ahead\n"), said.stderr
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert "\nheartbeatd_ledger_default_partition_rows 12\n" in prom.stdout, prom.stdout
+    assert "\nheartbeatd_ledger_default_partition_backfill_rows 0\n" in prom.stdout, prom.stdout
+    # A spool's rows from two days ago come too: backfilled, beside the missing partition's.
+    old = now - timedelta(days=2)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (old,), db=pg.dbname)
+    found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
+    assert found["rows"] == 13 and found["older_than_first_partition"] == 1, found
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert "\nheartbeatd_ledger_default_partition_rows 12\n" in prom.stdout, prom.stdout
+    assert "\nheartbeatd_ledger_default_partition_backfill_rows 1\n" in prom.stdout, prom.stdout
 
 
 def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
