@@ -257,8 +257,8 @@ class DefaultRows:
     first: Optional[datetime]
     last: Optional[datetime]
     # Of `rows`, those older than the table's first partition and than RECENT: backfilled, no partition is
-    # missing (not on a table pg_partman manages: its partition_data_proc makes them one).
-    older: int = 0
+    # missing (not on a table pg_partman manages: its partition_data_proc makes them one); None with `rows`.
+    older: Optional[int] = 0
     table: str = ""  # the partitioned table, schema-qualified
     # Where it holds rows: who makes the table's partitions ahead: "heartbeatd" (prune: a table init-db
     # --partitioned made), "pg_partman" (partman_schema: the extension's schema), "pg_partman?" (installed,
@@ -377,7 +377,7 @@ class Ledger:
         schema, name, readable, table, first_partition, _ = found
         shown = name if schema == "public" else f"{schema}.{name}"
         if not readable:  # said, not failed: the rest of status stands
-            return DefaultRows(shown, None, None, None)
+            return DefaultRows(shown, None, None, None, None)
         cur.execute(sql.SQL(DEFAULT_ROWS).format(d=sql.Identifier(schema, name), time_type=sql.SQL(self._time_type)),
                     {"first": first_partition, "recent": self._param(now - RECENT)})
         rows, first, last, older = cur.fetchone()
