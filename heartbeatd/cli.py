@@ -58,7 +58,7 @@ exit statuses:
 See heartbeatd(8) and /usr/share/doc/heartbeatd/README.md.gz.
 """
 LEDGER_HELP = """\
-  status         newest heartbeat per service and IP seen in --window (1d): fresh or stale; exit 1 if any stale
+  status         newest heartbeat per service and IP seen in --window (1d): fresh, stale or ahead; exit 1 if any not fresh
                  (--format text|json|prometheus; prometheus [--output FILE]: 0 once written, 1 if FILE cannot be
                  written)
   report         uptime, outages and no-data stretches per service and IP (--since 24h|7d|DATE, --until,
@@ -84,9 +84,10 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
                "Exit 0 done, 1 failed (e.g. no CREATE privilege), 69 database unreachable, 78 bad configuration.",
     "rejected": "List the rows the table refused, kept aside in the spool. "
                 "Exit 0; with --retry 1 if some are still refused, 69 database unreachable.",
-    "status": "The newest heartbeat of every service and IP seen in the window: fresh or stale. "
-              "Exit 0 all fresh (prometheus: written), 1 any stale or none seen (prometheus: FILE not written), "
-              "or the read failed (table missing, no SELECT privilege, a timeout), 69 database unreachable.",
+    "status": "The newest heartbeat of every service and IP seen in the window: fresh, stale, or ahead (of "
+              "the clock). Exit 0 all fresh (prometheus: written), 1 any stale or ahead, or none seen (prometheus: "
+              "FILE not written), or the read failed (table missing, no SELECT privilege, a timeout), "
+              "69 database unreachable.",
     "report": "Uptime, outages and no-data stretches per service and IP. "
               "Exit 0, 1 the read failed (table missing, no SELECT privilege, a timeout), 64 bad arguments, "
               "69 database unreachable.",

@@ -243,8 +243,11 @@ class Latest:
     service: str
     ip: str
     last: datetime
-    age: float  # seconds
+    age: float  # seconds (negative: report_time is ahead of the clock)
     fresh: bool
+    # report_time more than the staleness limit ahead of the clock (a host whose clock runs ahead): not fresh,
+    # since a row stamped days ahead would otherwise look fresh for days after its host died.
+    ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,9 @@ class Ledger:
             found = []
             for service, ip, last in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()
-                found.append(Latest(service, ip, as_utc(last), age, age <= stale_after))
+                # As far ahead as the limit behind: clocks a little apart, a row written during this read.
+                ahead = age < -stale_after
+                found.append(Latest(service, ip, as_utc(last), age, not ahead and age <= stale_after, ahead))
             self.default_rows = self._default_rows(cur, now)
             return found
         return list(self._read(work))

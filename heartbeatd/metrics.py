@@ -325,7 +325,8 @@ def ledger_families(found: Sequence[Any], now: Any, stale_after: float, default:
         ("heartbeatd_ledger_last_heartbeat_timestamp_seconds", "gauge",
          "report_time of that newest heartbeat, in seconds since the epoch (it ages right in a file left unchanged).",
          [(where, f.last.timestamp()) for where, f in pairs]),
-        ("heartbeatd_ledger_stale", "gauge", "1 if that newest heartbeat is older than the staleness limit, else 0.",
+        ("heartbeatd_ledger_stale", "gauge", "1 if that newest heartbeat is older than the staleness limit, or "
+         "further ahead of the clock than it (a clock running ahead: not fresh), else 0.",
          [(where, 0 if f.fresh else 1) for where, f in pairs]),
         ("heartbeatd_ledger_stale_after_seconds", "gauge",
          "The staleness limit: 2 x HEARTBEAT_INTERVAL + HEARTBEAT_TIMEOUT.", [("", stale_after)]),

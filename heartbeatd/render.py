@@ -115,6 +115,11 @@ def default_line(default: DefaultRows) -> str:
     return f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): a partition is missing; {hint}"
 
 
+def state(found: Latest) -> str:
+    """`fresh`, `stale`, or `ahead` (of the clock, by more than the staleness limit: not fresh either)."""
+    return "ahead" if found.ahead else "fresh" if found.fresh else "stale"
+
+
 def status(found: Sequence[Latest], now: datetime, stale_after: float, window: str, form: str, out: TextIO,
            err: TextIO, default: Optional[DefaultRows] = None) -> None:
     """Print `status`: one line (or JSON object) per (service, ip), its newest heartbeat, fresh or stale; and
@@ -122,7 +127,7 @@ def status(found: Sequence[Latest], now: datetime, stale_after: float, window: s
     if form == "json":
         json.dump({"now": iso(now), "stale_after_seconds": stale_after, "services": [
             {"service": f.service, "ip": f.ip, "last_report_time": iso(f.last), "age_seconds": round(f.age, 1),
-             "state": "fresh" if f.fresh else "stale"} for f in found],
+             "state": state(f)} for f in found],
             "default_partition": None if default is None else {
                 "name": default.name, "rows": default.rows, "older_than_first_partition": default.older,
                 "first_report_time": iso(default.first) if default.first is not None else None,
@@ -131,7 +136,8 @@ def status(found: Sequence[Latest], now: datetime, stale_after: float, window: s
         out.write("\n")
         return
     for f in found:
-        out.write(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{human(f.age)} ago\t{'fresh' if f.fresh else 'stale'}\n")
+        age = f"{human(f.age)} ago" if f.age >= 0 else f"{human(-f.age)} ahead of the clock"
+        out.write(f"{f.service}\t{f.ip}\t{naive_utc(f.last)}\t{age}\t{state(f)}\n")
     if not found:
         err.write(f"no heartbeats in the last {window}\n")
     if default is not None and default.rows != 0:

@@ -180,6 +180,35 @@ def test_status_exit_statuses_and_json(pg: PgServer) -> None:
     assert cli(["status", "--window", "soon"], env).returncode == 64
 
 
+def test_status_a_heartbeat_ahead_of_the_clock_is_not_fresh(pg: PgServer) -> None:
+    """A report_time two days ahead (a host whose clock runs ahead) would look fresh for two days after its
+    host died (1.6.6: `-172800s ago fresh`): more than the staleness limit ahead it is `ahead`, not fresh, in
+    the line, the exit status, JSON and the metrics; a few seconds ahead (clocks a little apart) is fresh."""
+    init_table(pg)
+    now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    far = now + timedelta(days=2)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) VALUES "
+           "('后端', %s, %s, %s), ('redis', %s, %s, %s)", (A, now + timedelta(seconds=10), now, REDIS, now, now), db=pg.dbname)
+    env = env_for(pg)  # stale after 65 s
+    fine = cli(["status"], env)
+    assert fine.returncode == 0 and "\tfresh\n" in fine.stdout and " ahead of the clock\tfresh" in fine.stdout, fine
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) VALUES "
+           "('后端', '192.0.2.2', %s, %s)", (far, now), db=pg.dbname)
+    said = cli(["status"], env)
+    assert said.returncode == 1, said.stdout + said.stderr
+    line = [l.split("\t") for l in said.stdout.splitlines() if "192.0.2.2" in l][0]
+    assert line[2] == str(far) and line[4] == "ahead", line
+    assert line[3] in ("2d00h ahead of the clock", "1d23h ahead of the clock"), line
+    data = json.loads(cli(["status", "--format", "json"], env).stdout)
+    found = {s["ip"]: s for s in data["services"]}
+    assert found["192.0.2.2"]["state"] == "ahead" and found["192.0.2.2"]["age_seconds"] < -170000, found
+    assert found[A]["state"] == "fresh" and found[REDIS]["state"] == "fresh", found
+    prom = cli(["status", "--format", "prometheus"], env)
+    assert prom.returncode == 0, prom.stderr
+    assert 'heartbeatd_ledger_stale{service="后端",ip="192.0.2.2"} 1\n' in prom.stdout, prom.stdout
+    assert f'heartbeatd_ledger_stale{{service="后端",ip="{A}"}} 0\n' in prom.stdout, prom.stdout
+
+
 def seed_old_and_new(pg: PgServer, old: int, new: int) -> None:
     pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
            "SELECT CASE i %% 3 WHEN 0 THEN '后端' WHEN 1 THEN 'redis' ELSE 'postgres' END, '10.0.0.' || (i %% 50), "
