@@ -426,10 +426,11 @@ def cmd_report(config: Config, args: argparse.Namespace) -> int:
         if args.format == "html":
             out.write(page.html(page.gather(ledger, min(until, now), gap, now, args.service, args.ip, args.timeout)))
         else:
-            found, source = rollup.RollupReport(ledger).run(since, until, gap, now, args.service, args.ip,
-                                                            args.timeout)
+            reporter = rollup.RollupReport(ledger)
+            found, source = reporter.run(since, until, gap, now, args.service, args.ip, args.timeout)
             print(f"report: {source}", file=sys.stderr)
-            render.write(found, since, min(until, now), gap, args.format, out)
+            # The window reported: --since rounded up where the raw rows of its first hour are pruned (said above).
+            render.write(found, reporter.since or since, min(until, now), gap, args.format, out)
     except READ_FAILURES as exc:
         return _read_failed("report", exc)
     finally:

@@ -441,11 +441,15 @@ class RollupReport:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.rollup = Rollup(ledger)
+        # Where the last run's window started: `since`, or later where it was rounded up (the raw rows of its
+        # first hour pruned), so that the report's header and JSON give the window its figures are of.
+        self.since: Optional[datetime] = None
 
     def run(self, since: datetime, until: datetime, gap: float, now: datetime, service: Optional[str] = None,
             ip: Optional[str] = None, seconds: Optional[float] = None) -> tuple[list[PairReport], str]:
         """The report, and which rows it read (rollup hours, raw rows) in one line."""
         end = min(until, now)
+        self.since = since
         state, pruned = self.ledger._read(lambda cur: self._state(cur, since))
         if state is None:
             return self.ledger.report(since, until, gap, now, service, ip, seconds), \
@@ -460,6 +464,7 @@ class RollupReport:
         note = ""
         if pruned:  # raw rows of the window's first (part) hour are pruned: start at its first whole hour
             since, note = h0, f"; --since rounded up to {_iso(h0)}: the raw rows before it are pruned"
+            self.since = since
         found = self.ledger._read(lambda cur: self._work(cur, since, end, h0, h1, state.covered_until, gap,
                                                          service, ip), seconds)
         edges = " and ".join(f"{_iso(a)} .. {_iso(b)}" for a, b in ((since, h0), (h1, end)) if b > a)

@@ -198,6 +198,24 @@ def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
     assert facts(after) == facts(rounded)
 
 
+def test_a_rounded_up_since_is_the_window_the_report_shows(table: PgServer) -> None:
+    """`report --since` inside a pruned hour starts at its next whole hour and says so on stderr: its header and
+    JSON `since` give that start too, the window the figures are of (1.6.6 gave the --since asked for)."""
+    import json
+    insert(table, history(5))
+    assert roll(table).first
+    table.sql("DELETE FROM service_heartbeat WHERE report_time < %s", ((T0 + 12 * H).replace(tzinfo=None),),
+              db=table.dbname)
+    asked, until = (T0 + 5 * H + 20 * M).replace(tzinfo=None), (NOW - 3 * H).replace(tzinfo=None)
+    start = (T0 + 6 * H).replace(tzinfo=None).isoformat() + "Z"
+    args = ["report", "--since", asked.isoformat(), "--until", until.isoformat()]
+    data = cli(args + ["--format", "json"], env_for(table))
+    assert data.returncode == 0 and f"--since rounded up to {start}: " in data.stderr, data.stderr
+    assert json.loads(data.stdout)["since"] == start, data.stdout[:200]
+    text = cli(args, env_for(table))
+    assert text.returncode == 0 and text.stdout.startswith(f"{start} .. {until.isoformat()}Z "), text.stdout[:200]
+
+
 def test_a_report_with_a_gap_below_the_rollups_reads_raw_rows_and_says_so(table: PgServer) -> None:
     insert(table, history(6))
     roll(table)
