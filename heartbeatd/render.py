@@ -97,7 +97,8 @@ def default_line(default: DefaultRows) -> str:
         if default.first is not None and default.last is not None else "report_time unknown"
     if default.rows == default.older:
         return (f"{default.rows} row(s) in the DEFAULT partition {default.name} ({span}): older than the table's "
-                "first partition and than a day (backfilled), no partition is missing; prune removes them past the retention")
+                "first partition and than a day (backfilled), no partition is missing; prune removes them past "
+                "the retention")
     if default.older:
         span += f"; {default.older} of them older than the first partition and than a day (backfilled)"
     if default.maker == "heartbeatd":

@@ -188,7 +188,8 @@ def test_status_a_heartbeat_ahead_of_the_clock_is_not_fresh(pg: PgServer) -> Non
     now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
     far = now + timedelta(days=2)
     pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) VALUES "
-           "('后端', %s, %s, %s), ('redis', %s, %s, %s)", (A, now + timedelta(seconds=10), now, REDIS, now, now), db=pg.dbname)
+           "('后端', %s, %s, %s), ('redis', %s, %s, %s)", (A, now + timedelta(seconds=10), now, REDIS, now, now),
+           db=pg.dbname)
     env = env_for(pg)  # stale after 65 s
     fine = cli(["status"], env)
     assert fine.returncode == 0 and "\tfresh\n" in fine.stdout and " ahead of the clock\tfresh" in fine.stdout, fine

@@ -395,8 +395,8 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     said = cli(["status"], env)  # that row is the pair's newest, days ahead of the clock: not fresh, exit 1
     assert said.returncode == 1 and said.stdout.endswith("ahead of the clock\tahead\n"), said.stdout
     assert said.stderr == (f"3 row(s) in the DEFAULT partition service_heartbeat_default (report_time {backfilled[0]} "
-                           f".. {later}; 2 of them older than the first partition and than a day (backfilled)): a partition is "
-                           "missing; heartbeatd prune (or init-db --partitioned) makes them ahead\n"), said.stderr
+                           f".. {later}; 2 of them older than the first partition and than a day (backfilled)): "
+                           "a partition is missing; heartbeatd prune (or init-db --partitioned) makes them ahead\n"), said.stderr
     found = json.loads(cli(["status", "--format", "json"], env).stdout)["default_partition"]
     assert found["rows"] == 3 and found["older_than_first_partition"] == 2, found
     assert found["first_report_time"].startswith(backfilled[0].isoformat()), found
