@@ -73,6 +73,8 @@ RANGE_BY_TIME = """SELECT k.partstrat = 'r' AND k.partnatts = 1 AND a.attname = 
   FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_attribute a ON a.attrelid = k.partrelid AND a.attnum = k.partattrs[0]
  WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
+PARTITION_KEY = """SELECT pg_catalog.pg_get_partkeydef(k.partrelid) FROM pg_catalog.pg_partitioned_table k
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
 # What packaging/schema.sql gives for applying by hand (init-db runs the same, step by step).
 CREATE_TABLE = TABLE_DDL + "CREATE INDEX IF NOT EXISTS {index} ON {table} (service_name, report_time);\n"
 # What `heartbeatd status` and `report` read by: latest per (service, ip) in milliseconds.
@@ -442,10 +444,14 @@ def _share_grants(work: _Init, rel: Relation) -> list[str]:
 def _unit(work: _Init, rel: Relation) -> Optional[str]:
     """"day" or "month" where the table is one init-db --partitioned made: partitioned by RANGE (report_time)
     alone, with a partition named as init-db names them (its newest says the unit); None otherwise."""
-    found = work.fetch(RANGE_BY_TIME, rel.ident)
-    if not found or not found[0][0]:
+    if not _range_by_time(work, rel):
         return None
     return _unit_of(rel.name, [child.name for child in work.children(rel)])
+
+
+def _range_by_time(work: _Init, rel: Relation) -> bool:
+    found = work.fetch(RANGE_BY_TIME, rel.ident)
+    return bool(found and found[0][0])
 
 
 def _unit_of(name: str, children: Sequence[str]) -> Optional[str]:
@@ -518,6 +524,11 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
         work.done.append(f"table {name} is managed by pg_partman: its partitions are left to it "
                          "(partman.run_maintenance)")
         return rel
+    if not _range_by_time(work, rel):  # a bound of ours would be refused by the key, or mean something else
+        key = work.fetch(PARTITION_KEY, rel.ident)[0][0]
+        raise DdlFailed(f"table {name} is partitioned by {key}, not by range of report_time alone: heartbeatd "
+                        "makes no partition there and leaves them to the operator (run init-db without "
+                        "--partitioned for its indexes)")
     made = _ahead(work, rel, unit, now)
     if made:
         work.done.append(f"created partition(s) {', '.join(made)}")

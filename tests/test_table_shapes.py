@@ -526,3 +526,23 @@ def test_prune_by_a_role_that_does_not_own_the_table_says_so_and_prunes(pg: PgSe
     finally:
         pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)
         pg.sql(f"DROP ROLE {role}")
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    return stderr.rstrip("\n")
+
+
+def test_init_db_partitioned_on_a_table_partitioned_otherwise_says_so(pg: PgServer) -> None:
+    """A LIST partitioned table (or by RANGE of another column): 1.6.6 failed with PostgreSQL's text on the
+    bound it tried ("invalid bound specification for a list partition", a LINE and a caret)."""
+    make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
+    before = partitions(pg)
+    result = cli(["init-db", "--partitioned"], env_for(pg))
+    assert result.returncode == 1 and "ready" not in result.stdout, result.stdout + result.stderr
+    assert one_line(result.stderr) == (
+        "heartbeatd: init-db failed: table service_heartbeat is partitioned by LIST (service_name), not by range of "
+        "report_time alone: heartbeatd makes no partition there and leaves them to the operator (run init-db "
+        "without --partitioned for its indexes)")
+    assert partitions(pg) == before
+    assert cli(["init-db"], env_for(pg)).returncode == 0  # as said
