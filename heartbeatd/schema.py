@@ -25,6 +25,13 @@ PARTITIONED_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigse
 PARTITION = "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})"
 DEFAULT_PARTITION = "CREATE TABLE IF NOT EXISTS {partition} PARTITION OF {table} DEFAULT"
 HAS_DEFAULT = "SELECT partdefid <> 0 FROM pg_catalog.pg_partitioned_table WHERE partrelid = pg_catalog.to_regclass(%s)"
+# Each partition's bounds (NULL where not a plain FROM (...) TO (...) range, MINVALUE say), in UTC: what says
+# whether the table is partitioned by day or by month.
+BOUNDS = """SELECT c.relname,
+       substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$FROM \\('(.*)'\\) TO$$)::{type}{utc},
+       substring(pg_catalog.pg_get_expr(c.relpartbound, 0) FROM $$TO \\('(.*)'\\)$$)::{type}{utc}
+  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = pg_catalog.to_regclass(%(t)s)"""
 # A partition (by any name: pg_partman's too) already covering part of [start, end).
 # A partition's bound is read with pg_get_expr(relpartbound, 0): its constants need no relation to be
 # shown, and with the partition's oid PostgreSQL locks it, so a session holding one (a long ALTER, a
@@ -443,15 +450,37 @@ def _share_grants(work: _Init, rel: Relation) -> list[str]:
 
 def _unit(work: _Init, rel: Relation) -> Optional[str]:
     """"day" or "month" where the table is one init-db --partitioned made: partitioned by RANGE (report_time)
-    alone, with a partition named as init-db names them (its newest says the unit); None otherwise."""
+    alone, with a partition named as init-db names them; its unit read from the partitions' bounds
+    (_bounds_unit), else from the newest name. None otherwise."""
     if not _range_by_time(work, rel):
         return None
-    return _unit_of(rel.name, [child.name for child in work.children(rel)])
+    named = _unit_of(rel.name, [child.name for child in work.children(rel)])
+    return named and (_bounds_unit(work, rel)[0] or named)
 
 
 def _range_by_time(work: _Init, rel: Relation) -> bool:
     found = work.fetch(RANGE_BY_TIME, rel.ident)
     return bool(found and found[0][0])
+
+
+def _bounds_unit(work: _Init, rel: Relation) -> tuple[Optional[str], Optional[str]]:
+    """The unit of the table's partitions by their bounds, and the partition that says it: the newest (by its
+    upper bound) of those that span one whole UTC day or one whole UTC month, whatever their names (an
+    operator's or another tool's partitions count as init-db's do); (None, None) where none does."""
+    with deadline(work.timeout), work.conn.cursor() as cur:
+        timestamptz = column_types(cur, rel.ident).get("report_time") == "timestamptz"
+    found = work.fetch_with(sql.SQL(BOUNDS).format(type=sql.SQL("timestamptz" if timestamptz else "timestamp"),
+                                                   utc=sql.SQL(" AT TIME ZONE 'UTC'" if timestamptz else "")),
+                            {"t": rel.ident.as_string(work.conn)})
+    units = []
+    for name, low, high in found:
+        if low is None or high is None or low != low.replace(hour=0, minute=0, second=0, microsecond=0):
+            continue
+        if high == low + timedelta(days=1):
+            units.append((high, "day", name))
+        elif low.day == 1 and high == (low + timedelta(days=32)).replace(day=1):
+            units.append((high, "month", name))
+    return max(units)[1:] if units else (None, None)
 
 
 def _unit_of(name: str, children: Sequence[str]) -> Optional[str]:
@@ -529,6 +558,11 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
         raise DdlFailed(f"table {name} is partitioned by {key}, not by range of report_time alone: heartbeatd "
                         "makes no partition there and leaves them to the operator (run init-db without "
                         "--partitioned for its indexes)")
+    existing, said_by = _bounds_unit(work, rel)
+    if existing is not None and existing != unit:  # both would leave days (months) with no partition
+        daily = {"day": "daily", "month": "monthly"}
+        raise DdlFailed(f"table {name}'s partitions are {daily[existing]} ({said_by}), not {daily[unit]}: "
+                        f"heartbeatd makes partitions of the table's own unit (init-db --partitioned={existing})")
     made = _ahead(work, rel, unit, now)
     if made:
         work.done.append(f"created partition(s) {', '.join(made)}")

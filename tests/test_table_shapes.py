@@ -546,3 +546,26 @@ def test_init_db_partitioned_on_a_table_partitioned_otherwise_says_so(pg: PgServ
         "without --partitioned for its indexes)")
     assert partitions(pg) == before
     assert cli(["init-db"], env_for(pg)).returncode == 0  # as said
+
+
+@pytest.mark.parametrize("existing, asked", [("day", "month"), ("month", "day")])
+def test_init_db_partitioned_refuses_a_unit_other_than_the_tables(pg: PgServer, existing: str, asked: str) -> None:
+    """1.6.6 made month partitions beside the day ones (and from then prune took the table for a monthly one,
+    and the rest of the month had none). The table's unit is read from its partitions' bounds (the newest
+    that spans one whole UTC day or month)."""
+    env = env_for(pg)
+    assert cli(["init-db", f"--partitioned={existing}"], env).returncode == 0
+    before = partitions(pg)
+    result = cli(["init-db", f"--partitioned={asked}"], env)
+    assert result.returncode == 1 and "ready" not in result.stdout, result.stdout + result.stderr
+    newest = max(p for p in before if p != "service_heartbeat_default")
+    daily = {"day": "daily", "month": "monthly"}
+    assert one_line(result.stderr) == (
+        f"heartbeatd: init-db failed: table service_heartbeat's partitions are {daily[existing]} ({newest}), not "
+        f"{daily[asked]}: heartbeatd makes partitions of the table's own unit (init-db --partitioned={existing})")
+    assert partitions(pg) == before
+    # Bounds, not names: partitions another tool named its own way count as well.
+    for name in sorted(before - {"service_heartbeat_default"}):
+        pg.sql(f"ALTER TABLE {name} RENAME TO hb_other_{name[-8:]}", db=pg.dbname)
+    renamed = cli(["init-db", f"--partitioned={asked}"], env)
+    assert renamed.returncode == 1 and f"partitions are {daily[existing]}" in renamed.stderr, renamed.stderr
