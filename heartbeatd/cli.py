@@ -81,7 +81,8 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
             "Exit 0 all up and recorded, 1 otherwise, 78 bad configuration.",
     "check-config": "Print the effective configuration, passwords masked. Exit 0 valid, 78 invalid.",
     "init-db": "Create the table and its indexes if missing. "
-               "Exit 0 done, 1 failed (e.g. no CREATE privilege), 69 database unreachable, 78 bad configuration.",
+               "Exit 0 done, 1 failed (e.g. no CREATE privilege, a partition not made), 69 database unreachable, "
+               "78 bad configuration.",
     "rejected": "List the rows the table refused, kept aside in the spool. "
                 "Exit 0; with --retry 1 if some are still refused, 69 database unreachable.",
     "status": "The newest heartbeat of every service and IP seen in the window: fresh, stale, or ahead (of "
@@ -295,8 +296,12 @@ def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optiona
     conn = connector.open()
     try:
         # The helper connection cancels a DDL the deadline cut short, and asks who held the table.
-        done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
-                              partitioned=partitioned)
+        failed: list[schema.NotMade] = []
+        try:
+            done = schema.init_db(conn, config.table, config.timeout, with_latency, helper=connector.open,
+                                  partitioned=partitioned)
+        except schema.PartitionsNotMade as exc:  # all else made: the rest of init-db goes on, then exit 1
+            done, failed = exc.done, exc.failed
         done += rollup.init_db(conn, config.table, config.timeout, helper=connector.open)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         print(f"heartbeatd: init-db failed: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -305,6 +310,10 @@ def cmd_init_db(config: Config, with_latency: bool = False, partitioned: Optiona
         conn.close()
     for line in done:
         print(line)
+    for not_made in failed:
+        print(f"heartbeatd: init-db: partition not made: {not_made.line()}", file=sys.stderr)
+    if failed:
+        return EX_DOWN
     print(f"table {'.'.join(config.table)} and its indexes are ready in {configmod.mask_url(config.database_url)}")
     return EX_OK
 
@@ -470,14 +479,13 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
         figure = f"about {rows} rows" if estimated else f"{rows} row(s)"
         print(f"{'would drop' if args.dry_run else 'dropped'} partition {name} ({figure})", flush=True)
 
-    def ahead(made: list[str], granted: list[str], failed: Optional[str]) -> None:
-        if failed is not None:
-            print(f"heartbeatd: prune: partitions ahead not made: {failed}; the DEFAULT partition takes the rows "
-                  "meanwhile (run prune, or init-db --partitioned, as the table's owner)", file=sys.stderr)
-        elif made:
+    def ahead(made: list[str], said: list[str], failed: list[schema.NotMade]) -> None:
+        if made:
             print(f"{'would make' if args.dry_run else 'made'} partition(s) ahead: {', '.join(made)}", flush=True)
-        for line in granted:
+        for line in said:
             print(line, flush=True)
+        for not_made in failed:  # each on its own line; prune goes on, exit 0 (README)
+            print(f"heartbeatd: prune: partitions ahead not made: {not_made.line()}", file=sys.stderr)
 
     try:
         # Rows are pruned only once the hourly rollups hold them: where a pass has run, never past the

@@ -19,7 +19,8 @@ from psycopg2 import sql
 from heartbeatd.heartbeat import BACKEND, LATENCY, as_utc
 from heartbeatd.outage import Latency, PairReport, Span, classify, edge_gaps, empty_runs
 from heartbeatd.pg import deadline
-from heartbeatd.schema import DdlFailed, declared_types, partition_maker, partitions_ahead, run_ddl, run_locking
+from heartbeatd.schema import (DdlFailed, NotMade, declared_types, partition_maker, partitions_ahead, run_ddl,
+                               run_locking)
 
 UTC = timezone.utc
 PRUNE_BATCH = 10_000
@@ -406,14 +407,14 @@ class Ledger:
 
     def prune(self, cutoff: datetime, dry_run: bool, progress: Callable[[int], None],
               dropped: Callable[[str, int, bool], None] = lambda name, rows, estimated: None,
-              ahead: Callable[[list[str], list[str], Optional[str]], None] = lambda made, granted, failed: None
+              ahead: Callable[[list[str], list[str], list[NotMade]], None] = lambda made, said, failed: None
               ) -> Optional[int]:
         """Remove rows older than `cutoff`: whole partitions below it dropped (each told to `dropped`, with its
         rows and whether that figure is an estimate: see PRUNE_ESTIMATE), the rest deleted in batches; how many
         rows (the dropped partitions' as told), or None if another prune holds the lock. First, on a
         table init-db --partitioned made, the partitions ahead that are missing are made and every partition
-        given the table's SELECT and INSERT grants (told to `ahead`: the names made, the grants' lines, and why not if
-        a partition could not be made: pruning goes on, the DEFAULT partition catches the rows)."""
+        given the table's SELECT and INSERT grants (told to `ahead`: the names made, the lines of rows moved into
+        them and of the grants, and each partition that could not be made: pruning goes on)."""
         conn = self.conn
         conn.autocommit = True
         conn.set_session(readonly=False, autocommit=True)
@@ -426,12 +427,12 @@ class Ledger:
                 return None
         try:  # under the prune lock: two prunes never make the same partition
             found = partitions_ahead(conn, self.table, self.timeout, datetime.now(UTC), dry_run, self._helper)
-            if found is not None:
-                ahead(*found, None)
+            if found is not None:  # partitions not made among them: said, and pruning goes on
+                ahead(*found)
         except DdlFailed as exc:
             if conn.closed:  # a lock not had (its holder named): as for a partition's DROP, prune stops
                 raise
-            ahead([], [], str(exc))  # the server's refusal (not the table's owner, say): pruning goes on
+            ahead([], [], [NotMade(str(exc), "the DEFAULT partition takes the rows meanwhile", "")])
         # A partition held by another session (a long reader, an ALTER) holds these reads up too: bounded,
         # cancelled on the server, its holder named, as the DROP's lock is.
         drop, tables = run_locking(conn, lambda cur: self._prune_plan(cur, when), f"reading {self.name}'s partitions",

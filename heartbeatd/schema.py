@@ -23,8 +23,11 @@ PARTITIONED_DDL = ("CREATE TABLE IF NOT EXISTS {table} (\n    id           bigse
                    + ",\n".join(f"    {c.name:<12} {c.ddl}" for c in COLUMNS if c.kind != "extra")
                    + ",\n    PRIMARY KEY (id, report_time)\n) PARTITION BY RANGE (report_time);\n")
 PARTITION = "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})"
-DEFAULT_PARTITION = "CREATE TABLE IF NOT EXISTS {partition} PARTITION OF {table} DEFAULT"
-HAS_DEFAULT = "SELECT partdefid <> 0 FROM pg_catalog.pg_partitioned_table WHERE partrelid = pg_catalog.to_regclass(%s)"
+DEFAULT_PARTITION = "CREATE TABLE {partition} PARTITION OF {table} DEFAULT"
+# The table's DEFAULT partition, if it has one: its schema and name.
+DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table k
+  JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
 # Each partition's bounds (NULL where not a plain FROM (...) TO (...) range, MINVALUE say), in UTC: what says
 # whether the table is partitioned by day or by month.
 BOUNDS = """SELECT c.relname,
@@ -147,7 +150,32 @@ NAME_BYTES = 63  # PostgreSQL cuts longer identifiers (NAMEDATALEN - 1)
 
 
 class DdlFailed(Exception):
-    """A DDL statement did not complete; the text is one line for the operator."""
+    """A DDL statement did not complete; the text is one line for the operator, `pgcode` the server's
+    SQLSTATE where the server refused it (None: a lock not had, the server gone)."""
+
+    def __init__(self, text: str, pgcode: Optional[str] = None) -> None:
+        super().__init__(text)
+        self.pgcode = pgcode
+
+
+class NotMade(NamedTuple):
+    """A partition init-db --partitioned or prune could not make: why, what happens to the rows meanwhile,
+    and what the operator does ("": the server's reason says it)."""
+
+    why: str
+    meanwhile: str
+    todo: str
+
+    def line(self) -> str:
+        return f"{self.why}; {self.meanwhile}" + (f" ({self.todo})" if self.todo else "")
+
+
+class PartitionsNotMade(Exception):
+    """init-db made what it could, all but these partitions (`done`: what it did say)."""
+
+    def __init__(self, done: list[str], failed: list[NotMade]) -> None:
+        super().__init__("; ".join(f.why for f in failed))
+        self.done, self.failed = done, failed
 
 
 def object_name(table_name: str, suffix: str) -> str:
@@ -252,7 +280,7 @@ def run_locking(conn: Any, work: Callable[[Any], T], what: str, seconds: float,
         raise
     except psycopg2.Error as exc:
         if not conn.closed:  # the server's own answer: an error of the statement, said as it is
-            raise DdlFailed(f"{what}: {reason(exc)}") from None
+            raise DdlFailed(f"{what}: {reason(exc)}", exc.pgcode) from None
         held = give_up(helper, pid, seconds)
         raise DdlFailed(f"{what}: gave up after {seconds:g}s; {held}") from None
 
@@ -280,6 +308,7 @@ class _Init:
     def __init__(self, conn: Any, timeout: float, helper: Optional[Callable[[], Any]]) -> None:
         self.conn, self.timeout, self.helper = conn, timeout, helper
         self.done: list[str] = []
+        self.failed: list[NotMade] = []  # partitions not made (init-db --partitioned goes on, then fails)
         self.concurrently = False  # some index was built CONCURRENTLY (the table held rows)
         self.split = False  # an index was made ON ONLY a partitioned table, then partition by partition
 
@@ -399,30 +428,81 @@ def _partman_managed(work: _Init, rel: Relation) -> bool:
         return False
 
 
-def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool = False) -> list[str]:
+class Ahead(NamedTuple):
+    """What _ahead did: the partitions made, lines on rows moved into them, and those not made."""
+
+    made: list[str]
+    moved: list[str]
+    failed: list[NotMade]
+
+
+# A partition refused for want of privilege: every one would be, and only the owner can make them.
+AS_OWNER = "run prune, or init-db --partitioned, as the table's owner"
+
+
+def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool = False) -> Ahead:
     """The partitions of the current day (month) and AHEAD[unit] more that no partition covers, and the DEFAULT
-    one if there is none, made (with dry_run: only named); the names. init-db --partitioned and prune run this."""
+    one if there is none, made (with dry_run: only named), each on its own: one the server refuses is said
+    (`failed`) and the others still made. init-db --partitioned and prune run this. A lock not had ends it
+    (DdlFailed, its holder named): the connection is gone with the statement."""
     with deadline(work.timeout), work.conn.cursor() as cur:
         kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
-    made = []
+    found = work.fetch(DEFAULT_OF, rel.ident)
+    default = Relation("r", *found[0]) if found else None
+    done = Ahead([], [], [])
     for start, end in _periods(unit, now):
         bounds = {"t": rel.ident.as_string(work.conn), "start": start, "end": end} if kind == "timestamptz" else \
             {"t": rel.ident.as_string(work.conn), "start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)}
         if work.fetch_with(sql.SQL(COVERED).format(type=sql.SQL(kind)), bounds)[0][0]:
             continue
         part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
-        if not dry_run:
-            work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
-                                               start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
-                     f"CREATE TABLE {part} PARTITION OF {rel.name}")
-        made.append(part)
-    if not work.fetch(HAS_DEFAULT, rel.ident)[0][0]:
+        wanted = f"FOR VALUES FROM ('{bounds['start']}') TO ('{bounds['end']}')"  # as the operator would write it
+        _attempt(work, rel, part, wanted, done, lambda: _make(work, rel, part, bounds, dry_run),
+                 "the DEFAULT partition takes the rows meanwhile" if default else
+                 "rows of its range are refused meanwhile")
+    if default is None:
         part = object_name(rel.name, "default")
-        if not dry_run:
-            work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident),
-                     f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
-        made.append(part)
-    return made
+
+        def make_default() -> list[str]:
+            if not dry_run:
+                work.ddl(sql.SQL(DEFAULT_PARTITION).format(partition=sql.Identifier(rel.schema, part),
+                                                           table=rel.ident),
+                         f"CREATE TABLE {part} PARTITION OF {rel.name} DEFAULT")
+            return []
+
+        _attempt(work, rel, part, "DEFAULT", done, make_default, "rows no partition covers are refused meanwhile")
+    return done
+
+
+def _attempt(work: _Init, rel: Relation, part: str, wanted: str, done: Ahead,
+             make: Callable[[], list[str]], meanwhile: str) -> None:
+    """One partition made by `make` (which says what rows it moved), or why not in done.failed. A name held
+    by another table (one detached, say) is said with what to do: CREATE TABLE ... PARTITION OF would say
+    only that it exists, and the DEFAULT's IF NOT EXISTS nothing at all."""
+    if work.relation(sql.Identifier(rel.schema, part)) is not None:
+        done.failed.append(NotMade(
+            f"{part} exists and is not {rel.name}'s partition {wanted} (one detached, or another table)", meanwhile,
+            f"attach it, ALTER TABLE {rel.name} ATTACH PARTITION {part} {wanted}, or drop it; then run "
+            "init-db --partitioned again"))
+        return
+    try:
+        moved = make()
+    except DdlFailed as exc:
+        if work.conn.closed:  # a lock not had: the connection went with the statement
+            raise
+        done.failed.append(NotMade(str(exc), meanwhile, AS_OWNER if exc.pgcode == "42501" else ""))
+        return
+    done.made.append(part)
+    done.moved.extend(moved)
+
+
+def _make(work: _Init, rel: Relation, part: str, bounds: dict[str, Any], dry_run: bool) -> list[str]:
+    """One partition of [start, end) made (dry_run: none); the lines on rows it moved (none)."""
+    if not dry_run:
+        work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
+                                           start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
+                 f"CREATE TABLE {part} PARTITION OF {rel.name}")
+    return []
 
 
 def _share_grants(work: _Init, rel: Relation) -> list[str]:
@@ -521,12 +601,13 @@ def partition_maker(cur: Any, table: sql.Identifier) -> tuple[Optional[str], Opt
 
 
 def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datetime, dry_run: bool = False,
-                     helper: Optional[Callable[[], Any]] = None) -> Optional[tuple[list[str], list[str]]]:
+                     helper: Optional[Callable[[], Any]] = None
+                     ) -> Optional[tuple[list[str], list[str], list[NotMade]]]:
     """prune's first step on a table init-db --partitioned made (not pg_partman's): the partitions ahead that
     are missing made, as init-db --partitioned makes them (dry_run: only named), then the table's SELECT
-    grants given to the partitions that lack them (not with dry_run); the names made and the lines the
-    grants said. None where the table is not such a table. DdlFailed says why a partition could not be
-    made (a role that does not own the table, say)."""
+    grants given to the partitions that lack them (not with dry_run), whatever partitions could not be made;
+    the names made, the lines the rows moved and the grants said, and the partitions not made (a role that
+    does not own the table, say). None where the table is not such a table. DdlFailed: a lock not had."""
     work = _Init(conn, timeout, helper)
     rel = work.relation(sql.Identifier(*table))
     if rel is None or rel.kind != "p":
@@ -534,13 +615,13 @@ def partitions_ahead(conn: Any, table: Sequence[str], timeout: float, now: datet
     unit = _unit(work, rel)
     if unit is None or _partman_managed(work, rel):
         return None
-    made = _ahead(work, rel, unit, now, dry_run)
-    return made, ([] if dry_run else _share_grants(work, rel))
+    done = _ahead(work, rel, unit, now, dry_run)
+    return done.made, done.moved + ([] if dry_run else _share_grants(work, rel)), done.failed
 
 
 def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str, now: datetime) -> Relation:
     """The table partitioned by report_time (made if missing, never converted), with partitions made ahead
-    and a DEFAULT one that catches what no partition covers."""
+    and a DEFAULT one that catches what no partition covers (those it could not make in work.failed)."""
     rel = work.relation(ident)
     if rel is None:
         work.ddl(sql.SQL(PARTITIONED_DDL).format(table=ident), f"CREATE TABLE {name}")
@@ -563,9 +644,11 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
         daily = {"day": "daily", "month": "monthly"}
         raise DdlFailed(f"table {name}'s partitions are {daily[existing]} ({said_by}), not {daily[unit]}: "
                         f"heartbeatd makes partitions of the table's own unit (init-db --partitioned={existing})")
-    made = _ahead(work, rel, unit, now)
-    if made:
-        work.done.append(f"created partition(s) {', '.join(made)}")
+    done = _ahead(work, rel, unit, now)
+    if done.made:
+        work.done.append(f"created partition(s) {', '.join(done.made)}")
+    work.done += done.moved
+    work.failed += done.failed
     work.done += _share_grants(work, rel)
     return rel
 
@@ -574,7 +657,8 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool 
             helper: Optional[Callable[[], Any]] = None, partitioned: Optional[str] = None) -> list[str]:
     """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was
     created. Every index is checked to be there and valid before it returns; DdlFailed says why not.
-    `partitioned` ("day" or "month"): a partitioned table, with partitions made ahead."""
+    `partitioned` ("day" or "month"): a partitioned table, with partitions made ahead; PartitionsNotMade where
+    some could not be (all else done)."""
     work = _Init(conn, timeout, helper)
     fresh = work.relation(sql.Identifier(*table)) is None
     if partitioned:
@@ -600,4 +684,6 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool 
         if not work.state(rel, index.suffix):
             raise DdlFailed(f"index {object_name(rel.name, index.suffix)} on {rel.name} is missing or invalid "
                             "after init-db")
+    if work.failed:  # the rest is done: said, and init-db fails
+        raise PartitionsNotMade(work.done, work.failed)
     return work.done

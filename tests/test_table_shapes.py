@@ -569,3 +569,54 @@ def test_init_db_partitioned_refuses_a_unit_other_than_the_tables(pg: PgServer, 
         pg.sql(f"ALTER TABLE {name} RENAME TO hb_other_{name[-8:]}", db=pg.dbname)
     renamed = cli(["init-db", f"--partitioned={asked}"], env)
     assert renamed.returncode == 1 and f"partitions are {daily[existing]}" in renamed.stderr, renamed.stderr
+
+
+@pytest.mark.parametrize("command", ["init-db", "prune"])
+def test_a_name_held_by_a_table_that_is_not_the_partition_wanted_is_said_and_the_rest_made(pg: PgServer,
+                                                                                           command: str) -> None:
+    """A detached partition keeps its name: 1.6.6's CREATE TABLE IF NOT EXISTS ... DEFAULT did nothing and said
+    it made it, every run; a day's CREATE failed on the name and stopped the rest. Now each is said with what to
+    do, the other partitions are made and granted, and init-db fails (exit 1, no "ready"); prune goes on."""
+    env = env_for(pg)
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    held = f"service_heartbeat_p{today + timedelta(days=3):%Y%m%d}"
+    later = f"service_heartbeat_p{today + timedelta(days=5):%Y%m%d}"
+    pg.sql(f"ALTER TABLE service_heartbeat DETACH PARTITION {held}; "
+           "ALTER TABLE service_heartbeat DETACH PARTITION service_heartbeat_default; "
+           f"DROP TABLE {later}; CREATE ROLE hb_writer_n; GRANT SELECT, INSERT ON service_heartbeat TO hb_writer_n",
+           db=pg.dbname)
+    try:
+        args = ["init-db", "--partitioned"] if command == "init-db" else ["prune", "--older-than", "30d"]
+        for _ in range(2):  # the same each run: never said made
+            result = cli(args, env)
+            assert result.returncode == (1 if command == "init-db" else 0), result.stdout + result.stderr
+            assert "ready" not in result.stdout, result.stdout
+            made = "created partition(s) " if command == "init-db" else "made partition(s) ahead: "
+            assert [line for line in result.stdout.splitlines() if line.startswith(made)] == \
+                   ([made + later] if _ == 0 else []), result.stdout
+            prefix = "heartbeatd: init-db: partition not made: " if command == "init-db" else \
+                "heartbeatd: prune: partitions ahead not made: "
+            start, end = today + timedelta(days=3), today + timedelta(days=4)
+            assert "Traceback" not in result.stderr and result.stderr.splitlines() == [
+                f"{prefix}{held} exists and is not service_heartbeat's partition FOR VALUES FROM ('{start}') "
+                f"TO ('{end}') (one detached, or another table); the DEFAULT partition takes the rows "
+                f"meanwhile (attach it, ALTER TABLE service_heartbeat ATTACH PARTITION {held} FOR VALUES FROM "
+                f"('{start}') TO ('{end}'), or drop it; then run init-db --partitioned again)"
+                .replace("the DEFAULT partition takes the rows", "rows of its range are refused"),
+                f"{prefix}service_heartbeat_default exists and is not service_heartbeat's partition DEFAULT (one "
+                "detached, or another table); rows no partition covers are refused meanwhile (attach it, ALTER TABLE "
+                "service_heartbeat ATTACH PARTITION service_heartbeat_default DEFAULT, or drop it; then run init-db "
+                "--partitioned again)"], result.stderr
+        assert later in partitions(pg) and held not in partitions(pg) and "service_heartbeat_default" not in partitions(pg)
+        assert pg.sql("SELECT has_table_privilege('hb_writer_n', %s, 'INSERT')", (later,), db=pg.dbname) == [(True,)]
+        if command == "init-db":  # the rest of init-db ran: the rollups' table too
+            assert pg.sql("SELECT to_regclass('service_heartbeat_hourly') IS NOT NULL", db=pg.dbname) == [(True,)]
+        # Done as said: attached, the next run is clean.
+        pg.sql(f"ALTER TABLE service_heartbeat ATTACH PARTITION {held} FOR VALUES FROM ('{start}') TO ('{end}'); "
+               "DROP TABLE service_heartbeat_default", db=pg.dbname)
+        again = cli(["init-db", "--partitioned"], env)
+        assert again.returncode == 0 and again.stderr == "", again.stderr
+        assert again.stdout.splitlines()[0] == "created partition(s) service_heartbeat_default", again.stdout
+    finally:
+        pg.sql("DROP OWNED BY hb_writer_n; DROP ROLE hb_writer_n", db=pg.dbname)
