@@ -28,6 +28,23 @@ DEFAULT_PARTITION = "CREATE TABLE {partition} PARTITION OF {table} DEFAULT"
 DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table k
   JOIN pg_catalog.pg_class c ON c.oid = k.partdefid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE k.partrelid = pg_catalog.to_regclass(%s)"""
+# The DEFAULT partition's rows of a partition's range: where it holds some, PostgreSQL refuses the partition
+# ("updated partition constraint for default partition ... would be violated"), so they are moved into it.
+IN_DEFAULT = "SELECT count(*) FROM {default} WHERE report_time >= %(start)s AND report_time < %(end)s"
+# Moving them, in one transaction: the table locked first (as CREATE TABLE ... PARTITION OF locks it, so no
+# write or read sees the rows in neither or both, and a write waits as it would for that CREATE, bounded by
+# its own timeout), then the DEFAULT partition (ATTACH takes it anyway: writes go parent first, then
+# partition, so the order never deadlocks with them); the partition made detached with the table's columns,
+# defaults and checks, the DEFAULT's rows of the range moved into it, then attached, which checks both.
+MOVE_INTO = ("LOCK TABLE ONLY {table} IN ACCESS EXCLUSIVE MODE",
+             "LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE",
+             "CREATE TABLE {partition} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED)",
+             "WITH moved AS (DELETE FROM {default} WHERE report_time >= %(start)s AND report_time < %(end)s "
+             "RETURNING *) INSERT INTO {partition} ({columns}) SELECT {columns} FROM moved",
+             "ALTER TABLE {table} ATTACH PARTITION {partition} FOR VALUES FROM ({start}) TO ({end})")
+# The columns a row is written with (not a generated one's).
+STORED_COLUMNS = """SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass(%s)
+   AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum"""
 # Each partition's bounds (NULL where not a plain FROM (...) TO (...) range, MINVALUE say), in UTC: what says
 # whether the table is partitioned by day or by month.
 BOUNDS = """SELECT c.relname,
@@ -443,8 +460,9 @@ AS_OWNER = "run prune, or init-db --partitioned, as the table's owner"
 def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool = False) -> Ahead:
     """The partitions of the current day (month) and AHEAD[unit] more that no partition covers, and the DEFAULT
     one if there is none, made (with dry_run: only named), each on its own: one the server refuses is said
-    (`failed`) and the others still made. init-db --partitioned and prune run this. A lock not had ends it
-    (DdlFailed, its holder named): the connection is gone with the statement."""
+    (`failed`) and the others still made. Rows the DEFAULT partition holds in a partition's range are moved
+    into it (_make). init-db --partitioned and prune run this. A lock not had ends it (DdlFailed, its holder
+    named): the connection is gone with the statement."""
     with deadline(work.timeout), work.conn.cursor() as cur:
         kind = "timestamptz" if column_types(cur, rel.ident).get("report_time") == "timestamptz" else "timestamp"
     found = work.fetch(DEFAULT_OF, rel.ident)
@@ -457,7 +475,7 @@ def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool =
             continue
         part = object_name(rel.name, f"p{start:%Y%m%d}" if unit == "day" else f"p{start:%Y%m}")
         wanted = f"FOR VALUES FROM ('{bounds['start']}') TO ('{bounds['end']}')"  # as the operator would write it
-        _attempt(work, rel, part, wanted, done, lambda: _make(work, rel, part, bounds, dry_run),
+        _attempt(work, rel, part, wanted, done, lambda: _make(work, rel, default, part, bounds, dry_run),
                  "the DEFAULT partition takes the rows meanwhile" if default else
                  "rows of its range are refused meanwhile")
     if default is None:
@@ -496,13 +514,52 @@ def _attempt(work: _Init, rel: Relation, part: str, wanted: str, done: Ahead,
     done.moved.extend(moved)
 
 
-def _make(work: _Init, rel: Relation, part: str, bounds: dict[str, Any], dry_run: bool) -> list[str]:
-    """One partition of [start, end) made (dry_run: none); the lines on rows it moved (none)."""
-    if not dry_run:
-        work.ddl(sql.SQL(PARTITION).format(partition=sql.Identifier(rel.schema, part), table=rel.ident,
-                                           start=sql.Literal(bounds["start"]), end=sql.Literal(bounds["end"])),
-                 f"CREATE TABLE {part} PARTITION OF {rel.name}")
-    return []
+def _make(work: _Init, rel: Relation, default: Optional[Relation], part: str, bounds: dict[str, Any],
+          dry_run: bool) -> list[str]:
+    """One partition of [start, end) made; where the DEFAULT partition holds rows of that range, they are moved
+    into it in the same transaction (MOVE_INTO: nothing lost, nothing doubled), as pg_partman's partition_data
+    does. The line saying so, if any."""
+    what = f"CREATE TABLE {part} PARTITION OF {rel.name}"
+    ident = sql.Identifier(rel.schema, part)
+    start, end = sql.Literal(bounds["start"]), sql.Literal(bounds["end"])
+    rows = 0
+    if default is not None:  # read under the lock timeout: a session holding the DEFAULT would hold it up
+        rows = run_locking(work.conn, lambda cur: _count(cur, sql.SQL(IN_DEFAULT).format(default=default.ident),
+                                                           bounds), what, work.timeout, work.helper)
+    if not rows:
+        if not dry_run:
+            work.ddl(sql.SQL(PARTITION).format(partition=ident, table=rel.ident, start=start, end=end), what)
+        return []
+    assert default is not None
+    shown = default.name if default.schema == rel.schema else f"{default.schema}.{default.name}"
+    if dry_run:
+        return [f"would move {rows} row(s) from the DEFAULT partition {shown} into {part}"]
+    columns = sql.SQL(", ").join(sql.Identifier(row[0]) for row in work.fetch(STORED_COLUMNS, rel.ident))
+    statements = [sql.SQL(text).format(partition=ident, table=rel.ident, default=default.ident, columns=columns,
+                                       start=start, end=end) for text in MOVE_INTO]
+
+    def move(cur: Any) -> int:
+        cur.execute("BEGIN")
+        try:
+            moved = 0
+            for n, statement in enumerate(statements):
+                cur.execute(statement, bounds)
+                moved = cur.rowcount if n == 3 else moved  # the rows the DELETE gave the INSERT
+            cur.execute("COMMIT")
+            return moved
+        except psycopg2.Error:
+            if not cur.connection.closed:  # the server's refusal: the transaction undone, nothing moved
+                cur.execute("ROLLBACK")
+            raise
+
+    moved = run_locking(work.conn, move, f"{what} (moving the DEFAULT partition's {rows} row(s) of its range)",
+                        work.timeout, work.helper)
+    return [f"moved {moved} row(s) from the DEFAULT partition {shown} into {part}"]
+
+
+def _count(cur: Any, query: sql.Composable, params: dict[str, Any]) -> int:
+    cur.execute(query, params)
+    return int(cur.fetchone()[0])
 
 
 def _share_grants(work: _Init, rel: Relation) -> list[str]:

@@ -528,6 +528,8 @@ def test_prune_by_a_role_that_does_not_own_the_table_says_so_and_prunes(pg: PgSe
         pg.sql(f"DROP ROLE {role}")
 
 
+# -- partitions made ahead where something is in the way (init-db --partitioned, prune) ------------------------
+
 def one_line(stderr: str) -> str:
     assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
     return stderr.rstrip("\n")
@@ -620,3 +622,186 @@ def test_a_name_held_by_a_table_that_is_not_the_partition_wanted_is_said_and_the
         assert again.stdout.splitlines()[0] == "created partition(s) service_heartbeat_default", again.stdout
     finally:
         pg.sql("DROP OWNED BY hb_writer_n; DROP ROLE hb_writer_n", db=pg.dbname)
+
+
+def snapshot(pg: PgServer) -> list[tuple[object, ...]]:
+    """Every row with its id and the partition holding it, in id order."""
+    return pg.sql("SELECT id, service_name, ip_address, report_time, tableoid::regclass::text FROM service_heartbeat "
+                  "ORDER BY id", db=pg.dbname)
+
+
+@pytest.mark.parametrize("command", ["init-db", "prune"])
+def test_rows_the_default_partition_holds_are_moved_into_the_partition_made_for_them(pg: PgServer,
+                                                                                      command: str) -> None:
+    """1.6.6: a partition whose range the DEFAULT partition held rows of was refused ("updated partition
+    constraint for default partition ... would be violated"), and no later partition was made, nor the grants
+    copied. Now those rows are moved into the partition made for them, in one transaction, and every other
+    partition is made and granted as usual; status then finds no partition missing."""
+    env = env_for(pg)
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    gone = [f"service_heartbeat_p{today:%Y%m%d}", f"service_heartbeat_p{today + timedelta(days=2):%Y%m%d}"]
+    for name in gone:
+        pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("CREATE ROLE hb_writer_m; GRANT SELECT, INSERT ON service_heartbeat TO hb_writer_m", db=pg.dbname)
+    try:
+        assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1  # 2 rows of today
+        backfilled = today - timedelta(days=10)  # older than every partition: stays in the DEFAULT
+        for at in (today + timedelta(minutes=1), backfilled, today + timedelta(days=1, hours=3)):
+            pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+                   (at,), db=pg.dbname)
+        before = snapshot(pg)
+        assert [r[4] for r in before].count("service_heartbeat_default") == 4
+        args = ["init-db", "--partitioned"] if command == "init-db" else ["prune", "--older-than", "30d"]
+        if command == "prune":
+            dry = cli([*args, "--dry-run"], env)
+            assert dry.returncode == 0 and dry.stderr == "", dry.stderr
+            assert dry.stdout.splitlines()[:2] == [
+                f"would make partition(s) ahead: {', '.join(gone)}",
+                f"would move 3 row(s) from the DEFAULT partition service_heartbeat_default into {gone[0]}"], dry.stdout
+            assert snapshot(pg) == before
+        result = cli(args, env)
+        assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+        made = ("created partition(s) " if command == "init-db" else "made partition(s) ahead: ") + ", ".join(gone)
+        moved = f"moved 3 row(s) from the DEFAULT partition service_heartbeat_default into {gone[0]}"
+        assert result.stdout.splitlines()[:2] == [made, moved], result.stdout
+        for name in gone:  # the grant copy ran after the partitions, the new ones included
+            assert pg.sql("SELECT has_table_privilege('hb_writer_m', %s, 'INSERT')", (name,), db=pg.dbname) == [(True,)]
+        after = snapshot(pg)  # nothing lost, nothing doubled, each row where its report_time says
+        assert [r[:4] for r in after] == [r[:4] for r in before]
+        assert [r[4] for r in after] == [gone[0], gone[0], gone[0], "service_heartbeat_default",
+                                         f"service_heartbeat_p{today + timedelta(days=1):%Y%m%d}"], after
+        assert partitions(pg) >= set(gone)
+        for suffix, *_ in INDEXES:  # the partition has the table's indexes, attached: the table's stay valid
+            assert pg.sql("SELECT bool_and(x.indisvalid), count(*) FROM pg_partition_tree(%s) t JOIN pg_index x "
+                          "ON x.indexrelid = t.relid", (object_name("service_heartbeat", suffix),),
+                          db=pg.dbname) == [(True, len(partitions(pg)) + 1)]
+        said = cli(["status"], env)  # only the backfilled row is left: no partition is missing
+        assert "no partition is missing" in said.stderr and "a partition is missing" not in said.stderr, said.stderr
+        assert cli(["once"], env_for(pg, REDIS_URL="redis://127.0.0.1:1/0")).returncode == 1  # defaults as the table's
+        assert pg.sql("SELECT count(*) FROM ONLY " + gone[0], db=pg.dbname) == [(5,)]
+        again = cli(["init-db", "--partitioned"], env)
+        assert again.returncode == 0 and again.stdout.startswith("table service_heartbeat and its indexes are ready")
+    finally:
+        pg.sql("DROP OWNED BY hb_writer_m; DROP ROLE hb_writer_m", db=pg.dbname)
+
+
+def test_rows_are_moved_on_a_timestamptz_table_while_a_writer_writes(pg: PgServer) -> None:
+    """The move holds the table as CREATE TABLE ... PARTITION OF would: a writer meanwhile waits (within its
+    lock timeout) and every row it wrote is there once, in the partition its time falls in."""
+    import threading
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    make_table(pg, "range", True, "timestamptz", now)
+    current = f"service_heartbeat_p{day(now):%Y%m%d}"
+    pg.sql(f"DROP TABLE {current}", db=pg.dbname)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+           "SELECT 'bulk', '10.0.0.1', now() - interval '1 microsecond' * g, now() "
+           "FROM generate_series(1, 200000) g WHERE now() - interval '1 microsecond' * g >= %s",
+           (day(now).replace(tzinfo=timezone.utc),), db=pg.dbname)
+    held = pg.sql("SELECT count(*) FROM service_heartbeat_default", db=pg.dbname)[0][0]
+    written: list[int] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        conn = pg.connect(pg.dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET lock_timeout = '10s'")
+                while not stop.is_set():
+                    cur.execute("INSERT INTO service_heartbeat (service_name, ip_address, report_time, created_at) "
+                                "VALUES ('writer', '10.0.0.2', now(), now()) RETURNING id")
+                    written.append(cur.fetchone()[0])
+        except Exception as exc:  # noqa: BLE001 - the test says it
+            failed.append(repr(exc))
+        finally:
+            conn.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.2)
+        result = cli(["prune", "--older-than", "60d"], env_for(pg))
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        writer.join(20)
+    assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+    assert not failed, failed  # (with the DEFAULT partition alone locked, a write routed before the ATTACH failed)
+    moved = re.search(rf"^moved (\d+) row\(s\) from the DEFAULT partition service_heartbeat_default into {current}$",
+                      result.stdout, re.M)
+    assert moved and int(moved.group(1)) >= held, result.stdout  # and the writer's rows of before
+    assert len(written) > 10
+    found = pg.sql("SELECT id, tableoid::regclass::text FROM service_heartbeat WHERE service_name = 'writer' "
+                   "ORDER BY id", db=pg.dbname)
+    assert [r[0] for r in found] == sorted(written) and {r[1] for r in found} == {current}, found[:3]
+    assert pg.sql("SELECT count(*) FROM service_heartbeat_default", db=pg.dbname) == [(0,)]
+    assert pg.sql(f"SELECT count(*) FROM {current} WHERE service_name = 'bulk'", db=pg.dbname) == [(held,)]
+
+
+def test_a_move_that_cannot_get_the_default_partition_names_its_holder_and_leaves_everything(pg: PgServer) -> None:
+    env = env_for(pg, HEARTBEAT_TIMEOUT="2")
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    current = f"service_heartbeat_p{today:%Y%m%d}"
+    pg.sql(f"DROP TABLE {current}", db=pg.dbname)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (today + H,), db=pg.dbname)
+    before = snapshot(pg)
+    reader = pg.connect(pg.dbname)
+    reader.autocommit = False
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM service_heartbeat_default")
+    try:
+        result = cli(["init-db", "--partitioned"], env)
+        assert result.returncode == 1 and "ready" not in result.stdout, result.stdout + result.stderr
+        line = one_line(result.stderr)
+        assert line.startswith(f"heartbeatd: init-db failed: CREATE TABLE {current} PARTITION OF service_heartbeat "
+                               "(moving the DEFAULT partition's 1 row(s) of its range): gave up after 2s; held by "
+                               f"pid {reader.get_backend_pid()} (SELECT count(*) FROM service_heartbeat_default)"), line
+        assert not pg.sql("SELECT pid FROM pg_locks WHERE NOT granted", db=pg.dbname)
+        assert snapshot(pg) == before and current not in partitions(pg)
+        assert pg.sql("SELECT to_regclass(%s)", (current,), db=pg.dbname) == [(None,)]  # nothing half made
+    finally:
+        reader.close()
+    again = cli(["init-db", "--partitioned"], env)
+    assert again.returncode == 0, again.stderr
+    assert [r[4] for r in snapshot(pg)] == [current]
+
+
+def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(pg: PgServer) -> None:
+    """A role that does not own the table: the move is refused and undone (nothing moved, no table left), the
+    next partition is still tried, each said on its own line, and prune prunes (exit 0)."""
+    import uuid
+    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    names = [f"service_heartbeat_p{today:%Y%m%d}", f"service_heartbeat_p{today + timedelta(days=3):%Y%m%d}"]
+    for name in names:
+        pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', %s)",
+           (today + H,), db=pg.dbname)
+    before = snapshot(pg)
+    role = f"hb_p_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE ROLE {role} LOGIN; GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA public TO {role}", db=pg.dbname)
+    try:
+        result = cli(["prune", "--older-than", "30d"], env_for(pg, DATABASE_URL=pg.url(user=role, db=pg.dbname)))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 2, result.stderr
+        assert lines[0].startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {names[0]} PARTITION "
+                                   "OF service_heartbeat (moving the DEFAULT partition's 1 row(s) of its range): "), lines
+        assert lines[1].startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {names[1]} PARTITION "
+                                   "OF service_heartbeat: "), lines
+        for line in lines:
+            assert line.endswith("; the DEFAULT partition takes the rows meanwhile (run prune, or init-db "
+                                 "--partitioned, as the table's owner)") and "permission denied" in line, line
+        assert "partition(s) ahead" not in result.stdout and result.stdout.startswith("removed 0 row(s)"), result.stdout
+        assert snapshot(pg) == before
+        assert pg.sql("SELECT to_regclass(%s), to_regclass(%s)", tuple(names), db=pg.dbname) == [(None, None)]
+    finally:
+        pg.sql(f"DROP OWNED BY {role}", db=pg.dbname)
+        pg.sql(f"DROP ROLE {role}")
+    owner = cli(["prune", "--older-than", "30d"], env_for(pg))
+    assert owner.returncode == 0 and owner.stderr == "", owner.stderr
+    assert owner.stdout.splitlines()[:2] == [f"made partition(s) ahead: {', '.join(names)}", f"moved 1 row(s) from "
+                                             f"the DEFAULT partition service_heartbeat_default into {names[0]}"]
