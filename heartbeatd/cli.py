@@ -104,6 +104,11 @@ DESCRIPTIONS = {  # each command's --help: what it does, and its exit statuses (
 }
 
 
+# `--partitioned` alone: the unit of the table's partitions, a day for a new table, so that the hints that say
+# "run init-db --partitioned" hold on a monthly table too. Not a str: argparse checks only a str against choices.
+OWN_UNIT: Any = object()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Bad arguments: one line and EX_USAGE, not argparse's usage dump."""
@@ -130,9 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     init_db = commands.add_parser("init-db", parents=[common], description=DESCRIPTIONS["init-db"])
     init_db.add_argument("--with-latency", action="store_true",
                          help="also add the nullable latency_ms column (each row's check latency)")
-    init_db.add_argument("--partitioned", nargs="?", const="day", choices=("day", "month"), default=None,
+    init_db.add_argument("--partitioned", nargs="?", const=OWN_UNIT, choices=("day", "month"), default=None,
                          help="create the table partitioned by report_time, a partition a day (or month), made "
-                              "ahead, and a DEFAULT one; on a partitioned table, make the partitions ahead")
+                              "ahead, and a DEFAULT one; on a partitioned table, make the partitions ahead (alone: "
+                              "of the table's own unit)")
     rejected = commands.add_parser("rejected", parents=[common], description=DESCRIPTIONS["rejected"])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
@@ -608,7 +614,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.command == "check-config":
             return cmd_check_config(config)
         if args.command == "init-db":
-            return cmd_init_db(config, args.with_latency, args.partitioned)
+            return cmd_init_db(config, args.with_latency, "" if args.partitioned is OWN_UNIT else args.partitioned)
         if args.command == "once":
             return cmd_once(config)
         if args.command == "rejected":

@@ -681,6 +681,7 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
     and a DEFAULT one that catches what no partition covers (those it could not make in work.failed)."""
     rel = work.relation(ident)
     if rel is None:
+        unit = unit or "day"
         work.ddl(sql.SQL(PARTITIONED_DDL).format(table=ident), f"CREATE TABLE {name}")
         rel = work.relation(ident)
         work.done.append(f"created table {name} partitioned by range of report_time, a partition a {unit}")
@@ -697,6 +698,7 @@ def _partitioned_table(work: _Init, ident: sql.Identifier, name: str, unit: str,
                         "makes no partition there and leaves them to the operator (run init-db without "
                         "--partitioned for its indexes)")
     existing, said_by = _bounds_unit(work, rel)
+    unit = unit or existing or "day"
     if existing is not None and existing != unit:  # both would leave days (months) with no partition
         daily = {"day": "daily", "month": "monthly"}
         raise DdlFailed(f"table {name}'s partitions are {daily[existing]} ({said_by}), not {daily[unit]}: "
@@ -714,11 +716,11 @@ def init_db(conn: Any, table: Sequence[str], timeout: float, with_latency: bool 
             helper: Optional[Callable[[], Any]] = None, partitioned: Optional[str] = None) -> list[str]:
     """Create the table and its indexes if missing (idempotent), and the latency_ms column if asked; say what was
     created. Every index is checked to be there and valid before it returns; DdlFailed says why not.
-    `partitioned` ("day" or "month"): a partitioned table, with partitions made ahead; PartitionsNotMade where
-    some could not be (all else done)."""
+    `partitioned` ("day" or "month"; "": the unit of the table's partitions, a day for a new table): a partitioned
+    table, with partitions made ahead; PartitionsNotMade where some could not be (all else done)."""
     work = _Init(conn, timeout, helper)
     fresh = work.relation(sql.Identifier(*table)) is None
-    if partitioned:
+    if partitioned is not None:
         rel = _partitioned_table(work, sql.Identifier(*table), ".".join(table), partitioned,
                                  datetime.now(timezone.utc))
     else:

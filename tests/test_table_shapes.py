@@ -571,6 +571,12 @@ def test_init_db_partitioned_refuses_a_unit_other_than_the_tables(pg: PgServer, 
         pg.sql(f"ALTER TABLE {name} RENAME TO hb_other_{name[-8:]}", db=pg.dbname)
     renamed = cli(["init-db", f"--partitioned={asked}"], env)
     assert renamed.returncode == 1 and f"partitions are {daily[existing]}" in renamed.stderr, renamed.stderr
+    # --partitioned alone (as the hints say to run) keeps the table's unit: its partitions ahead made, no other.
+    dropped = max(before - {"service_heartbeat_default"})
+    pg.sql(f"DROP TABLE hb_other_{dropped[-8:]}", db=pg.dbname)
+    alone = cli(["init-db", "--partitioned"], env)
+    assert alone.returncode == 0 and alone.stderr == "", alone.stderr
+    assert alone.stdout.splitlines()[0] == f"created partition(s) {dropped}", alone.stdout
 
 
 @pytest.mark.parametrize("command", ["init-db", "prune"])
