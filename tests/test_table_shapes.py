@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from conftest import clean_env, cli, db_url
+from conftest import DaemonProcess, clean_env, cli, db_url
 from heartbeatd.schema import INDEXES, index_name, object_name, pair_index_name
-from servers import PgServer
+from servers import PgServer, RedisServer
 
 H = timedelta(hours=1)
 COLUMNS = ("service_name varchar(50) NOT NULL, ip_address varchar(64) NOT NULL, report_time {kind} NOT NULL, "
@@ -811,3 +813,35 @@ def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(
     assert owner.returncode == 0 and owner.stderr == "", owner.stderr
     assert owner.stdout.splitlines()[:2] == [f"made partition(s) ahead: {', '.join(names)}", f"moved 1 row(s) from "
                                              f"the DEFAULT partition service_heartbeat_default into {names[0]}"]
+
+
+def test_the_daemon_writes_on_while_prune_moves_its_rows_out_of_the_default_partition(
+        pg: PgServer, redis_server: RedisServer, tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    """The tester's case with a running daemon: today's partition gone, its rows going to the DEFAULT one;
+    prune makes it and moves them while the daemon writes every 0.3 s. Every cycle's row is in the table once,
+    today's all in today's partition, none refused or set aside."""
+    env = clean_env(DATABASE_URL=db_url(pg), REDIS_URL=redis_server.url(), HEARTBEAT_INTERVAL="0.3",
+                    HEARTBEAT_TIMEOUT="2", HEARTBEAT_SPOOL_PATH=str(tmp_path / "spool.db"))
+    assert cli(["init-db", "--partitioned"], env).returncode == 0
+    current = f"service_heartbeat_p{day(datetime.now(timezone.utc)):%Y%m%d}"
+    pg.sql(f"DROP TABLE {current}", db=pg.dbname)
+    started = datetime.now(timezone.utc).replace(tzinfo=None)
+    proc = daemon(env)
+    proc.wait_log("记录心跳成功 - 服务: postgres", 4)
+    assert pg.sql("SELECT DISTINCT tableoid::regclass::text FROM service_heartbeat", db=pg.dbname) == \
+        [("service_heartbeat_default",)]
+    result = cli(["prune", "--older-than", "30d"], env)
+    assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+    assert re.search(rf"^moved \d+ row\(s\) from the DEFAULT partition service_heartbeat_default into {current}$",
+                     result.stdout, re.M), result.stdout
+    written = proc.log().count("记录心跳成功 - 服务: postgres")
+    proc.wait_log("记录心跳成功 - 服务: postgres", written + 4)
+    assert proc.stop() == 0
+    assert "记录心跳失败" not in proc.log() and "rejected" not in proc.log(), proc.log()
+    rows = pg.sql("SELECT report_time, count(*), min(tableoid::regclass::text), max(tableoid::regclass::text) "
+                  "FROM service_heartbeat WHERE service_name = 'postgres' AND report_time > %s GROUP BY 1 ORDER BY 1",
+                  (started,), db=pg.dbname)
+    assert len(rows) >= 8 and all(copies == 1 for _, copies, _, _ in rows), rows
+    assert {where for _, _, low, high in rows for where in (low, high)} == {current}, rows
+    gaps = [(b[0] - a[0]).total_seconds() for a, b in zip(rows, rows[1:])]
+    assert max(gaps) < 0.3 + 2.5, gaps  # a cycle may have waited for the move, none was lost
