@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import math
@@ -39,7 +40,8 @@ commands:
   run            the daemon, in the foreground, until SIGTERM/SIGINT (the default); SIGHUP re-reads the env file
   once           one cycle: check, write, print one line per service
   init-db        create the table and its indexes if missing; --with-latency also adds the latency_ms column;
-                 --partitioned[=day|month]: partitioned by report_time, partitions made ahead
+                 --partitioned[=day|month]: partitioned by report_time, partitions made ahead;
+                 --timeout SECONDS: HEARTBEAT_TIMEOUT for this run
   check-config   print the effective configuration, passwords masked
   rejected       list rows the table refused, kept aside in the spool; --retry writes them again
 {ledger}
@@ -66,7 +68,7 @@ LEDGER_HELP = """\
                  html: a self-contained status page of the 90 days up to --until
   prune          remove rows older than --older-than (or HEARTBEAT_RETENTION): partitions wholly older dropped,
                  the rest deleted in batches; --dry-run says what; first, on a table init-db --partitioned made,
-                 the partitions ahead that are missing are made
+                 the partitions ahead that are missing are made; --timeout SECONDS: HEARTBEAT_TIMEOUT for this run
   rollup         fold the rows written since the last pass into hourly rollups, which report reads for whole hours
                  (--timeout SECONDS, 600: the first pass reads the whole table)
 """
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="create the table partitioned by report_time, a partition a day (or month), made "
                               "ahead, and a DEFAULT one; on a partitioned table, make the partitions ahead (alone: "
                               "of the table's own unit)")
+    init_db.add_argument("--timeout", type=_seconds(*configmod.TIMEOUT_RANGE), default=None, help=STEP_TIMEOUT_HELP)
     rejected = commands.add_parser("rejected", parents=[common], description=DESCRIPTIONS["rejected"])
     rejected.add_argument("--retry", action="store_true", help="write the rejected rows again")
     _ledger_arguments(commands, common)
@@ -202,6 +205,10 @@ def _output_file(text: str) -> Path:
 # Bounds of the read side's options: an outage gap below 10 ms or a read of over an hour is a mistake.
 GAP_RANGE = (0.01, 30 * 86400.0)
 READ_TIMEOUT_RANGE = (0.01, 3600.0)
+# init-db's and prune's --timeout: HEARTBEAT_TIMEOUT for this run (what a DDL waits, a move of rows takes).
+STEP_TIMEOUT_HELP = ("seconds any one step may take, its lock waits too (default HEARTBEAT_TIMEOUT); a longer one lets "
+                     "the DEFAULT partition's rows of a missing partition move into it, the table held meanwhile")
+STEP_TIMEOUT_COMMANDS = ("init-db", "prune")
 
 
 def _ledger_arguments(commands: Any, common: _Parser) -> None:
@@ -232,6 +239,7 @@ def _ledger_arguments(commands: Any, common: _Parser) -> None:
     prune.add_argument("--older-than", type=_duration(3600), default=None,
                        help="30d, 12w ... at least 1h (default: HEARTBEAT_RETENTION)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed (the same lines and figures), remove nothing")
+    prune.add_argument("--timeout", type=_seconds(*configmod.TIMEOUT_RANGE), default=None, help=STEP_TIMEOUT_HELP)
     roll = commands.add_parser("rollup", parents=[common], description=DESCRIPTIONS["rollup"])
     roll.add_argument("--timeout", type=_seconds(*READ_TIMEOUT_RANGE), default=600.0,
                       help="seconds the pass may take (600; the first pass reads the whole table)")
@@ -607,6 +615,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         config = configmod.load(os.environ, args.env_file)
     except ConfigError as exc:
         return _config_error(exc.problems)
+    if args.command in STEP_TIMEOUT_COMMANDS and args.timeout is not None:
+        config = dataclasses.replace(config, timeout=args.timeout)
     _apply(config)
     try:
         # The drivers' own parsers judge the URLs before any command runs (no connection is made).

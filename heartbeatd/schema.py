@@ -33,15 +33,23 @@ DEFAULT_OF = """SELECT n.nspname, c.relname FROM pg_catalog.pg_partitioned_table
 IN_DEFAULT = "SELECT count(*) FROM {default} WHERE report_time >= %(start)s AND report_time < %(end)s"
 # Moving them, in one transaction: the table locked first (as CREATE TABLE ... PARTITION OF locks it, so no
 # write or read sees the rows in neither or both, and a write waits as it would for that CREATE, bounded by
-# its own timeout), then the DEFAULT partition (ATTACH takes it anyway: writes go parent first, then
-# partition, so the order never deadlocks with them); the partition made detached with the table's columns,
-# defaults and checks, the DEFAULT's rows of the range moved into it, then attached, which checks both.
+# its own timeout), then the DEFAULT partition (writes go parent first, then partition, so the order never
+# deadlocks with them); the DEFAULT's rows of the range deleted into a temporary table, the partition made,
+# then the rows written again through the table, which puts them in it. Each row is a DELETE and an INSERT
+# of the table's: what a logical replication subscriber, a trigger or an audit sees of it (found in review:
+# moved into a table not yet attached, a subscriber got the DELETEs and never the INSERTs). MOVING: where
+# the rows begin to move, every lock had; from there the server ends what the deadline does not allow.
 MOVE_INTO = ("LOCK TABLE ONLY {table} IN ACCESS EXCLUSIVE MODE",
              "LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE",
-             "CREATE TABLE {partition} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED)",
+             "CREATE TEMPORARY TABLE heartbeatd_moving (LIKE {table}) ON COMMIT DROP",
              "WITH moved AS (DELETE FROM {default} WHERE report_time >= %(start)s AND report_time < %(end)s "
-             "RETURNING *) INSERT INTO {partition} ({columns}) SELECT {columns} FROM moved",
-             "ALTER TABLE {table} ATTACH PARTITION {partition} FOR VALUES FROM ({start}) TO ({end})")
+             "RETURNING {columns}) INSERT INTO heartbeatd_moving ({columns}) SELECT {columns} FROM moved",
+             "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})",
+             "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM heartbeatd_moving")
+MOVING = 3
+QUERY_CANCELED = "57014"  # the statement_timeout MOVE_INTO sets
+# Whether this role may do what the table's owner may (CREATE TABLE ... PARTITION OF needs it).
+OWNED = "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
 # The columns a row is written with (not a generated one's).
 STORED_COLUMNS = """SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass(%s)
    AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum"""
@@ -455,6 +463,8 @@ class Ahead(NamedTuple):
 
 # A partition refused for want of privilege: every one would be, and only the owner can make them.
 AS_OWNER = "run prune, or init-db --partitioned, as the table's owner"
+SLOW_MOVE = ("run prune, or init-db --partitioned, with a --timeout long enough to move them: the table is held "
+             "meanwhile, its writes wait and are spooled")
 
 
 def _ahead(work: _Init, rel: Relation, unit: str, now: datetime, dry_run: bool = False) -> Ahead:
@@ -508,7 +518,8 @@ def _attempt(work: _Init, rel: Relation, part: str, wanted: str, done: Ahead,
     except DdlFailed as exc:
         if work.conn.closed:  # a lock not had: the connection went with the statement
             raise
-        done.failed.append(NotMade(str(exc), meanwhile, AS_OWNER if exc.pgcode == "42501" else ""))
+        done.failed.append(NotMade(str(exc), meanwhile, AS_OWNER if exc.pgcode == "42501" else
+                                   SLOW_MOVE if exc.pgcode == QUERY_CANCELED else ""))
         return
     done.made.append(part)
     done.moved.extend(moved)
@@ -534,17 +545,24 @@ def _make(work: _Init, rel: Relation, default: Optional[Relation], part: str, bo
     shown = default.name if default.schema == rel.schema else f"{default.schema}.{default.name}"
     if dry_run:
         return [f"would move {rows} row(s) from the DEFAULT partition {shown} into {part}"]
+    if not work.fetch(OWNED, rel.ident)[0][0]:  # before the table is held: the CREATE would refuse it at the end
+        raise DdlFailed(f"{what}: permission denied: moving the DEFAULT partition's {rows} row(s) of its range "
+                        f"into it needs the owner of table {rel.name}", "42501")
     columns = sql.SQL(", ").join(sql.Identifier(row[0]) for row in work.fetch(STORED_COLUMNS, rel.ident))
     statements = [sql.SQL(text).format(partition=ident, table=rel.ident, default=default.ident, columns=columns,
                                        start=start, end=end) for text in MOVE_INTO]
+    began = time.monotonic()
 
     def move(cur: Any) -> int:
         cur.execute("BEGIN")
         try:
             moved = 0
             for n, statement in enumerate(statements):
+                if n >= MOVING:  # ended by the server, which keeps the connection (and prune's lock on it)
+                    left = work.timeout * 0.9 - (time.monotonic() - began)
+                    cur.execute("SET LOCAL statement_timeout = %s", (f"{max(1, int(left * 1000))}ms",))
                 cur.execute(statement, bounds)
-                moved = cur.rowcount if n == 3 else moved  # the rows the DELETE gave the INSERT
+                moved = cur.rowcount if n == MOVING else moved  # the rows the DELETE gave the temporary table
             cur.execute("COMMIT")
             return moved
         except psycopg2.Error:
@@ -552,8 +570,14 @@ def _make(work: _Init, rel: Relation, default: Optional[Relation], part: str, bo
                 cur.execute("ROLLBACK")
             raise
 
-    moved = run_locking(work.conn, move, f"{what} (moving the DEFAULT partition's {rows} row(s) of its range)",
-                        work.timeout, work.helper)
+    try:
+        moved = run_locking(work.conn, move, f"{what} (moving the DEFAULT partition's {rows} row(s) of its range)",
+                            work.timeout, work.helper)
+    except DdlFailed as exc:
+        if exc.pgcode != QUERY_CANCELED or work.conn.closed:
+            raise
+        raise DdlFailed(f"{what}: moving the DEFAULT partition {shown}'s {rows} row(s) of its range did not finish "
+                        f"within {work.timeout:g}s (HEARTBEAT_TIMEOUT, or --timeout): nothing moved", exc.pgcode) from None
     return [f"moved {moved} row(s) from the DEFAULT partition {shown} into {part}"]
 
 

@@ -24,6 +24,8 @@ BAD = [
     (["report", "--gap", "-1"], "argument --gap"),
     (["report", "--timeout", "-5"], "argument --timeout"),
     (["report", "--timeout", "nan"], "argument --timeout"),
+    (["prune", "--timeout", "0"], "argument --timeout"),
+    (["init-db", "--timeout", "601"], "argument --timeout"),
     (["status", "--format", "prometheus", "--output", "/"], "argument --output"),
 ]
 

@@ -777,6 +777,67 @@ def test_a_move_that_cannot_get_the_default_partition_names_its_holder_and_leave
     assert [r[4] for r in snapshot(pg)] == [current]
 
 
+# Found in review: rows in the DEFAULT partition that take longer to move than HEARTBEAT_TIMEOUT (a missing
+# day of a large fleet) made prune give up its connection, and with it the rest of its work, every run.
+# The server now ends the move (nothing moved), the line says so and what to do, and prune goes on; with
+# --timeout long enough, the rows move. (Each row's DELETE made slow by a trigger: 40 rows, 2 s.)
+def test_a_move_longer_than_the_timeout_is_said_and_prune_goes_on(pg: PgServer) -> None:
+    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    name = f"service_heartbeat_p{today:%Y%m%d}"
+    pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
+           "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 40) AS g", (today + H,), db=pg.dbname)
+    pg.sql("CREATE FUNCTION hb_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); "
+           "RETURN OLD; END $$; CREATE TRIGGER slow BEFORE DELETE ON service_heartbeat_default FOR EACH ROW "
+           "EXECUTE FUNCTION hb_slow()", db=pg.dbname)
+    before = snapshot(pg)
+    result = cli(["prune", "--older-than", "30d"], env_for(pg, HEARTBEAT_TIMEOUT="1"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {name} PARTITION OF service_heartbeat: moving "
+        "the DEFAULT partition service_heartbeat_default's 40 row(s) of its range did not finish within 1s "
+        "(HEARTBEAT_TIMEOUT, or --timeout): nothing moved; the DEFAULT partition takes the rows meanwhile (run "
+        "prune, or init-db --partitioned, with a --timeout long enough to move them: the table is held meanwhile, "
+        "its writes wait and are spooled)"]
+    assert result.stdout.startswith("removed 0 row(s)"), result.stdout  # prune went on, on the same connection
+    assert snapshot(pg) == before and pg.sql("SELECT to_regclass(%s)", (name,), db=pg.dbname) == [(None,)]
+    moved = cli(["prune", "--older-than", "30d", "--timeout", "30"], env_for(pg, HEARTBEAT_TIMEOUT="1"))
+    assert moved.returncode == 0 and moved.stderr == "", moved.stderr
+    assert f"moved 40 row(s) from the DEFAULT partition service_heartbeat_default into {name}" in moved.stdout
+    assert [row[:4] for row in snapshot(pg)] == [row[:4] for row in before]  # the same rows, ids and times
+    assert {row[4] for row in snapshot(pg)} == {name}
+
+
+# Found in review: rows moved into a partition made detached and attached after were deleted on a logical
+# replica (the DEFAULT's DELETEs are published) and never inserted there (the INSERTs went into a table no
+# publication held yet). Moved through the table, each row reaches a subscriber as a DELETE and an INSERT:
+# here the publication's own output plugin, pgoutput, counts them.
+def test_moved_rows_reach_a_logical_replica_as_deletes_and_inserts() -> None:
+    server = PgServer(timezone="Asia/Shanghai")
+    server.extra_opts += " -c wal_level=logical -c max_replication_slots=2 -c max_wal_senders=2"
+    server.start()
+    try:
+        server.sql("CREATE DATABASE hb_replicated")
+        server.dbname = "hb_replicated"  # type: ignore[attr-defined]
+        assert cli(["init-db", "--partitioned"], env_for(server)).returncode == 0
+        today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+        name = f"service_heartbeat_p{today:%Y%m%d}"
+        server.sql(f"DROP TABLE {name}; CREATE PUBLICATION hb FOR TABLE service_heartbeat", db=server.dbname)
+        server.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
+                   "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 5) AS g", (today + H,), db=server.dbname)
+        server.sql("SELECT pg_create_logical_replication_slot('hb', 'pgoutput')", db=server.dbname)
+        result = cli(["prune", "--older-than", "30d"], env_for(server))
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert f"moved 5 row(s) from the DEFAULT partition service_heartbeat_default into {name}" in result.stdout
+        changes = server.sql("SELECT data FROM pg_logical_slot_get_binary_changes('hb', NULL, NULL, 'proto_version', "
+                             "'1', 'publication_names', 'hb')", db=server.dbname)
+        kinds = [bytes(data)[:1] for data, in changes]
+        assert (kinds.count(b"D"), kinds.count(b"I")) == (5, 5), kinds
+    finally:
+        server.destroy()
+
+
 def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(pg: PgServer) -> None:
     """A role that does not own the table: the move is refused and undone (nothing moved, no table left), the
     next partition is still tried, each said on its own line, and prune prunes (exit 0)."""
@@ -797,7 +858,8 @@ def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(
         lines = result.stderr.splitlines()
         assert len(lines) == 2, result.stderr
         assert lines[0].startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {names[0]} PARTITION "
-                                   "OF service_heartbeat (moving the DEFAULT partition's 1 row(s) of its range): "), lines
+                                   "OF service_heartbeat: permission denied: moving the DEFAULT partition's 1 row(s) "
+                                   "of its range into it needs the owner of table service_heartbeat;"), lines
         assert lines[1].startswith(f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {names[1]} PARTITION "
                                    "OF service_heartbeat: "), lines
         for line in lines:
