@@ -112,6 +112,11 @@ OWN_UNIT: Any = object()
 
 
 class _Parser(argparse.ArgumentParser):
+    def _print_message(self, message: str, file: Optional[Any] = None) -> None:
+        """--help and --version as any output: argparse drops a failed write (a closed pipe); main() says 141."""
+        if message:
+            (file or sys.stderr).write(message)
+
     def error(self, message: str) -> NoReturn:
         """Bad arguments: one line and EX_USAGE, not argparse's usage dump."""
         print(f"heartbeatd: {message} (see heartbeatd --help)", file=sys.stderr)

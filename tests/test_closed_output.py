@@ -50,3 +50,15 @@ def test_a_closed_pipe_after_reading_the_ledger_is_quiet_and_141(pg: PgServer, t
         result.stderr
     # The commands still say what they say on stderr (report: where its figures came from), nothing else.
     assert all(line.startswith("report: ") for line in result.stderr.splitlines()), result.stderr
+
+
+# Found in review: argparse drops a failed write of --help or --version, so unbuffered (PYTHONUNBUFFERED=1,
+# as some units set) they exited 0 into a closed pipe, buffered 141.
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["prune", "--help"]])
+def test_help_and_version_into_a_closed_pipe_are_141(tmp_path: Path, args: list[str], unbuffered: str) -> None:
+    env = clean_env(DATABASE_URL="postgresql://127.0.0.1:1/x")
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    result = closed_pipe(args, env, tmp_path)
+    assert (result.returncode, result.stderr) == (EX_PIPE, "")
