@@ -36,20 +36,27 @@ IN_DEFAULT = "SELECT count(*) FROM {default} WHERE report_time >= %(start)s AND 
 # its own timeout), then the DEFAULT partition (writes go parent first, then partition, so the order never
 # deadlocks with them); the DEFAULT's rows of the range deleted into a temporary table, the partition made,
 # then the rows written again through the table, which puts them in it. Each row is a DELETE and an INSERT
-# of the table's: what a logical replication subscriber, a trigger or an audit sees of it (found in review:
+# of the table's: what a logical replication publication sends, a trigger or an audit sees (found in review:
 # moved into a table not yet attached, a subscriber got the DELETEs and never the INSERTs). MOVING: where
 # the rows begin to move, every lock had; from there the server ends what the deadline does not allow.
 MOVE_INTO = ("LOCK TABLE ONLY {table} IN ACCESS EXCLUSIVE MODE",
              "LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE",
-             "CREATE TEMPORARY TABLE heartbeatd_moving (LIKE {table}) ON COMMIT DROP",
+             # The stored columns only, as the table's types, nothing else of it (a NOT NULL of a generated
+             # column would refuse the copy); in pg_temp, whatever the search_path holds.
+             "CREATE TEMPORARY TABLE pg_temp.heartbeatd_moving ON COMMIT DROP AS SELECT {columns} FROM ONLY {table} "
+             "WITH NO DATA",
              "WITH moved AS (DELETE FROM {default} WHERE report_time >= %(start)s AND report_time < %(end)s "
-             "RETURNING {columns}) INSERT INTO heartbeatd_moving ({columns}) SELECT {columns} FROM moved",
+             "RETURNING {columns}) INSERT INTO pg_temp.heartbeatd_moving ({columns}) SELECT {columns} FROM moved",
              "CREATE TABLE {partition} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})",
-             "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM heartbeatd_moving")
+             "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM pg_temp.heartbeatd_moving")
 MOVING = 3
+TAKEN = len(MOVE_INTO) - 1  # the INSERT: the table must take back every row (a trigger may drop some)
 QUERY_CANCELED = "57014"  # the statement_timeout MOVE_INTO sets
-# Whether this role may do what the table's owner may (CREATE TABLE ... PARTITION OF needs it).
-OWNED = "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
+# Whether this role may do what the table's owner may (CREATE TABLE ... PARTITION OF needs it), and make
+# the temporary table (TEMPORARY on the database: some hardening takes it from PUBLIC).
+OWNED = """SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE'),
+       pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY')
+  FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"""
 # The columns a row is written with (not a generated one's).
 STORED_COLUMNS = """SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass(%s)
    AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum"""
@@ -545,39 +552,50 @@ def _make(work: _Init, rel: Relation, default: Optional[Relation], part: str, bo
     shown = default.name if default.schema == rel.schema else f"{default.schema}.{default.name}"
     if dry_run:
         return [f"would move {rows} row(s) from the DEFAULT partition {shown} into {part}"]
-    if not work.fetch(OWNED, rel.ident)[0][0]:  # before the table is held: the CREATE would refuse it at the end
+    owner, temporary = work.fetch(OWNED, rel.ident)[0]  # asked before the table is held
+    if not owner:  # the CREATE would refuse it at the end
         raise DdlFailed(f"{what}: permission denied: moving the DEFAULT partition's {rows} row(s) of its range "
                         f"into it needs the owner of table {rel.name}", "42501")
+    if not temporary:
+        raise DdlFailed(f"{what}: permission denied: moving the DEFAULT partition's {rows} row(s) of its range "
+                        "into it needs the TEMPORARY privilege on the database (GRANT TEMPORARY ON DATABASE ... "
+                        "TO this role)")
     columns = sql.SQL(", ").join(sql.Identifier(row[0]) for row in work.fetch(STORED_COLUMNS, rel.ident))
     statements = [sql.SQL(text).format(partition=ident, table=rel.ident, default=default.ident, columns=columns,
                                        start=start, end=end) for text in MOVE_INTO]
     began = time.monotonic()
+    step = [0]  # the statement under way (a cancel before MOVING is not the move's deadline)
 
-    def move(cur: Any) -> int:
+    def move(cur: Any) -> tuple[int, int]:
         cur.execute("BEGIN")
         try:
-            moved = 0
+            moved = taken = 0
             for n, statement in enumerate(statements):
+                step[0] = n
                 if n >= MOVING:  # ended by the server, which keeps the connection (and prune's lock on it)
                     left = work.timeout * 0.9 - (time.monotonic() - began)
                     cur.execute("SET LOCAL statement_timeout = %s", (f"{max(1, int(left * 1000))}ms",))
                 cur.execute(statement, bounds)
                 moved = cur.rowcount if n == MOVING else moved  # the rows the DELETE gave the temporary table
-            cur.execute("COMMIT")
-            return moved
+                taken = cur.rowcount if n == TAKEN else taken  # those the table took back
+            cur.execute("COMMIT" if taken == moved else "ROLLBACK")
+            return moved, taken
         except psycopg2.Error:
             if not cur.connection.closed:  # the server's refusal: the transaction undone, nothing moved
                 cur.execute("ROLLBACK")
             raise
 
     try:
-        moved = run_locking(work.conn, move, f"{what} (moving the DEFAULT partition's {rows} row(s) of its range)",
-                            work.timeout, work.helper)
+        moved, taken = run_locking(work.conn, move, f"{what} (moving the DEFAULT partition's {rows} row(s) of its "
+                                   "range)", work.timeout, work.helper)
     except DdlFailed as exc:
-        if exc.pgcode != QUERY_CANCELED or work.conn.closed:
+        if exc.pgcode != QUERY_CANCELED or step[0] < MOVING or work.conn.closed:
             raise
         raise DdlFailed(f"{what}: moving the DEFAULT partition {shown}'s {rows} row(s) of its range did not finish "
                         f"within {work.timeout:g}s (HEARTBEAT_TIMEOUT, or --timeout): nothing moved", exc.pgcode) from None
+    if taken != moved:
+        raise DdlFailed(f"{what}: the table took back {taken} of the DEFAULT partition {shown}'s {moved} row(s) of "
+                        "its range (a trigger on INSERT that drops rows?): nothing moved")
     return [f"moved {moved} row(s) from the DEFAULT partition {shown} into {part}"]
 
 

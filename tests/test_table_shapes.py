@@ -838,6 +838,70 @@ def test_moved_rows_reach_a_logical_replica_as_deletes_and_inserts() -> None:
         server.destroy()
 
 
+def _five_in_the_default(pg: PgServer) -> str:
+    """init-db --partitioned, today's partition dropped, 5 of today's rows in the DEFAULT: today's name."""
+    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
+    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
+    name = f"service_heartbeat_p{today:%Y%m%d}"
+    pg.sql(f"DROP TABLE {name}", db=pg.dbname)
+    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
+           "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 5) AS g", (today + H,), db=pg.dbname)
+    return name
+
+
+# Found in a second review of the move through the table: a NOT NULL generated column refused the copy (the
+# temporary table kept the NOT NULL, not the generation); a permanent table of the temporary one's name
+# earlier in the search_path was read instead (its row written into the ledger).
+@pytest.mark.parametrize("shape", [
+    "ALTER TABLE service_heartbeat ADD COLUMN tag text GENERATED ALWAYS AS (service_name || '!') STORED NOT NULL",
+    "CREATE TABLE public.heartbeatd_moving (LIKE service_heartbeat); INSERT INTO public.heartbeatd_moving "
+    "(id, service_name, ip_address, report_time, created_at) VALUES (999, 'redis', '10.9.9.9', now(), now()); "
+    "ALTER DATABASE {db} SET search_path = public, pg_temp",
+], ids=["generated-not-null", "search-path"])
+def test_the_move_takes_the_rows_whatever_the_table_and_path(pg: PgServer, shape: str) -> None:
+    name = _five_in_the_default(pg)
+    pg.sql(shape.format(db=pg.dbname), db=pg.dbname)
+    before = snapshot(pg)
+    result = cli(["prune", "--older-than", "30d"], env_for(pg))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert f"moved 5 row(s) from the DEFAULT partition service_heartbeat_default into {name}" in result.stdout
+    assert [row[:4] for row in snapshot(pg)] == [row[:4] for row in before]
+    assert {row[4] for row in snapshot(pg)} == {name}
+
+
+# Found in a second review: a trigger on INSERT that drops a row lost it in the move, which said all moved.
+# And a role without TEMPORARY on the database was told to run as the table's owner, which it was.
+@pytest.mark.parametrize("shape, line", [
+    ("CREATE FUNCTION hb_drop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.ip_address = '10.0.0.3' THEN "
+     "RETURN NULL; END IF; RETURN NEW; END $$; CREATE TRIGGER hb_drop BEFORE INSERT ON service_heartbeat FOR EACH "
+     "ROW EXECUTE FUNCTION hb_drop()",
+     "the table took back 4 of the DEFAULT partition service_heartbeat_default's 5 row(s) of its range (a trigger "
+     "on INSERT that drops rows?): nothing moved; the DEFAULT partition takes the rows meanwhile"),
+    ("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC",
+     "permission denied: moving the DEFAULT partition's 5 row(s) of its range into it needs the TEMPORARY "
+     "privilege on the database (GRANT TEMPORARY ON DATABASE ... TO this role); the DEFAULT partition takes the "
+     "rows meanwhile"),
+], ids=["trigger-drops-a-row", "no-temporary"])
+def test_a_move_the_table_or_role_would_spoil_is_said_and_nothing_moved(pg: PgServer, shape: str, line: str) -> None:
+    name = _five_in_the_default(pg)
+    role = f"hb_o_{pg.dbname}"
+    pg.sql(f"CREATE ROLE {role} LOGIN; ALTER TABLE service_heartbeat OWNER TO {role}; "
+           f"ALTER TABLE service_heartbeat_default OWNER TO {role}; GRANT CREATE ON SCHEMA public TO {role}; "
+           f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}; "
+           f"GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public TO {role}", db=pg.dbname)
+    pg.sql(shape.format(db=pg.dbname), db=pg.dbname)
+    before = snapshot(pg)
+    try:
+        result = cli(["prune", "--older-than", "30d"], env_for(pg, DATABASE_URL=pg.url(user=role, db=pg.dbname)))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+        assert result.stderr.splitlines() == [f"heartbeatd: prune: partitions ahead not made: CREATE TABLE {name} "
+                                              f"PARTITION OF service_heartbeat: {line}"], result.stderr
+        assert snapshot(pg) == before and pg.sql("SELECT to_regclass(%s)", (name,), db=pg.dbname) == [(None,)]
+    finally:
+        pg.sql(f"DROP DATABASE {pg.dbname} WITH (FORCE)")  # before its owner goes: the fixture's DROP IF EXISTS after
+        pg.sql(f"DROP ROLE {role}")
+
+
 def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(pg: PgServer) -> None:
     """A role that does not own the table: the move is refused and undone (nothing moved, no table left), the
     next partition is still tried, each said on its own line, and prune prunes (exit 0)."""
