@@ -144,47 +144,49 @@ def effective(dsn: str) -> Effective:
     return Effective(options, error or "libpq refused the connection string", _about(error, found))
 
 
-def own_defaults() -> dict[str, str]:
-    """The options libpq takes from its environment for what a connection string leaves out: its PG*
-    variables and the service file PGSERVICE names (PQconndefaults, less its compiled-in values; `user`
-    is always there: libpq's default is the login name)."""
+@dataclass(frozen=True)
+class _Default:
+    """One of libpq's options as PQconndefaults gives it (None: not set)."""
+
+    keyword: str
+    envvar: str  # the variable libpq reads it from, or ""
+    compiled: Optional[str]  # its compiled-in default
+    val: Optional[str]  # its default now: the PG* variables and the service file PGSERVICE names applied
+    dispchar: str  # "*": a secret
+
+
+def _conndefaults() -> list[_Default]:
+    """libpq's options with their defaults as libpq has them now."""
     lib = _libpq()
     raw = lib.PQconndefaults()
     if not raw:
         raise MemoryError("libpq could not allocate its defaults")
     try:
-        return {_text(o.keyword): _text(o.val) for o in _read(raw) if o.val is not None and o.val != o.compiled}
+        return [_Default(_text(o.keyword), _text(o.envvar), None if o.compiled is None else _text(o.compiled),
+                         None if o.val is None else _text(o.val), _text(o.dispchar)) for o in _read(raw)]
     finally:
         lib.PQconninfoFree(raw)
+
+
+def own_defaults() -> dict[str, str]:
+    """The options libpq takes from its environment for what a connection string leaves out: its PG*
+    variables and the service file PGSERVICE names (PQconndefaults, less its compiled-in values; `user`
+    is always there: libpq's default is the login name)."""
+    return {d.keyword: d.val for d in _conndefaults() if d.val is not None and d.val != d.compiled}
 
 
 @functools.lru_cache(maxsize=None)
 def envvar(keyword: str) -> str:
     """The variable libpq reads an option's default from (`port`: PGPORT), or ""."""
-    lib = _libpq()
-    raw = lib.PQconndefaults()
-    try:
-        return next((_text(o.envvar) for o in _read(raw) if _text(o.keyword) == keyword), "")
-    finally:
-        lib.PQconninfoFree(raw)
+    return next((d.envvar for d in _conndefaults() if d.keyword == keyword), "")
 
 
 def secret_keywords() -> frozenset[str]:
     """The options libpq itself marks as secret (dispchar `*`: password, sslpassword, …)."""
-    lib = _libpq()
-    raw = lib.PQconndefaults()
-    try:
-        return frozenset(_text(o.keyword) for o in _read(raw) if _text(o.dispchar) == "*")
-    finally:
-        lib.PQconninfoFree(raw)
+    return frozenset(d.keyword for d in _conndefaults() if d.dispchar == "*")
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_default(keyword: str) -> str:
     """libpq's compiled-in default of an option (`port`: 5432 unless built otherwise)."""
-    lib = _libpq()
-    raw = lib.PQconndefaults()
-    try:
-        return next((_text(o.compiled) for o in _read(raw) if _text(o.keyword) == keyword), "")
-    finally:
-        lib.PQconninfoFree(raw)
+    return next((d.compiled or "" for d in _conndefaults() if d.keyword == keyword), "")

@@ -777,17 +777,23 @@ def test_a_move_that_cannot_get_the_default_partition_names_its_holder_and_leave
     assert [r[4] for r in snapshot(pg)] == [current]
 
 
-# Found in review: rows in the DEFAULT partition that take longer to move than HEARTBEAT_TIMEOUT (a missing
-# day of a large fleet) made prune give up its connection, and with it the rest of its work, every run.
-# The server now ends the move (nothing moved), the line says so and what to do, and prune goes on; with
-# --timeout long enough, the rows move. (Each row's DELETE made slow by a trigger: 40 rows, 2 s.)
-def test_a_move_longer_than_the_timeout_is_said_and_prune_goes_on(pg: PgServer) -> None:
+def _in_the_default(pg: PgServer, count: int = 5) -> str:
+    """init-db --partitioned, today's partition dropped, `count` of today's rows in the DEFAULT: today's name."""
     assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
     today = day(datetime.now(timezone.utc).replace(tzinfo=None))
     name = f"service_heartbeat_p{today:%Y%m%d}"
     pg.sql(f"DROP TABLE {name}", db=pg.dbname)
     pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
-           "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 40) AS g", (today + H,), db=pg.dbname)
+           "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, %s) AS g", (today + H, count), db=pg.dbname)
+    return name
+
+
+# Found in review: rows in the DEFAULT partition that take longer to move than HEARTBEAT_TIMEOUT (a missing
+# day of a large fleet) made prune give up its connection, and with it the rest of its work, every run.
+# The server now ends the move (nothing moved), the line says so and what to do, and prune goes on; with
+# --timeout long enough, the rows move. (Each row's DELETE made slow by a trigger: 40 rows, 2 s.)
+def test_a_move_longer_than_the_timeout_is_said_and_prune_goes_on(pg: PgServer) -> None:
+    name = _in_the_default(pg, 40)
     pg.sql("CREATE FUNCTION hb_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); "
            "RETURN OLD; END $$; CREATE TRIGGER slow BEFORE DELETE ON service_heartbeat_default FOR EACH ROW "
            "EXECUTE FUNCTION hb_slow()", db=pg.dbname)
@@ -820,12 +826,8 @@ def test_moved_rows_reach_a_logical_replica_as_deletes_and_inserts() -> None:
     try:
         server.sql("CREATE DATABASE hb_replicated")
         server.dbname = "hb_replicated"  # type: ignore[attr-defined]
-        assert cli(["init-db", "--partitioned"], env_for(server)).returncode == 0
-        today = day(datetime.now(timezone.utc).replace(tzinfo=None))
-        name = f"service_heartbeat_p{today:%Y%m%d}"
-        server.sql(f"DROP TABLE {name}; CREATE PUBLICATION hb FOR TABLE service_heartbeat", db=server.dbname)
-        server.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
-                   "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 5) AS g", (today + H,), db=server.dbname)
+        name = _in_the_default(server)
+        server.sql("CREATE PUBLICATION hb FOR TABLE service_heartbeat", db=server.dbname)
         server.sql("SELECT pg_create_logical_replication_slot('hb', 'pgoutput')", db=server.dbname)
         result = cli(["prune", "--older-than", "30d"], env_for(server))
         assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -838,17 +840,6 @@ def test_moved_rows_reach_a_logical_replica_as_deletes_and_inserts() -> None:
         server.destroy()
 
 
-def _five_in_the_default(pg: PgServer) -> str:
-    """init-db --partitioned, today's partition dropped, 5 of today's rows in the DEFAULT: today's name."""
-    assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
-    today = day(datetime.now(timezone.utc).replace(tzinfo=None))
-    name = f"service_heartbeat_p{today:%Y%m%d}"
-    pg.sql(f"DROP TABLE {name}", db=pg.dbname)
-    pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) "
-           "SELECT '后端', '10.0.0.' || g, %s FROM generate_series(1, 5) AS g", (today + H,), db=pg.dbname)
-    return name
-
-
 # Found in a second review of the move through the table: a NOT NULL generated column refused the copy (the
 # temporary table kept the NOT NULL, not the generation); a permanent table of the temporary one's name
 # earlier in the search_path was read instead (its row written into the ledger).
@@ -859,7 +850,7 @@ def _five_in_the_default(pg: PgServer) -> str:
     "ALTER DATABASE {db} SET search_path = public, pg_temp",
 ], ids=["generated-not-null", "search-path"])
 def test_the_move_takes_the_rows_whatever_the_table_and_path(pg: PgServer, shape: str) -> None:
-    name = _five_in_the_default(pg)
+    name = _in_the_default(pg)
     pg.sql(shape.format(db=pg.dbname), db=pg.dbname)
     before = snapshot(pg)
     result = cli(["prune", "--older-than", "30d"], env_for(pg))
@@ -883,7 +874,7 @@ def test_the_move_takes_the_rows_whatever_the_table_and_path(pg: PgServer, shape
      "rows meanwhile"),
 ], ids=["trigger-drops-a-row", "no-temporary"])
 def test_a_move_the_table_or_role_would_spoil_is_said_and_nothing_moved(pg: PgServer, shape: str, line: str) -> None:
-    name = _five_in_the_default(pg)
+    name = _in_the_default(pg)
     role = f"hb_o_{pg.dbname}"
     pg.sql(f"CREATE ROLE {role} LOGIN; ALTER TABLE service_heartbeat OWNER TO {role}; "
            f"ALTER TABLE service_heartbeat_default OWNER TO {role}; GRANT CREATE ON SCHEMA public TO {role}; "
