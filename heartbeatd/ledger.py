@@ -8,6 +8,7 @@ fleet. A gap in a server's rows is an outage only while some daemon was alive to
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -77,12 +78,19 @@ WITH RECURSIVE pairs AS (
 )
 """
 # Each pair's newest heartbeat in the window (bounded inside: a descent that plans only the window's
-# partitions), the pairs from PAIRS or handed in (LATEST_GIVEN).
+# partitions), and its newest not too far ahead of the clock ({sane}: one row stamped days ahead, a clock's
+# bad step, would otherwise hide the pair's live rows behind it), the pairs from PAIRS or handed in
+# (LATEST_GIVEN).
 NEWEST = """\
-SELECT p.service_name, p.ip_address, l.report_time
-  FROM pairs p, LATERAL (SELECT report_time FROM {t}
-                          WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
-                          ORDER BY report_time DESC LIMIT 1) l
+SELECT p.service_name, p.ip_address, l.report_time, s.report_time
+  FROM pairs p
+ CROSS JOIN LATERAL (SELECT report_time FROM {t}
+                      WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
+                      ORDER BY report_time DESC LIMIT 1) l
+  LEFT JOIN LATERAL (SELECT report_time FROM {t}
+                      WHERE service_name = p.service_name AND ip_address = p.ip_address AND report_time >= %(since)s
+                        AND report_time <= %(sane)s
+                      ORDER BY report_time DESC LIMIT 1) s ON true
  ORDER BY 1, 2"""
 LATEST = PAIRS + NEWEST
 ALL_PAIRS = PAIRS + "SELECT service_name, ip_address FROM pairs p WHERE true {filters} ORDER BY 1, 2"
@@ -359,16 +367,22 @@ class Ledger:
         read within the window only; None from it, or no `pairs`, scans the table for them (PAIRS)."""
         def work(cur: Any) -> list[Latest]:
             keys = pairs(cur, now - window, now) if pairs is not None else None
+            # As far ahead as the limit behind: clocks a little apart, a row written during this read.
+            bounds = {"since": self._param(now - window), "sane": self._param(now + timedelta(seconds=stale_after))}
             if keys is None:
-                cur.execute(self._q(LATEST), {"since": self._param(now - window)})
+                cur.execute(self._q(LATEST), bounds)
             else:
-                cur.execute(self._q(LATEST_GIVEN), dict(self.given(keys), since=self._param(now - window)))
+                cur.execute(self._q(LATEST_GIVEN), dict(self.given(keys), **bounds))
             found = []
-            for service, ip, last in cur.fetchall():
+            for service, ip, last, sane in cur.fetchall():
                 age = (now - as_utc(last)).total_seconds()
-                # As far ahead as the limit behind: clocks a little apart, a row written during this read.
-                ahead = age < -stale_after
-                found.append(Latest(service, ip, as_utc(last), age, not ahead and age <= stale_after, ahead))
+                sane_age = (now - as_utc(sane)).total_seconds() if sane is not None else math.inf
+                if sane_age <= stale_after:  # fresh, whatever row ahead of the clock there is besides
+                    found.append(Latest(service, ip, as_utc(sane), sane_age, True, False))
+                elif age < -stale_after:  # only rows far ahead of the clock since: not fresh
+                    found.append(Latest(service, ip, as_utc(last), age, False, True))
+                else:
+                    found.append(Latest(service, ip, as_utc(last), age, False, False))
             self.default_rows = self._default_rows(cur, now)
             return found
         return list(self._read(work))
