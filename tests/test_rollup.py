@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -201,7 +202,6 @@ def test_rollups_outlive_pruned_raw_rows(table: PgServer) -> None:
 def test_a_rounded_up_since_is_the_window_the_report_shows(table: PgServer) -> None:
     """`report --since` inside a pruned hour starts at its next whole hour and says so on stderr: its header and
     JSON `since` give that start too, the window the figures are of (1.6.6 gave the --since asked for)."""
-    import json
     insert(table, history(5))
     assert roll(table).first
     table.sql("DELETE FROM service_heartbeat WHERE report_time < %s", ((T0 + 12 * H).replace(tzinfo=None),),

@@ -3,8 +3,11 @@ inheritance children, with and without `id`; DDL that cannot get its lock; long 
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -361,7 +364,6 @@ def test_status_says_what_the_default_partition_holds(pg: PgServer) -> None:
     table (stderr; JSON: a field; prometheus: heartbeatd_ledger_default_partition_rows), exit status unchanged;
     nothing said while it is empty, and no field or metric where the table is not partitioned. Rows older than
     the first partition were backfilled: said so, and not counted as a missing partition (1.6.0 did)."""
-    import json
     env = env_for(pg)
     assert cli(["init-db", "--partitioned"], env).returncode == 0
     now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -446,7 +448,6 @@ def test_status_leaves_the_default_of_a_table_partitioned_by_another_key_alone(p
     """On a table partitioned by LIST (service_name), the DEFAULT partition holds every other service by
     design: no partition is missing, so status says nothing of it, in no form (1.6.6 said one was, and its
     metric fired HeartbeatdDefaultPartitionRows)."""
-    import json
     env = env_for(pg)
     make_table(pg, "list", True, "timestamp", datetime.now(timezone.utc).replace(tzinfo=None))
     at = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -465,7 +466,6 @@ def test_status_says_a_missing_current_partition_whatever_the_first_partition(pg
     older than the first partition left. They are of the last day, a cycle's rows: a partition is missing,
     said and counted for the alert (1.6.6 called them backfilled: the alert stayed silent). Rows older than
     a day as well, in the same partition, are still backfill."""
-    import json
     env = env_for(pg)
     assert cli(["init-db", "--partitioned=day"], env).returncode == 0
     now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -494,7 +494,6 @@ def test_status_says_a_missing_current_partition_whatever_the_first_partition(pg
 
 
 def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
-    import json
     env = env_for(pg)
     assert cli(["init-db"], env).returncode == 0
     pg.sql("INSERT INTO service_heartbeat (service_name, ip_address, report_time) VALUES ('后端', '10.0.0.1', "
@@ -507,7 +506,6 @@ def test_status_of_a_plain_table_has_no_default_partition(pg: PgServer) -> None:
 def test_prune_by_a_role_that_does_not_own_the_table_says_so_and_prunes(pg: PgServer) -> None:
     """A prune role with DELETE only (README's recipe) cannot make partitions: one line on stderr says so and
     what to run, and prune deletes the old rows all the same (exit 0); the row of a missing day is not refused."""
-    import uuid
     assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
     today = day(datetime.now(timezone.utc).replace(tzinfo=None))
     pg.sql(f"DROP TABLE service_heartbeat_p{today + timedelta(days=7):%Y%m%d}", db=pg.dbname)
@@ -697,7 +695,6 @@ def test_rows_the_default_partition_holds_are_moved_into_the_partition_made_for_
 def test_rows_are_moved_on_a_timestamptz_table_while_a_writer_writes(pg: PgServer) -> None:
     """The move holds the table as CREATE TABLE ... PARTITION OF would: a writer meanwhile waits (within its
     lock timeout) and every row it wrote is there once, in the partition its time falls in."""
-    import threading
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     make_table(pg, "range", True, "timestamptz", now)
     current = f"service_heartbeat_p{day(now):%Y%m%d}"
@@ -896,7 +893,6 @@ def test_a_move_the_table_or_role_would_spoil_is_said_and_nothing_moved(pg: PgSe
 def test_prune_by_a_role_that_may_not_move_the_rows_says_so_for_each_and_prunes(pg: PgServer) -> None:
     """A role that does not own the table: the move is refused and undone (nothing moved, no table left), the
     next partition is still tried, each said on its own line, and prune prunes (exit 0)."""
-    import uuid
     assert cli(["init-db", "--partitioned"], env_for(pg)).returncode == 0
     today = day(datetime.now(timezone.utc).replace(tzinfo=None))
     names = [f"service_heartbeat_p{today:%Y%m%d}", f"service_heartbeat_p{today + timedelta(days=3):%Y%m%d}"]
